@@ -1,0 +1,150 @@
+"""Run an ``adapter`` recipe: cache embeddings, score the base model, train, score, export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.adapter.config import AdapterRecipe
+from finetune.adapter.export import export_adapter_model
+from finetune.adapter.modules import build_adapter, save_adapter
+from finetune.adapter.negatives import NegativeSampler, relevance_keys
+from finetune.adapter.train import train_adapter
+from finetune.cache import EmbeddingCache
+from finetune.data.dataset import RetrievalData
+from finetune.data.readers import read_rows
+from finetune.errors import FinetuneError
+from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
+from finetune.models import load_sentence_transformer, model_identity
+from finetune.splits import Splits
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterRun:
+    """Everything an adapter run needs, loaded and checked before any output is written.
+
+    Args:
+        recipe: The validated recipe.
+        data: Its data.
+        splits: Its splits.
+        device: Where to train.
+        cache: The embedding cache.
+    """
+
+    def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
+        self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
+        self.model, resolved = load_sentence_transformer(recipe.model, device)
+        identity = model_identity(resolved.path)
+        self.model_source = f"{resolved.source} {resolved.path}"
+        self.query_texts = list(dict.fromkeys(data.queries.values()))
+        self.doc_ids = list(data.corpus)
+        t0 = time.perf_counter()
+        encode = dict(model=self.model, identity=identity, batch_size=recipe.model.batch_size)
+        self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=recipe.model.document_prompt, **encode)
+        self.queries = cache.encode(texts=self.query_texts, task="query", prompt=recipe.model.query_prompt, **encode)
+        self.encode_seconds = time.perf_counter() - t0
+        self.pool = self._negative_pool(cache, encode)
+
+    def _negative_pool(self, cache: EmbeddingCache, encode: dict) -> torch.Tensor | None:
+        negatives = self.recipe.loss.negatives
+        if negatives.pool != "file":
+            if negatives.strategy == "given" and not self.data.negatives:
+                raise FinetuneError("negatives.strategy 'given' needs a negative column; set data.columns.negative", where="recipe: loss.negatives")
+            return None
+        path = Path(negatives.file)
+        if path.suffix.lower() in (".txt", ".md"):
+            if not path.is_file():
+                raise FinetuneError("file not found", where=f"loss.negatives.file {path}")
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            texts = [str(r.get("text", "")).strip() for r in read_rows(path)]
+            texts = [t for t in texts if t]
+        if not texts:
+            raise FinetuneError("no texts found (one per line, or rows with a 'text' field)", where=f"loss.negatives.file {path}")
+        return cache.encode(texts=texts, task="document", **encode)
+
+    def _lookup(self, adapter=None) -> EmbeddingLookup:
+        transform = None
+        if adapter is not None:
+            transform = lambda q: adapter(q.to(self.device)).cpu()  # noqa: E731
+        doc_texts = [self.data.corpus[d] for d in self.doc_ids]
+        return EmbeddingLookup(self.query_texts, self.queries, doc_texts, self.documents, transform)
+
+    def _pairs(self, query_ids: list[str]) -> torch.Tensor:
+        row_of_text = {t: i for i, t in enumerate(self.query_texts)}
+        row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
+        pairs = [(row_of_text[self.data.queries[q]], row_of_doc[d]) for q in query_ids for d in sorted(self.data.relevant[q])]
+        return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+    def _given_negatives(self) -> torch.Tensor | None:
+        if self.recipe.loss.negatives.strategy != "given":
+            return None
+        row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
+        width = max(len(v) for v in self.data.negatives.values())
+        given = torch.full((len(self.query_texts), width), -1, dtype=torch.long)
+        row_of_text = {t: i for i, t in enumerate(self.query_texts)}
+        for qid, docs in self.data.negatives.items():
+            row = row_of_text[self.data.queries[qid]]
+            given[row, : len(docs)] = torch.tensor([row_of_doc[d] for d in docs])
+        return given
+
+    def fit(self, run_dir: Path) -> dict:
+        """Train, evaluate base and tuned on the test split, save adapter and export; return the metrics."""
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        test = build_evaluator(self.data, self.splits.test, "test", batch_size=recipe.model.batch_size)
+        t0 = time.perf_counter()
+        base = evaluate(test, self._lookup(), corpus_embeddings=self.documents)
+        eval_seconds = time.perf_counter() - t0
+
+        adapter = build_adapter(recipe.adapter.type, self.documents.shape[1], recipe.adapter.hidden_dim, recipe.adapter.dropout).to(self.device)
+        validate = None
+        if self.splits.val:
+            val = build_evaluator(self.data, self.splits.val, "val")
+            validate = lambda a: evaluate(val, self._lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
+        # every labelled pair, test included, only to avoid drawing a relevant document as a negative
+        all_pairs = self._pairs(list(self.data.queries))
+        sampler = NegativeSampler(
+            self.documents.to(self.device),
+            relevance_keys(all_pairs, len(self.doc_ids)),
+            pool=None if self.pool is None else self.pool.to(self.device),
+            given=self._given_negatives(),
+        )
+        train_pairs = self._pairs(self.splits.train)
+        t0 = time.perf_counter()
+        history = train_adapter(
+            adapter, self.queries.to(self.device), self.documents.to(self.device), train_pairs,
+            sampler, recipe.loss, recipe.train, recipe.seed, validate,
+        )
+        train_seconds = time.perf_counter() - t0
+        tuned = evaluate(test, self._lookup(adapter), corpus_embeddings=self.documents)
+
+        adapter = adapter.cpu()
+        save_adapter(adapter, run_dir / "adapter")
+        exported = export_adapter_model(self.model, adapter, run_dir / "model", recipe.model.query_prompt)
+        drift = self._check_export(exported, adapter)
+        return {
+            "base": base,
+            "tuned": tuned,
+            "history": history,
+            "train_pairs": len(train_pairs),
+            "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
+            "document_embeddings_recomputed": False,
+            "model_source": self.model_source,
+            "export_max_abs_diff": drift,
+            "seconds": {"encode": self.encode_seconds, "train": train_seconds, "evaluate_base": eval_seconds},
+        }
+
+    def _check_export(self, exported, adapter) -> float:
+        """The exported model must give the toolkit's adapted query embeddings (a few test queries)."""
+        texts = [self.data.queries[q] for q in self.splits.test[:16]]
+        ours = self._lookup(adapter).encode_query(texts)
+        theirs = exported.encode_query(texts, convert_to_tensor=True, prompt=self.recipe.model.query_prompt).cpu()
+        drift = float((ours - theirs).abs().max())
+        if drift > 1e-3:
+            raise RuntimeError(f"exported model's query embeddings differ from training's by {drift:.2e}")
+        return drift

@@ -1,0 +1,110 @@
+"""The adapter training loop, over cached embeddings. Tensors in, trained adapter out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.adapter.config import AdapterTrainConfig, LossConfig
+from finetune.adapter.losses import infonce_loss, triplet_loss
+from finetune.adapter.negatives import NegativeSampler
+from finetune.errors import FinetuneError
+
+logger = logging.getLogger(__name__)
+
+
+def train_adapter(
+    adapter: torch.nn.Module,
+    queries: torch.Tensor,
+    documents: torch.Tensor,
+    pairs: torch.Tensor,
+    sampler: NegativeSampler,
+    loss_config: LossConfig,
+    config: AdapterTrainConfig,
+    seed: int,
+    validate: Callable[[torch.nn.Module], float] | None = None,
+) -> list[dict]:
+    """Train ``adapter`` on (query row, positive doc row) ``pairs``; only the query side changes.
+
+    Args:
+        adapter: Maps ``[B, d]`` query embeddings to adapted, normalised ones.
+        queries: ``[Q, d]`` base query embeddings (indexed by ``pairs[:, 0]``).
+        documents: ``[N, d]`` frozen document embeddings (indexed by ``pairs[:, 1]``).
+        pairs: ``[P, 2]`` training pairs.
+        sampler: Draws negatives.
+        loss_config: ``triplet`` or ``mnrl`` and their settings.
+        config: Epochs, batch size, AdamW, warmup, clipping, patience.
+        seed: Fixes the batch order and the negatives drawn.
+        validate: Returns validation NDCG@10 for the adapter; enables early stopping and
+            restoring the best epoch (epoch 0 is the untrained adapter, i.e. the base model).
+
+    Returns:
+        One dict per epoch: ``epoch``, ``loss``, ``val_ndcg@10``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = documents.device
+    n_docs, k = len(documents), loss_config.negatives.per_query
+    relevant = sampler.relevant.to(device)
+    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_ratio * total)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+
+    best = validate(adapter) if validate else None
+    best_state, best_epoch, stale = copy.deepcopy(adapter.state_dict()), 0, 0
+    history = [{"epoch": 0, "loss": None, "val_ndcg@10": best}]
+    bar = tqdm(range(1, config.epochs + 1), desc="train adapter", unit="epoch")
+    for epoch in bar:
+        adapter.train()
+        order = torch.randperm(len(pairs), generator=generator)
+        losses = []
+        for start in range(0, len(pairs), config.batch_size):
+            batch = pairs[order[start : start + config.batch_size]].to(device)
+            q_rows, d_rows = batch[:, 0], batch[:, 1]
+            q = adapter(queries[q_rows])
+            pos = documents[d_rows]
+            neg, neg_rows = sampler.sample(q_rows, k, generator)
+            if loss_config.type == "triplet":
+                loss = triplet_loss(q, pos, neg, loss_config.margin)
+            else:
+                candidates = torch.cat([pos, neg.reshape(-1, pos.shape[-1])])
+                cand_rows = torch.cat([d_rows, neg_rows.reshape(-1).to(device)])
+                exclude = torch.isin(q_rows[:, None] * n_docs + cand_rows[None, :], relevant) & (cand_rows >= 0)
+                exclude.fill_diagonal_(False)
+                loss = infonce_loss(q, candidates, exclude, loss_config.temperature)
+            if not torch.isfinite(loss):
+                raise FinetuneError(f"loss is {loss.item()} at epoch {epoch}; lower train.lr or check the data for empty texts", where="training")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+
+        adapter.eval()
+        score = validate(adapter) if validate else None
+        history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "val_ndcg@10": score})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", **({"val_ndcg": f"{score:.4f}"} if score is not None else {}))
+        if score is None:
+            best_state, best_epoch = copy.deepcopy(adapter.state_dict()), epoch
+        elif score > best:
+            best, best_state, best_epoch, stale = score, copy.deepcopy(adapter.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if config.patience and stale >= config.patience:
+                logger.info("early stop at epoch %d: no validation gain for %d epochs", epoch, stale)
+                break
+    bar.close()
+    adapter.load_state_dict(best_state)
+    adapter.eval()
+    logger.info("kept epoch %d (val NDCG@10 %s)", best_epoch, f"{best:.4f}" if best is not None else "n/a")
+    return history

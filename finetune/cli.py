@@ -1,0 +1,67 @@
+"""Command line: ``python -m finetune run|validate RECIPE [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from finetune.errors import FinetuneError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune embedding models for retrieval on your own documents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe and write a run directory")
+    validate = sub.add_parser("validate", help="check a recipe (and its data and splits) without training")
+    for p in (run, validate):
+        p.add_argument("recipe", help="recipe YAML, e.g. recipes/adapter.yaml")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5 data=../shared/data/disfl_qa")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("--force-recache", action="store_true", help="recompute cached embeddings")
+    validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m finetune`` and the ``finetune`` script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns at import about an optional hub-fetched CPU kernel; its built-in path is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not args.verbose:  # the evaluator logs every metric; the run prints its own table
+        for name in ("sentence_transformers", "transformers", "httpx", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from finetune.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            return _validate(recipe, args)
+        from finetune.run import run_recipe
+
+        run_recipe(recipe, force_recache=args.force_recache, command="python -m finetune " + shlex.join(argv))
+        return 0
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _validate(recipe, args) -> int:
+    print(f"{args.recipe}: recipe OK (kind {recipe.kind}, name {recipe.name})")
+    if not args.no_data:
+        from finetune.data import load_data
+        from finetune.models import resolve_model
+        from finetune.splits import make_splits
+
+        data = load_data(recipe.data)
+        splits = make_splits(data, recipe.splits, recipe.seed)
+        print(f"data OK: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()}")
+        resolved = resolve_model(recipe.model.name)
+        print(f"model OK: {recipe.model.name} -> {resolved.path} ({resolved.source})")
+    return 0

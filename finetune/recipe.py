@@ -1,0 +1,145 @@
+"""Load a recipe YAML, apply ``key.sub=value`` overrides, validate it into a typed object.
+
+Every problem becomes one :class:`~finetune.errors.FinetuneError` line naming the file and the
+field, e.g. ``recipes/adapter.yaml: train.epoch: unknown field (did you mean 'epochs'?)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.adapter.config import AdapterRecipe
+from finetune.errors import FinetuneError, did_you_mean
+
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe}
+Recipe = Union[AdapterRecipe]
+
+
+def register_kind(kind: str, cls: type[BaseModel]) -> None:
+    """Make a recipe kind known to :func:`load_recipe` (used by recipe families defined elsewhere)."""
+    RECIPE_KINDS[kind] = cls
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file with ``yaml.safe_load``; an empty or non-mapping file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError("file not found; pass the path of a recipe YAML, e.g. recipes/adapter.yaml", where=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise FinetuneError(f"not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax", where=f"{path}{line}") from None
+    if raw is None:
+        raise FinetuneError("file is empty; a recipe needs at least 'kind' and 'data'", where=str(path))
+    if not isinstance(raw, dict):
+        raise FinetuneError("a recipe must be a YAML mapping of keys to values", where=str(path))
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "command line") -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` applied; values are parsed as YAML scalars.
+
+    Example:
+        >>> apply_overrides({"train": {"lr": 0.1}}, ["train.lr=0.01", "seed=7"])
+        {'train': {'lr': 0.01}, 'seed': 7}
+    """
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise FinetuneError(f"override '{item}' must look like key.sub=value, e.g. train.epochs=5", where=where)
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise FinetuneError(
+                    f"cannot set '{key}': '{dotted}' is {child!r}, not a mapping; set '{dotted}=...' instead",
+                    where=where,
+                )
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Validate a raw mapping into the recipe class named by its ``kind``."""
+    kind = raw.get("kind")
+    if kind not in RECIPE_KINDS:
+        known = ", ".join(sorted(RECIPE_KINDS))
+        got = "missing" if kind is None else f"'{kind}' is not a recipe kind{did_you_mean(str(kind), RECIPE_KINDS)}"
+        raise FinetuneError(f"{got}; use one of: {known}", where=f"{where}: kind")
+    cls = RECIPE_KINDS[kind]
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise FinetuneError(_describe(exc, cls), where=where) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: The recipe YAML.
+        overrides: ``key.sub=value`` strings applied on top of the file.
+
+    Returns:
+        The typed recipe, e.g. an :class:`~finetune.adapter.config.AdapterRecipe`.
+    """
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_recipe(raw, where=str(path))
+
+
+def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:
+    """Turn pydantic's errors into '; '-joined 'field: problem' phrases with did-you-mean hints."""
+    phrases = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+        field = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            names = _field_names(cls, loc[:-1])
+            hint = did_you_mean(loc[-1], names) or f" (known: {', '.join(names)})"
+            phrases.append(f"{field}: unknown field{hint}")
+        elif err["type"] == "missing":
+            phrases.append(f"{field}: required field is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            phrases.append(f"{field}: {msg}{shown}")
+    return "; ".join(phrases)
+
+
+def _field_names(cls: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        field = cls.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return list(cls.model_fields)
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The fully resolved recipe as YAML (every default spelled out), for the run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

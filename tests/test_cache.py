@@ -1,0 +1,78 @@
+import os
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from finetune.cache import EmbeddingCache
+from finetune.models import model_identity
+
+TEXTS = ["first text", "second text", "third"]
+
+
+@pytest.fixture
+def model(tiny_model):
+    m = SentenceTransformer(str(tiny_model), device="cpu")
+    calls = []
+    for name in ("encode_query", "encode_document"):
+        original = getattr(m, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(args[0])
+            return _original(*args, **kwargs)
+
+        setattr(m, name, counted)
+    m.calls = calls
+    return m
+
+
+def test_miss_then_hit_gives_identical_embeddings(tmp_path, model, tiny_model):
+    identity = model_identity(tiny_model)
+    first = EmbeddingCache(tmp_path).encode(model, identity, TEXTS)
+    cache = EmbeddingCache(tmp_path)
+    second = cache.encode(model, identity, TEXTS)
+    assert len(model.calls) == 1 and (cache.hits, cache.misses) == (1, 0)
+    assert torch.equal(first, second) and first.shape == (3, 32)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"texts": ["first text", "second text", "changed"]},
+        {"task": "query"},
+        {"prompt": "query: "},
+        {"normalize": False},
+    ],
+    ids=["texts", "task", "prompt", "normalize"],
+)
+def test_any_setting_change_is_a_miss(tmp_path, model, tiny_model, change):
+    identity = model_identity(tiny_model)
+    cache = EmbeddingCache(tmp_path)
+    cache.encode(model, identity, TEXTS)
+    cache.encode(model, identity, **{"texts": TEXTS, **change})
+    assert cache.misses == 2
+
+
+def test_max_seq_length_and_model_files_are_part_of_the_key(tmp_path, model, tiny_model):
+    cache = EmbeddingCache(tmp_path)
+    cache.encode(model, model_identity(tiny_model), TEXTS)
+    model.max_seq_length = 8
+    cache.encode(model, model_identity(tiny_model), TEXTS)
+    assert cache.misses == 2
+    weights = tiny_model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    cache.encode(model, model_identity(tiny_model), TEXTS)
+    assert cache.misses == 3
+
+
+def test_force_recaches_and_disabled_never_writes(tmp_path, model, tiny_model):
+    identity = model_identity(tiny_model)
+    EmbeddingCache(tmp_path).encode(model, identity, TEXTS)
+    forced = EmbeddingCache(tmp_path, force=True)
+    forced.encode(model, identity, TEXTS)
+    assert forced.misses == 1 and len(model.calls) == 2
+    off = EmbeddingCache(tmp_path / "off", enabled=False)
+    off.encode(model, identity, TEXTS)
+    off.encode(model, identity, TEXTS)
+    assert off.misses == 2 and not (tmp_path / "off").exists()
