@@ -137,3 +137,15 @@ class OutputConfig(Section):
     """Where run directories are created: ``<dir>/<recipe name>-<timestamp>/``."""
 
     dir: str = "runs"
+
+
+class RecipeBase(Section):
+    """Fields every recipe kind has: a name, a seed, a device, the model, the data, its splits, and where runs go."""
+
+    name: str = "run"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    splits: SplitConfig = SplitConfig()
+    output: OutputConfig = OutputConfig()

@@ -142,4 +142,5 @@ def _field_names(cls: type[BaseModel], loc: list[str]) -> list[str]:
 
 def dump_recipe(recipe: BaseModel) -> str:
     """The fully resolved recipe as YAML (every default spelled out), for the run directory."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    dumped = recipe.model_dump(mode="json")
+    return yaml.safe_dump({"kind": dumped.pop("kind"), **dumped}, sort_keys=False)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import CacheConfig, DataConfig, ModelConfig, OutputConfig, Section, SplitConfig
+from finetune.config import CacheConfig, RecipeBase, Section
 
 
 class AdapterConfig(Section):
@@ -62,7 +62,7 @@ class AdapterTrainConfig(Section):
     patience: int | None = Field(5, gt=0, description="epochs without validation gain before stopping; null = never")
 
 
-class AdapterRecipe(Section):
+class AdapterRecipe(RecipeBase):
     """A query adapter trained over cached embeddings of a frozen encoder.
 
     Example:
@@ -74,13 +74,7 @@ class AdapterRecipe(Section):
 
     kind: Literal["adapter"] = "adapter"
     name: str = "adapter"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    model: ModelConfig = ModelConfig()
-    data: DataConfig
-    splits: SplitConfig = SplitConfig()
     adapter: AdapterConfig = AdapterConfig()
     loss: LossConfig = LossConfig()
     train: AdapterTrainConfig = AdapterTrainConfig()
     cache: CacheConfig = CacheConfig()
-    output: OutputConfig = OutputConfig()
