@@ -14,9 +14,10 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.adapter.config import AdapterRecipe
 from finetune.errors import FinetuneError, did_you_mean
+from finetune.qlora.config import QLoRARecipe
 
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe}
-Recipe = Union[AdapterRecipe]
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe, "qlora": QLoRARecipe}
+Recipe = Union[AdapterRecipe, QLoRARecipe]
 
 
 def register_kind(kind: str, cls: type[BaseModel]) -> None:

@@ -34,6 +34,10 @@ def _runner_class(kind: str):
         from finetune.adapter.runner import AdapterRun
 
         return AdapterRun
+    if kind == "qlora":
+        from finetune.qlora.runner import QLoRARun
+
+        return QLoRARun
     raise ValueError(f"no runner for recipe kind {kind!r}")
 
 
@@ -60,10 +64,12 @@ def run_recipe(recipe: Recipe, force_recache: bool = False, command: str = "", e
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)
     device = pick_device(recipe.device)
-    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache)
+    # only frozen-encoder recipes cache embeddings; a fine-tuned encoder changes them
+    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if hasattr(recipe, "cache") else None
     echo(f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} ({splits.method})")
     job = _runner_class(recipe.kind)(recipe, data, splits, device, cache)
-    echo(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
+    if cache is not None:
+        echo(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 
     run_dir = new_run_dir(recipe.output.dir, recipe.name)
     write_run_header(run_dir, dump_recipe(recipe), splits, command)

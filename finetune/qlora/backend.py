@@ -1,0 +1,217 @@
+"""Choose and build the encoder-training backend: unsloth, peft + bitsandbytes, or full fine-tuning.
+
+Nothing here imports unsloth or bitsandbytes at module level: unsloth raises on a machine
+without a GPU (and must be imported before transformers), and bitsandbytes is optional.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.qlora.config import QLoRARecipe
+
+logger = logging.getLogger(__name__)
+
+# LoRA targets per architecture, as regexes over module names inside the encoder (pooler excluded).
+TARGETS = {
+    "bert": ("query", "key", "value", "dense"),
+    "roberta": ("query", "key", "value", "dense"),
+    "xlm-roberta": ("query", "key", "value", "dense"),
+    "mpnet": ("q", "k", "v", "o"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
+}
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What will actually run; printed as one line before training."""
+
+    backend: str  # unsloth | peft | full
+    device: str
+    quantization: str  # nf4 | none
+    compute_dtype: torch.dtype
+
+    def describe(self) -> str:
+        return f"backend {self.backend}, device {self.device}, quantization {self.quantization}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}"
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def select_backend(recipe: QLoRARecipe, device: str, cuda_available: bool | None = None, unsloth_installed: bool | None = None) -> BackendChoice:
+    """Decide the backend for ``recipe`` on ``device``; an explicit request that cannot run is an error, not a fallback.
+
+    Args:
+        recipe: The validated recipe.
+        device: ``cpu``, ``cuda`` or ``mps`` (from :func:`finetune.models.pick_device`).
+        cuda_available, unsloth_installed: Overrides for tests; detected when ``None``.
+    """
+    cuda = (device == "cuda") if cuda_available is None else cuda_available
+    has_unsloth = _installed("unsloth") if unsloth_installed is None else unsloth_installed
+    if recipe.method == "full":
+        backend = "full"
+    elif recipe.backend == "unsloth":
+        if not cuda:
+            raise FinetuneError("backend 'unsloth' needs a CUDA GPU and this machine has none; use backend=peft or backend=auto", where="recipe: backend")
+        if not has_unsloth:
+            raise FinetuneError("backend 'unsloth' is not installed; pip install -e '.[unsloth]' on a GPU machine, or use backend=peft", where="recipe: backend")
+        backend = "unsloth"
+    elif recipe.backend == "auto" and cuda and has_unsloth:
+        backend = "unsloth"
+    else:
+        backend = "peft"
+    if backend != "full" and not _installed("peft"):
+        raise FinetuneError("LoRA needs peft; pip install -e '.[qlora]'", where="recipe: method")
+    if recipe.quantization == "nf4":
+        if not _installed("bitsandbytes"):
+            raise FinetuneError("4-bit NF4 needs bitsandbytes; pip install -e '.[qlora]', or set quantization=none", where="recipe: quantization")
+        if device == "mps":
+            raise FinetuneError("bitsandbytes 4-bit does not run on mps; use quantization=none or device=cpu", where="recipe: quantization")
+    return BackendChoice(backend, device, recipe.quantization, _compute_dtype(recipe.compute_dtype, device))
+
+
+def _compute_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def target_modules(model_path: Path, requested) -> str | list[str]:
+    """``requested`` if a list; else the architecture's attention/MLP linears as a regex that skips the pooler."""
+    if requested != "auto":
+        return list(requested)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    names = TARGETS.get(config.get("model_type", ""))
+    if names is None:
+        raise FinetuneError(
+            f"no default LoRA targets for model_type '{config.get('model_type')}'; set lora.target_modules to its linear layer names",
+            where="recipe: lora.target_modules",
+        )
+    return rf"^(?!pooler).*\.({'|'.join(names)})$"
+
+
+def build_encoder(path: Path, recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = True):
+    """A ``SentenceTransformer`` of Transformer -> Pooling -> Normalize, 4-bit when the choice says so, LoRA added.
+
+    Args:
+        path: Resolved model folder.
+        recipe: For pooling, max length, LoRA settings.
+        choice: From :func:`select_backend`.
+        quantize: False builds the full-precision base (for merging and reference).
+    """
+    if choice.backend == "unsloth" and quantize:
+        return _build_unsloth(path, recipe, choice)
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    model_kwargs = {}
+    if quantize and choice.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=recipe.double_quant,
+            bnb_4bit_compute_dtype=choice.compute_dtype,
+        )
+        model_kwargs["device_map"] = {"": 0} if choice.device == "cuda" else choice.device
+    transformer = Transformer(
+        str(path),
+        max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
+        model_kwargs=model_kwargs,
+        config_kwargs={"trust_remote_code": recipe.model.trust_remote_code},
+    )
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=recipe.pooling)
+    model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=None if model_kwargs else choice.device)
+    if model_kwargs:
+        _keep_cpu_weights_trainable(model)
+    if quantize and recipe.method == "lora":
+        _add_lora(model, path, recipe)
+    return model
+
+
+def _keep_cpu_weights_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for fast CPU inference during evaluation.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight the first time it runs without
+    gradients (the trainer's evaluation); the next training step then fails inside autograd
+    ("a view of a leaf Variable ... in-place"). Training needs the unpacked format throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _add_lora(model, path: Path, recipe: QLoRARecipe) -> None:
+    from peft import LoraConfig, TaskType, prepare_model_for_kbit_training
+
+    auto_model = model[0].auto_model
+    if recipe.quantization == "nf4":
+        prepare_model_for_kbit_training(auto_model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model.add_adapter(
+        LoraConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=target_modules(path, recipe.lora.target_modules),
+            use_rslora=recipe.lora.use_rslora,
+            bias=recipe.lora.bias,
+        )
+    )
+
+
+def _build_unsloth(path: Path, recipe: QLoRARecipe, choice: BackendChoice):
+    import unsloth  # noqa: F401  (must come before transformers' model classes are used)
+    from unsloth import FastSentenceTransformer
+
+    model = FastSentenceTransformer.from_pretrained(
+        model_name=str(path),
+        max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
+        load_in_4bit=choice.quantization == "nf4",
+        dtype=choice.compute_dtype,
+    )
+    targets = recipe.lora.target_modules
+    if targets == "auto":
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+        targets = list(TARGETS.get(model_type, TARGETS["bert"]))
+    return FastSentenceTransformer.get_peft_model(
+        model,
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        bias=recipe.lora.bias,
+        use_rslora=recipe.lora.use_rslora,
+        use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+        random_state=recipe.seed,
+    )
+
+
+def _saved_max_length(path: Path) -> int:
+    config = Path(path) / "sentence_bert_config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("max_seq_length") or 256)
+    return 256
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # two NF4 values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,71 @@
+"""Recipe schema for encoder fine-tuning (``kind: qlora``): 4-bit NF4 + LoRA, 16-bit LoRA, or full."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from finetune.config import RecipeBase, Section
+
+
+class LoraSection(Section):
+    """peft ``LoraConfig`` settings. ``target_modules: auto`` picks them per architecture
+    (BERT: query, key, value, dense; MPNet: q, k, v, o)."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["auto"] | list[str] = "auto"
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QLoRATrainConfig(Section):
+    """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="stop after N steps; -1 = run the epochs")
+    batch_size: int = Field(32, gt=1, description="MNRL uses the rest of the batch as negatives")
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    eval_steps: int = Field(50, gt=0, description="evaluate and save every N steps")
+    save_total_limit: int = Field(2, gt=0)
+    load_best_model_at_end: bool = True
+    logging_steps: int = Field(10, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class QLoRARecipe(RecipeBase):
+    """Fine-tune the encoder itself with MultipleNegativesRankingLoss and the no-duplicates sampler.
+
+    ``method: lora`` trains LoRA adapters (on a 4-bit base when ``quantization: nf4``: QLoRA);
+    ``method: full`` trains every weight, unquantised, as the quality and cost reference.
+
+    Example:
+        >>> recipe = load_recipe("recipes/qlora.yaml", ["method=full", "quantization=none"])
+    """
+
+    kind: Literal["qlora"] = "qlora"
+    name: str = "qlora"
+    backend: Literal["auto", "peft", "unsloth"] = "auto"
+    method: Literal["lora", "full"] = "lora"
+    quantization: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    pooling: Literal["mean", "cls", "max"] = "mean"
+    lora: LoraSection = LoraSection()
+    train: QLoRATrainConfig = QLoRATrainConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.method == "full" and self.quantization != "none":
+            raise ValueError("method 'full' trains unquantised weights; set quantization=none (or method=lora for QLoRA)")
+        if self.method == "full" and self.backend == "unsloth":
+            raise ValueError("backend 'unsloth' is for LoRA; use backend=peft or auto with method=full")
+        return self
