@@ -67,6 +67,22 @@ def test_quantized_encoder_holds_4bit_layers_and_only_lora_trains(tiny_model, pa
     assert emb.shape == (1, 32) and torch.isfinite(emb).all()
 
 
+def test_only_lora_parameters_get_gradients(tiny_model, pairs_file, tmp_path):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    recipe = _recipe(tiny_model, pairs_file, tmp_path)
+    model = build_encoder(tiny_model, recipe, select_backend(recipe, "cpu"))
+    model.train()
+    features = [model.preprocess(["how do i fix the roof", "radon problem"]), model.preprocess(["roof expert", "radon expert"])]
+    MultipleNegativesRankingLoss(model)(features, labels=None).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    # lora_B starts at zero, so at step 0 only B's gradient is non-zero (A's is B^T times it)
+    nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert nonzero and all("lora_B" in n for n in nonzero)
+    assert any("lora_A" in n for n in with_grad)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     from conftest import make_pairs
@@ -137,3 +153,15 @@ def test_adapter_and_qlora_recipes_score_identical_test_queries(tiny_model, pair
     metrics = json.loads((second / "metrics.json").read_text())
     assert metrics["splits"]["test"] == len(a["test"]) and metrics["document_embeddings_recomputed"] is True
     assert (second / "lora" / "adapter_config.json").is_file() and (second / "model" / "modules.json").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_recipe_on_the_real_model_improves_the_faq(tmp_path):
+    """The shipped recipe, real all-MiniLM-L6-v2 in 4-bit, FAQ; about 2.5 minutes on 2 CPU cores."""
+    from finetune.cli import main
+
+    assert main(["run", "recipes/qlora.yaml", f"output.dir={tmp_path}"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["backend"].startswith("backend peft, device cpu, quantization nf4")
+    assert metrics["tuned"]["ndcg@10"] > metrics["base"]["ndcg@10"]
