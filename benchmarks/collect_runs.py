@@ -1,0 +1,57 @@
+"""Collect finished run directories into one result file under benchmarks/results/.
+
+Reads each run's metrics.json, command.txt and versions.json as written by the run; nothing is
+typed in by hand.
+
+    python benchmarks/collect_runs.py runs/qlora-faq-* runs/full-faq-* --out benchmarks/results/qlora_cpu_faq.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+KEYS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
+
+
+def summarize(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "run": run_dir.name,
+        "command": (run_dir / "command.txt").read_text().strip(),
+        "kind": metrics["kind"],
+        "backend": metrics.get("backend"),
+        "splits": metrics["splits"],
+        "base": {k: metrics["base"][k] for k in KEYS},
+        "tuned": {k: metrics["tuned"][k] for k in KEYS},
+        "tuned_as_trained": {k: metrics["tuned_as_trained"][k] for k in KEYS} if "tuned_as_trained" in metrics else None,
+        "trainable_parameters": metrics.get("trainable_parameters"),
+        "train_steps": metrics.get("train_steps"),
+        "seconds": metrics.get("seconds"),
+        "wall_seconds": metrics.get("wall_seconds"),
+        "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "peak_gpu_mb": metrics.get("peak_gpu_mb"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    runs = [summarize(r) for r in args.runs]
+    versions = json.loads((args.runs[0] / "versions.json").read_text())
+    result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count()}, "versions": versions, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'run':<40}{'base':>8}{'tuned':>8}{'as-trained':>11}{'s/step':>8}{'RSS MiB':>9}")
+    for r in runs:
+        trained = r["tuned_as_trained"]["ndcg@10"] if r["tuned_as_trained"] else float("nan")
+        step = (r["seconds"] or {}).get("per_step", float("nan"))
+        print(f"{r['run']:<40}{r['base']['ndcg@10']:>8.4f}{r['tuned']['ndcg@10']:>8.4f}{trained:>11.4f}{step:>8.2f}{r['peak_rss_mb'] or 0:>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
