@@ -33,6 +33,11 @@ def summarize(run_dir: Path) -> dict:
         "wall_seconds": metrics.get("wall_seconds"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
         "peak_gpu_mb": metrics.get("peak_gpu_mb"),
+        "gpu": metrics.get("gpu"),
+        "precision": metrics.get("precision"),
+        "optimizer": metrics.get("optimizer"),
+        "batch_size": metrics.get("batch_size"),
+        "step_time": metrics.get("step_time"),
     }
 
 
@@ -41,16 +46,26 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    runs = [summarize(r) for r in args.runs]
-    versions = json.loads((args.runs[0] / "versions.json").read_text())
+    unfinished = [r for r in args.runs if not (r / "metrics.json").is_file()]
+    for r in unfinished:
+        print(f"skipping {r}: no metrics.json (the run did not finish)")
+    finished = [r for r in args.runs if r not in unfinished]
+    if not finished:
+        raise SystemExit("no finished runs to collect")
+    runs = [summarize(r) for r in finished]
+    versions = json.loads((finished[0] / "versions.json").read_text())
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count()}, "versions": versions, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'run':<40}{'base':>8}{'tuned':>8}{'as-trained':>11}{'s/step':>8}{'RSS MiB':>9}")
+    print(f"{'run':<40}{'base':>8}{'tuned':>8}{'as-trained':>11}{'s/step':>8}{'step ms':>9}{'RSS MiB':>9}{'GPU MiB':>9}")
     for r in runs:
         trained = r["tuned_as_trained"]["ndcg@10"] if r["tuned_as_trained"] else float("nan")
         step = (r["seconds"] or {}).get("per_step", float("nan"))
-        print(f"{r['run']:<40}{r['base']['ndcg@10']:>8.4f}{r['tuned']['ndcg@10']:>8.4f}{trained:>11.4f}{step:>8.2f}{r['peak_rss_mb'] or 0:>9.0f}")
+        median = (r["step_time"] or {}).get("median_s") or float("nan")
+        print(
+            f"{r['run']:<40}{r['base']['ndcg@10']:>8.4f}{r['tuned']['ndcg@10']:>8.4f}{trained:>11.4f}{step:>8.2f}"
+            f"{1000 * median:>9.1f}{r['peak_rss_mb'] or 0:>9.0f}{r['peak_gpu_mb'] or 0:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             return _validate(recipe, args)
+        from finetune.qlora.backend import preload_unsloth
+
+        preload_unsloth(recipe)  # before run imports transformers
         from finetune.run import run_recipe
 
         run_recipe(recipe, force_recache=args.force_recache, command="python -m finetune " + shlex.join(argv))

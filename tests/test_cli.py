@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,6 +91,7 @@ def test_console_entry_points_exist(module):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "finetune", "--help"] if module.startswith("python") else [shutil.which("finetune") or "finetune", "--help"]
+    script = shutil.which("finetune", path=str(Path(sys.executable).parent)) or shutil.which("finetune") or "finetune"
+    cmd = [sys.executable, "-m", "finetune", "--help"] if module.startswith("python") else [script, "--help"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "run" in result.stdout and "validate" in result.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,23 @@ def select_backend(recipe: QLoRARecipe, device: str, cuda_available: bool | None
     return BackendChoice(backend, device, recipe.quantization, _compute_dtype(recipe.compute_dtype, device))
 
 
+def preload_unsloth(recipe) -> bool:
+    """Import unsloth before anything imports transformers, when this recipe will use it.
+
+    unsloth patches transformers and sentence-transformers at import, so it must come first; the
+    CLI calls this right after reading the recipe. Returns whether unsloth was imported.
+    """
+    if getattr(recipe, "kind", None) != "qlora" or recipe.method != "lora" or recipe.backend == "peft":
+        return False
+    if recipe.device == "cpu" or not torch.cuda.is_available() or not _installed("unsloth"):
+        return False
+    if "transformers" in sys.modules:
+        logger.warning("transformers was imported before unsloth; unsloth's patches may be incomplete")
+    import unsloth  # noqa: F401
+
+    return True
+
+
 def _compute_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
@@ -125,6 +143,8 @@ def build_encoder(path: Path, recipe: QLoRARecipe, choice: BackendChoice, quanti
             bnb_4bit_compute_dtype=choice.compute_dtype,
         )
         model_kwargs["device_map"] = {"": 0} if choice.device == "cuda" else choice.device
+    elif quantize and recipe.method == "lora":
+        model_kwargs["dtype"] = choice.compute_dtype  # 16-bit LoRA on GPUs: the frozen base in bf16/fp16
     transformer = Transformer(
         str(path),
         max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
@@ -132,8 +152,9 @@ def build_encoder(path: Path, recipe: QLoRARecipe, choice: BackendChoice, quanti
         config_kwargs={"trust_remote_code": recipe.model.trust_remote_code},
     )
     pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=recipe.pooling)
-    model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=None if model_kwargs else choice.device)
-    if model_kwargs:
+    quantized = "quantization_config" in model_kwargs
+    model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=None if quantized else choice.device)
+    if quantized:
         _keep_cpu_weights_trainable(model)
     if quantize and recipe.method == "lora":
         _add_lora(model, path, recipe)
@@ -174,25 +195,30 @@ def _add_lora(model, path: Path, recipe: QLoRARecipe) -> None:
 
 
 def _build_unsloth(path: Path, recipe: QLoRARecipe, choice: BackendChoice):
-    import unsloth  # noqa: F401  (must come before transformers' model classes are used)
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
     from unsloth import FastSentenceTransformer
 
+    nf4 = choice.quantization == "nf4"
     model = FastSentenceTransformer.from_pretrained(
         model_name=str(path),
         max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
-        load_in_4bit=choice.quantization == "nf4",
+        load_in_4bit=nf4,
+        load_in_16bit=not nf4,  # unsloth's default; it refuses 4-bit and 16-bit together
         dtype=choice.compute_dtype,
+        pooling_mode=recipe.pooling,
+        trust_remote_code=recipe.model.trust_remote_code,
     )
-    targets = recipe.lora.target_modules
-    if targets == "auto":
-        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
-        targets = list(TARGETS.get(model_type, TARGETS["bert"]))
+    # A saved SentenceTransformer folder brings its own modules; make them the recipe's.
+    if not isinstance(model[1], Pooling) or model[1].pooling_mode not in (recipe.pooling, (recipe.pooling,)):
+        model._modules["1"] = Pooling(model[0].get_embedding_dimension(), pooling_mode=recipe.pooling)
+    if not isinstance(model[-1], Normalize):
+        model.append(Normalize())
     return FastSentenceTransformer.get_peft_model(
         model,
         r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,
-        target_modules=targets,
+        target_modules=target_modules(path, recipe.lora.target_modules),
         bias=recipe.lora.bias,
         use_rslora=recipe.lora.use_rslora,
         use_gradient_checkpointing=recipe.train.gradient_checkpointing,

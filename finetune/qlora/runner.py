@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -14,14 +13,10 @@ from finetune.evaluation import build_evaluator, evaluate
 from finetune.models import resolve_model
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.timing import StepTimer, peak_rss_mb
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class QLoRARun:
@@ -49,6 +44,14 @@ class QLoRARun:
         rows = [(self.data.queries[q], self.data.corpus[d]) for q in self.splits.train for d in sorted(self.data.relevant[q])]
         return Dataset.from_dict({"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]})
 
+    def _precision_and_optimizer(self) -> tuple[str, str]:
+        t, cuda = self.recipe.train, self.device == "cuda"
+        precision = t.precision
+        if precision == "auto":
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
+        return precision, optimizer
+
     def _arguments(self, output_dir: Path, has_val: bool):
         import importlib.util
 
@@ -56,10 +59,7 @@ class QLoRARun:
         from sentence_transformers.base.sampler import BatchSamplers
 
         t, cuda = self.recipe.train, self.device == "cuda"
-        precision = t.precision
-        if precision == "auto":
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-        optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
+        precision, optimizer = self._precision_and_optimizer()
         metric = f"eval_val_{self.model.similarity_fn_name}_ndcg@10"
         return SentenceTransformerTrainingArguments(
             output_dir=str(output_dir),
@@ -114,6 +114,8 @@ class QLoRARun:
             loss=MultipleNegativesRankingLoss(self.model),
             evaluator=val,
         )
+        timer = StepTimer(cuda=self.device == "cuda")
+        trainer.add_callback(timer)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -121,6 +123,7 @@ class QLoRARun:
         train_seconds = time.perf_counter() - t0
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+        precision, optimizer = self._precision_and_optimizer()
         tuned_trained = evaluate(test, self.model)
 
         merged = self._save(run_dir)
@@ -140,7 +143,13 @@ class QLoRARun:
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": gpu_peak,
+            "gpu": torch.cuda.get_device_name() if self.device == "cuda" else None,
+            "precision": precision,
+            "optimizer": optimizer,
+            "batch_size": self.recipe.train.batch_size,
+            # per_step includes evaluation and checkpointing; step_time counts optimizer steps only
             "seconds": {"train": train_seconds, "per_step": train_seconds / max(1, result.global_step)},
+            "step_time": timer.summary(),
         }
 
     def _restore_best(self, trainer) -> None:
@@ -151,9 +160,13 @@ class QLoRARun:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        from peft import PeftModel
+
+        target = self.model[0].auto_model
         state = load_file(str(Path(best) / "adapter_model.safetensors"))
-        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(self.model[0].auto_model, state)
+        if not isinstance(target, PeftModel):  # peft's add_adapter (our peft backend), not get_peft_model (unsloth)
+            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(target, state)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
             raise RuntimeError(f"best checkpoint {best} does not fit the model: missing {missing[:2]}, unexpected {result.unexpected_keys[:2]}")

@@ -1,0 +1,53 @@
+"""Cost measurements for encoder training: time per optimizer step (evaluation excluded) and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+from transformers import TrainerCallback
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StepTimer(TrainerCallback):
+    """Times each optimizer step from ``on_step_begin`` to ``on_step_end``, so evaluation and
+    checkpointing between steps are not counted. On CUDA it synchronises at both ends, because
+    kernels run asynchronously and the host would otherwise time only their launch.
+
+    Example:
+        >>> timer = StepTimer(cuda=True)
+        >>> trainer.add_callback(timer); trainer.train(); timer.summary()["median_s"]
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(self._now() - self._start)
+
+    def summary(self) -> dict:
+        """Steps timed, first step (compilation and warm-up land here), median and mean of the rest."""
+        d = self.durations
+        rest = d[1:] or d
+        return {
+            "steps_timed": len(d),
+            "first_s": d[0] if d else None,
+            "median_s": statistics.median(rest) if rest else None,
+            "mean_s": statistics.fmean(rest) if rest else None,
+        }
