@@ -20,6 +20,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5 data=../shared/data/disfl_qa")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--force-recache", action="store_true", help="recompute cached embeddings")
+    compare = sub.add_parser("compare", help="run (or read) several recipes on one splits file; write a table and a chart")
+    compare.add_argument("entries", nargs="+", help="recipe YAMLs and/or finished run directories")
+    compare.add_argument("--data", help="data for every recipe, e.g. ../shared/data/disfl_qa")
+    compare.add_argument("--splits", help="a splits.json for every recipe (default: the first one found)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe (repeatable)")
+    compare.add_argument("--out", default="runs/compare", help="where comparison.md/.json/.png go (default runs/compare)")
+    compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
     return parser
 
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from finetune.recipe import load_recipe
 
+        if args.command == "compare":
+            return _compare(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             return _validate(recipe, args)
@@ -55,6 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from finetune.qlora.backend import preload_unsloth
+    from finetune.recipe import load_recipe
+
+    for entry in args.entries:
+        if Path(entry).is_file():
+            preload_unsloth(load_recipe(entry, args.overrides))  # before anything imports transformers
+    from finetune.compare import gather_runs, write_comparison
+
+    runs = gather_runs(args.entries, data=args.data, splits_file=args.splits, overrides=args.overrides)
+    print("\n" + write_comparison(runs, Path(args.out)))
+    print(f"written: {args.out}/comparison.md, comparison.json, comparison.png")
+    return 0
+
+
 def _validate(recipe, args) -> int:
     print(f"{args.recipe}: recipe OK (kind {recipe.kind}, name {recipe.name})")
     if not args.no_data:
@@ -65,6 +91,7 @@ def _validate(recipe, args) -> int:
         data = load_data(recipe.data)
         splits = make_splits(data, recipe.splits, recipe.seed)
         print(f"data OK: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()}")
-        resolved = resolve_model(recipe.model.name)
-        print(f"model OK: {recipe.model.name} -> {resolved.path} ({resolved.source})")
+        for model in recipe.model_configs():
+            resolved = resolve_model(model.name)
+            print(f"model OK: {model.name} -> {resolved.path} ({resolved.source})")
     return 0

@@ -139,13 +139,22 @@ class OutputConfig(Section):
     dir: str = "runs"
 
 
-class RecipeBase(Section):
-    """Fields every recipe kind has: a name, a seed, a device, the model, the data, its splits, and where runs go."""
+class RecipeCore(Section):
+    """Fields every recipe kind has: a name, a seed, a device, the data, its splits, and where runs go."""
 
     name: str = "run"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    model: ModelConfig = ModelConfig()
     data: DataConfig
     splits: SplitConfig = SplitConfig()
     output: OutputConfig = OutputConfig()
+
+    def model_configs(self) -> list[ModelConfig]:
+        """Every encoder this recipe loads (``validate`` resolves each)."""
+        return [getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)]
+
+
+class RecipeBase(RecipeCore):
+    """A recipe over one encoder, ``model``."""
+
+    model: ModelConfig = ModelConfig()

@@ -13,11 +13,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.adapter.config import AdapterRecipe
+from finetune.cross.config import CrossAdapterRecipe
 from finetune.errors import FinetuneError, did_you_mean
 from finetune.qlora.config import QLoRARecipe
 
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe, "qlora": QLoRARecipe}
-Recipe = Union[AdapterRecipe, QLoRARecipe]
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe, "qlora": QLoRARecipe, "cross_adapter": CrossAdapterRecipe}
+Recipe = Union[AdapterRecipe, QLoRARecipe, CrossAdapterRecipe]
 
 
 def register_kind(kind: str, cls: type[BaseModel]) -> None:

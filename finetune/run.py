@@ -18,6 +18,7 @@ from finetune.recipe import Recipe, dump_recipe
 from finetune.report import metrics_table
 from finetune.rundir import new_run_dir, write_run_header
 from finetune.splits import make_splits
+from finetune.timing import peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ def _runner_class(kind: str):
         from finetune.qlora.runner import QLoRARun
 
         return QLoRARun
+    if kind == "cross_adapter":
+        from finetune.cross.runner import CrossAdapterRun
+
+        return CrossAdapterRun
     raise ValueError(f"no runner for recipe kind {kind!r}")
 
 
@@ -83,9 +88,12 @@ def run_recipe(recipe: Recipe, force_recache: bool = False, command: str = "", e
         "n_corpus": len(data.corpus),
         **result,
         "wall_seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
     }
     write_json(run_dir / "metrics.json", result)
     echo(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
     echo(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
+    if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
+        echo("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
     echo(f"\nrun directory: {run_dir}")
     return run_dir

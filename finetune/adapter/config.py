@@ -26,13 +26,15 @@ class NegativesConfig(Section):
 
     ``random`` draws documents that are not relevant to the query, from the corpus
     (``pool: corpus``) or from an unrelated text file (``pool: file``, one text per line, or JSONL
-    with a ``text`` field). ``given`` uses the data's own negative column.
+    with a ``text`` field). ``given`` uses the data's own negative column. ``topk`` draws from the
+    ``top_k`` non-relevant documents the frozen document index ranks highest for the query.
     """
 
-    strategy: Literal["random", "given"] = "random"
+    strategy: Literal["random", "given", "topk"] = "random"
     pool: Literal["corpus", "file"] = "corpus"
     file: str | None = None
-    per_query: int = Field(1, gt=0, description="random negatives per query (mnrl adds in-batch ones)")
+    per_query: int = Field(1, gt=0, description="negatives per query (mnrl adds in-batch ones)")
+    top_k: int = Field(20, gt=0, description="topk: how many of the highest-ranked non-relevant documents to draw from")
 
     @model_validator(mode="after")
     def _file_for_file_pool(self):

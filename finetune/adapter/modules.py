@@ -6,15 +6,13 @@ Outputs are L2-normalised, like the base embeddings they stand beside.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.atomic import save_tensors
-from finetune.errors import FinetuneError
+from finetune.weights import load_layer, save_layer
 
 
 class LinearAdapter(nn.Module):
@@ -79,30 +77,12 @@ def _describe(adapter: nn.Module) -> dict:
 
 def save_adapter(adapter: nn.Module, folder: str | Path) -> None:
     """Write ``adapter.safetensors`` and ``adapter_config.json`` into ``folder`` (atomically)."""
-    from finetune.atomic import write_json
-
-    folder = Path(folder)
-    save_tensors(folder / "adapter.safetensors", adapter.state_dict())
-    write_json(folder / "adapter_config.json", _describe(adapter))
+    save_layer(adapter, folder, "adapter", _describe(adapter))
 
 
 def load_adapter(folder: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter`; the weights' shapes are checked against its config."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FinetuneError("missing; point at a folder written by save_adapter (a run directory)", where=str(path))
-    config = json.loads(config_path.read_text())
-    adapter = build_adapter(config["type"], config["dim"], config.get("hidden_dim", 2048))
-    state = load_file(str(weights_path))
-    expected = adapter.state_dict()
-    for name, tensor in expected.items():
-        got = state.get(name)
-        if got is None or got.shape != tensor.shape:
-            shape = "missing" if got is None else tuple(got.shape)
-            raise FinetuneError(f"tensor '{name}' is {shape}, expected {tuple(tensor.shape)} for {config}", where=str(weights_path))
-    adapter.load_state_dict(state)
-    return adapter
+    return load_layer(
+        folder, "adapter", lambda c: build_adapter(c["type"], c["dim"], c.get("hidden_dim", 2048)),
+        "point at a folder written by save_adapter (a run directory)",
+    )

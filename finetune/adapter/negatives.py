@@ -11,6 +11,45 @@ import torch
 from finetune.errors import FinetuneError
 
 
+def top_k_negatives(queries: torch.Tensor, documents: torch.Tensor, relevant: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """``[Q, k]`` rows of the ``k`` documents most similar to each query that are not relevant to it.
+
+    Args:
+        queries: ``[Q, d]`` normalised query embeddings in the document index's space.
+        documents: ``[N, d]`` normalised document embeddings (the frozen index).
+        relevant: Keys from :func:`relevance_keys`.
+        k: Negatives per query (at most ``N - 1``).
+    """
+    n = len(documents)
+    k = min(k, n - 1)
+    relevant = relevant.cpu()
+    out = []
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk].cpu() @ documents.cpu().T
+        mine = relevant[(relevant >= start * n) & (relevant < (start + len(scores)) * n)] - start * n
+        scores.view(-1)[mine] = float("-inf")
+        out.append(scores.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def relevant_pairs(data, query_ids, row_of_text: dict[str, int], row_of_doc: dict[str, int]) -> torch.Tensor:
+    """``[P, 2]`` (query row, document row) for every relevant document of ``query_ids``.
+
+    Rows index the embedding tables: queries by text (identical texts share a row), documents by id.
+    """
+    pairs = [(row_of_text[data.queries[q]], row_of_doc[d]) for q in query_ids for d in sorted(data.relevant[q])]
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def given_negatives(data, row_of_text: dict[str, int], row_of_doc: dict[str, int]) -> torch.Tensor:
+    """``[Q, G]`` document rows the data names as negatives per query row, ``-1`` padded."""
+    width = max(len(v) for v in data.negatives.values())
+    given = torch.full((len(row_of_text), width), -1, dtype=torch.long)
+    for qid, docs in data.negatives.items():
+        given[row_of_text[data.queries[qid]], : len(docs)] = torch.tensor([row_of_doc[d] for d in docs])
+    return given
+
+
 def relevance_keys(pairs: torch.Tensor, n_docs: int) -> torch.Tensor:
     """Sorted unique keys ``q * n_docs + d`` of every relevant (query row, doc row) pair in ``pairs [P, 2]``."""
     return torch.unique(pairs[:, 0] * n_docs + pairs[:, 1])
@@ -35,6 +74,7 @@ class NegativeSampler:
 
     def __init__(self, documents: torch.Tensor, relevant: torch.Tensor, pool: torch.Tensor | None = None, given: torch.Tensor | None = None):
         self.documents, self.relevant, self.pool, self.given = documents, relevant, pool, given
+        self._relevant_cpu = relevant.cpu()
 
     def sample(self, query_rows: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(embeddings [B, k, d], document rows [B, k])``; rows are ``-1`` for pool texts."""
@@ -51,17 +91,25 @@ class NegativeSampler:
             rows = torch.where(counts > 0, chosen, rows)
         return self.documents[rows.to(self.documents.device)], rows
 
+    def _is_relevant(self, keys: torch.Tensor) -> torch.Tensor:
+        # the keys are sorted, so a binary search beats torch.isin's hashing at every step
+        relevant = self._relevant_cpu
+        if len(relevant) == 0:
+            return torch.zeros_like(keys, dtype=torch.bool)
+        at = torch.searchsorted(relevant, keys).clamp(max=len(relevant) - 1)
+        return relevant[at] == keys
+
     def _random_corpus(self, query_rows: torch.Tensor, shape, generator) -> torch.Tensor:
         n = len(self.documents)
         rows = torch.randint(n, shape, generator=generator)
-        relevant = self.relevant.cpu()
         for _ in range(20):  # redraw the few that hit a relevant document
-            bad = torch.isin(query_rows[:, None] * n + rows, relevant)
+            bad = self._is_relevant(query_rows[:, None] * n + rows)
             if not bad.any():
                 return rows
             rows[bad] = torch.randint(n, (int(bad.sum()),), generator=generator)
+        relevant = self._relevant_cpu
         # queries relevant to most of the corpus: draw from their non-relevant documents directly
-        for i, j in torch.nonzero(torch.isin(query_rows[:, None] * n + rows, relevant)).tolist():
+        for i, j in torch.nonzero(self._is_relevant(query_rows[:, None] * n + rows)).tolist():
             q = int(query_rows[i])
             mine = relevant[(relevant >= q * n) & (relevant < (q + 1) * n)] - q * n
             allowed = torch.ones(n, dtype=torch.bool)

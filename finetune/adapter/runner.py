@@ -11,7 +11,7 @@ import torch
 from finetune.adapter.config import AdapterRecipe
 from finetune.adapter.export import export_adapter_model
 from finetune.adapter.modules import build_adapter, save_adapter
-from finetune.adapter.negatives import NegativeSampler, relevance_keys
+from finetune.adapter.negatives import NegativeSampler, given_negatives, relevance_keys, relevant_pairs, top_k_negatives
 from finetune.adapter.train import train_adapter
 from finetune.cache import EmbeddingCache
 from finetune.data.dataset import RetrievalData
@@ -42,6 +42,8 @@ class AdapterRun:
         self.model_source = f"{resolved.source} {resolved.path}"
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
+        self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}
+        self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
         t0 = time.perf_counter()
         encode = dict(model=self.model, identity=identity, batch_size=recipe.model.batch_size)
         self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=recipe.model.document_prompt, **encode)
@@ -67,30 +69,25 @@ class AdapterRun:
             raise FinetuneError("no texts found (one per line, or rows with a 'text' field)", where=f"loss.negatives.file {path}")
         return cache.encode(texts=texts, task="document", **encode)
 
-    def _lookup(self, adapter=None) -> EmbeddingLookup:
+    def lookup(self, adapter=None) -> EmbeddingLookup:
+        """The cached embeddings as a model for the evaluator; queries go through ``adapter`` if given."""
         transform = None
         if adapter is not None:
             transform = lambda q: adapter(q.to(self.device)).cpu()  # noqa: E731
         doc_texts = [self.data.corpus[d] for d in self.doc_ids]
         return EmbeddingLookup(self.query_texts, self.queries, doc_texts, self.documents, transform)
 
-    def _pairs(self, query_ids: list[str]) -> torch.Tensor:
-        row_of_text = {t: i for i, t in enumerate(self.query_texts)}
-        row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
-        pairs = [(row_of_text[self.data.queries[q]], row_of_doc[d]) for q in query_ids for d in sorted(self.data.relevant[q])]
-        return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    def pairs(self, query_ids: list[str]) -> torch.Tensor:
+        """``[P, 2]`` (query row, document row) for every relevant document of ``query_ids``."""
+        return relevant_pairs(self.data, query_ids, self._row_of_text, self._row_of_doc)
 
-    def _given_negatives(self) -> torch.Tensor | None:
-        if self.recipe.loss.negatives.strategy != "given":
-            return None
-        row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
-        width = max(len(v) for v in self.data.negatives.values())
-        given = torch.full((len(self.query_texts), width), -1, dtype=torch.long)
-        row_of_text = {t: i for i, t in enumerate(self.query_texts)}
-        for qid, docs in self.data.negatives.items():
-            row = row_of_text[self.data.queries[qid]]
-            given[row, : len(docs)] = torch.tensor([row_of_doc[d] for d in docs])
-        return given
+    def _given_negatives(self, relevant: torch.Tensor) -> torch.Tensor | None:
+        negatives = self.recipe.loss.negatives
+        if negatives.strategy == "topk":
+            return top_k_negatives(self.queries, self.documents, relevant, negatives.top_k)
+        if negatives.strategy == "given":
+            return given_negatives(self.data, self._row_of_text, self._row_of_doc)
+        return None
 
     def fit(self, run_dir: Path) -> dict:
         """Train, evaluate base and tuned on the test split, save adapter and export; return the metrics."""
@@ -98,30 +95,31 @@ class AdapterRun:
         torch.manual_seed(recipe.seed)
         test = build_evaluator(self.data, self.splits.test, "test", batch_size=recipe.model.batch_size)
         t0 = time.perf_counter()
-        base = evaluate(test, self._lookup(), corpus_embeddings=self.documents)
+        base = evaluate(test, self.lookup(), corpus_embeddings=self.documents)
         eval_seconds = time.perf_counter() - t0
 
         adapter = build_adapter(recipe.adapter.type, self.documents.shape[1], recipe.adapter.hidden_dim, recipe.adapter.dropout).to(self.device)
         validate = None
         if self.splits.val:
             val = build_evaluator(self.data, self.splits.val, "val")
-            validate = lambda a: evaluate(val, self._lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
+            validate = lambda a: evaluate(val, self.lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
         # every labelled pair, test included, only to avoid drawing a relevant document as a negative
-        all_pairs = self._pairs(list(self.data.queries))
+        all_pairs = self.pairs(list(self.data.queries))
+        relevant = relevance_keys(all_pairs, len(self.doc_ids))
         sampler = NegativeSampler(
             self.documents.to(self.device),
-            relevance_keys(all_pairs, len(self.doc_ids)),
+            relevant,
             pool=None if self.pool is None else self.pool.to(self.device),
-            given=self._given_negatives(),
+            given=self._given_negatives(relevant),
         )
-        train_pairs = self._pairs(self.splits.train)
+        train_pairs = self.pairs(self.splits.train)
         t0 = time.perf_counter()
         history = train_adapter(
             adapter, self.queries.to(self.device), self.documents.to(self.device), train_pairs,
             sampler, recipe.loss, recipe.train, recipe.seed, validate,
         )
         train_seconds = time.perf_counter() - t0
-        tuned = evaluate(test, self._lookup(adapter), corpus_embeddings=self.documents)
+        tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
 
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
@@ -142,7 +140,7 @@ class AdapterRun:
     def _check_export(self, exported, adapter) -> float:
         """The exported model must give the toolkit's adapted query embeddings (a few test queries)."""
         texts = [self.data.queries[q] for q in self.splits.test[:16]]
-        ours = self._lookup(adapter).encode_query(texts)
+        ours = self.lookup(adapter).encode_query(texts)
         theirs = exported.encode_query(texts, convert_to_tensor=True, prompt=self.recipe.model.query_prompt).cpu()
         drift = float((ours - theirs).abs().max())
         if drift > 1e-3:

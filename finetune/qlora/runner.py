@@ -13,8 +13,8 @@ from finetune.evaluation import build_evaluator, evaluate
 from finetune.models import resolve_model
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
-from finetune.qlora.timing import StepTimer, peak_rss_mb
 from finetune.splits import Splits
+from finetune.timing import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,6 @@ class QLoRARun:
             "train_loss": result.training_loss,
             "log_history": trainer.state.log_history,
             "best_checkpoint": trainer.state.best_model_checkpoint,
-            "peak_rss_mb": peak_rss_mb(),
             "peak_gpu_mb": gpu_peak,
             "gpu": torch.cuda.get_device_name() if self.device == "cuda" else None,
             "precision": precision,

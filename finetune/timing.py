@@ -1,4 +1,4 @@
-"""Cost measurements for encoder training: time per optimizer step (evaluation excluded) and peak memory."""
+"""Cost measurements: peak process memory, and time per optimizer step (evaluation excluded) for the trainer."""
 
 from __future__ import annotations
 
