@@ -93,7 +93,7 @@ def _check_same_test_queries(runs: list[Path]) -> None:
             raise FinetuneError(f"its test queries differ from {runs[0]}'s; rerun it with splits.file={runs[0] / 'splits.json'}", where=str(run_dir))
 
 
-def _label(metrics: dict, run_dir: Path) -> str:
+def _label(metrics: dict) -> str:
     if metrics["kind"] == "qlora":
         backend = metrics.get("backend", "")
         quant = "nf4" if "quantization nf4" in backend else "16-bit" if metrics.get("method") == "lora" else ""
@@ -112,7 +112,7 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
             bases[base_key] = {"name": f"base ({model})", "run": None, **{k: m["base"][k] for k in METRICS}}
         seconds = m.get("seconds", {})
         rows.append({
-            "name": _label(m, run_dir),
+            "name": _label(m),
             "run": str(run_dir),
             **{k: m["tuned"][k] for k in METRICS},
             "train_seconds": seconds.get("train"),

@@ -22,10 +22,10 @@ def top_k_negatives(queries: torch.Tensor, documents: torch.Tensor, relevant: to
     """
     n = len(documents)
     k = min(k, n - 1)
-    relevant = relevant.cpu()
+    relevant, documents_t = relevant.cpu(), documents.cpu().T
     out = []
     for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk].cpu() @ documents.cpu().T
+        scores = queries[start : start + chunk].cpu() @ documents_t
         mine = relevant[(relevant >= start * n) & (relevant < (start + len(scores)) * n)] - start * n
         scores.view(-1)[mine] = float("-inf")
         out.append(scores.topk(k, dim=1).indices)
@@ -73,8 +73,8 @@ class NegativeSampler:
     """
 
     def __init__(self, documents: torch.Tensor, relevant: torch.Tensor, pool: torch.Tensor | None = None, given: torch.Tensor | None = None):
-        self.documents, self.relevant, self.pool, self.given = documents, relevant, pool, given
-        self._relevant_cpu = relevant.cpu()
+        # relevance keys stay on the CPU: the binary search below runs there (train moves a copy)
+        self.documents, self.relevant, self.pool, self.given = documents, relevant.cpu(), pool, given
 
     def sample(self, query_rows: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(embeddings [B, k, d], document rows [B, k])``; rows are ``-1`` for pool texts."""
@@ -93,7 +93,7 @@ class NegativeSampler:
 
     def _is_relevant(self, keys: torch.Tensor) -> torch.Tensor:
         # the keys are sorted, so a binary search beats torch.isin's hashing at every step
-        relevant = self._relevant_cpu
+        relevant = self.relevant
         if len(relevant) == 0:
             return torch.zeros_like(keys, dtype=torch.bool)
         at = torch.searchsorted(relevant, keys).clamp(max=len(relevant) - 1)
@@ -107,7 +107,7 @@ class NegativeSampler:
             if not bad.any():
                 return rows
             rows[bad] = torch.randint(n, (int(bad.sum()),), generator=generator)
-        relevant = self._relevant_cpu
+        relevant = self.relevant
         # queries relevant to most of the corpus: draw from their non-relevant documents directly
         for i, j in torch.nonzero(self._is_relevant(query_rows[:, None] * n + rows)).tolist():
             q = int(query_rows[i])
