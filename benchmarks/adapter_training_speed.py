@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
 
-    overrides = ["loss.type=triplet", "loss.negatives.per_query=1", f"train.epochs={args.epochs}", "train.warmup_ratio=0"]
+    overrides = ["loss.type=triplet", "negatives.per_query=1", f"train.epochs={args.epochs}", "train.warmup_ratio=0"]
     recipe = load_recipe(args.recipe, overrides + ([f"data={args.data}"] if args.data else []))
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)

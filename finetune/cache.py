@@ -73,6 +73,7 @@ class EmbeddingCache:
         prompt: str | None = None,
         batch_size: int = 64,
         normalize: bool = True,
+        devices: list[str] | None = None,
     ) -> torch.Tensor:
         """Embeddings of ``texts`` as a float32 CPU tensor ``[len(texts), dim]``.
 
@@ -84,6 +85,7 @@ class EmbeddingCache:
             prompt: A prompt prepended to each text, if any.
             batch_size: Encoding batch size.
             normalize: L2-normalise the embeddings.
+            devices: Encode in one process per device (sentence-transformers' multi-process pool).
         """
         path = self.directory / f"{self.key(model, identity, texts, task, prompt, normalize)}.safetensors"
         if self.enabled and not self.force and path.is_file():
@@ -101,6 +103,7 @@ class EmbeddingCache:
             normalize_embeddings=normalize,
             convert_to_tensor=True,
             show_progress_bar=len(texts) > batch_size,
+            **({"device": list(devices)} if devices else {}),
         )
         embeddings = embeddings.float().cpu().clone()  # a normal tensor, not an inference-mode one
         if self.enabled:

@@ -24,21 +24,40 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """Which encoder to load and how to encode with it.
 
-    ``name`` is a local folder, a Hugging Face Hub id, or a model that an installed package
-    carries (see :mod:`finetune.models`).
+    ``provider: local`` (default): ``name`` is a local folder, a Hugging Face Hub id, or a model
+    that an installed package carries (see :mod:`finetune.models`).
+
+    ``provider: openai_compatible``: embeddings come from ``<base_url>/embeddings`` (an
+    OpenAI-compatible server) for model ``name``, optionally truncated to ``dimensions``; the key
+    is read from the environment variable ``api_key_env``. Frozen-encoder (adapter) recipes only.
     """
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    provider: Literal["local", "openai_compatible"] = "local"
+    base_url: str | None = Field(None, description="openai_compatible: e.g. http://127.0.0.1:8000/v1")
+    dimensions: int | None = Field(None, gt=0, description="openai_compatible: ask for embeddings of this size")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key (never stored)")
+    timeout: float = Field(60.0, gt=0, description="openai_compatible: seconds per request")
+    max_retries: int = Field(5, ge=0, description="openai_compatible: retries on 429/5xx/timeouts")
     max_seq_length: int | None = Field(None, gt=0)
     query_prompt: str | None = None
     document_prompt: str | None = None
     batch_size: int = Field(64, gt=0, description="encoding batch size")
+    encode_devices: list[str] | None = Field(None, description="encode on several processes, e.g. [cuda:0, cuda:1] or [cpu, cpu]")
     trust_remote_code: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, value):
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _endpoint(self):
+        if self.provider == "openai_compatible" and not self.base_url:
+            raise ValueError("provider 'openai_compatible' needs base_url, e.g. http://127.0.0.1:8000/v1")
+        if self.provider == "openai_compatible" and self.api_key_env and self.api_key_env.startswith(("sk-", "Bearer")):
+            raise ValueError("api_key_env names an environment variable, not the key itself; export the key and put its variable name here")
+        return self
 
 
 class ColumnsConfig(Section):
@@ -123,6 +142,42 @@ class SplitConfig(Section):
                 f"test_fraction + val_fraction must be < 1 to leave training queries, "
                 f"got {self.test_fraction} + {self.val_fraction}"
             )
+        return self
+
+
+class NegativesConfig(Section):
+    """Negatives added to each training example, beside the batch's other positives (in-batch).
+
+    - ``none``: in-batch negatives only.
+    - ``random``: documents not relevant to the query, drawn from the corpus (``pool: corpus``) or
+      from a file of unrelated texts (``pool: file``: one per line, or JSONL with ``text``).
+    - ``given``: the data's own negative column (``data.columns.negative``).
+    - ``mined``: the documents the base model ranks highest for the query, skipping its positives
+      (sentence-transformers' ``mine_hard_negatives``): ranks ``range_min`` to ``range_max``,
+      ``relative_margin`` drops near-duplicates of the positive (score within that fraction of
+      the positive's), ``max_score`` drops anything scoring above it.
+    - ``bm25``: the documents BM25 (bm25s) ranks highest, skipping positives and documents whose
+      text equals a positive's.
+
+    Mined and BM25 negatives are found once, before training, over the train queries only.
+    """
+
+    strategy: Literal["none", "random", "given", "mined", "bm25"] = "random"
+    per_query: int = Field(1, gt=0, description="negatives per training example")
+    pool: Literal["corpus", "file"] = "corpus"
+    file: str | None = None
+    range_min: int = Field(0, ge=0, description="mined/bm25: skip this many top-ranked candidates")
+    range_max: int | None = Field(None, gt=0, description="mined/bm25: consider candidates up to this rank (default: derived)")
+    relative_margin: float | None = Field(0.05, ge=0.0, lt=1.0, description="mined: drop candidates scoring above (1 - margin) x the positive's score")
+    max_score: float | None = Field(None, description="mined: drop candidates scoring above this")
+    sampling: Literal["top", "random"] = "top"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.pool == "file" and not self.file:
+            raise ValueError("pool 'file' needs negatives.file: a text or JSONL file of unrelated texts")
+        if self.range_max is not None and self.range_max - self.range_min < self.per_query:
+            raise ValueError(f"range_max - range_min must leave at least per_query={self.per_query} candidates")
         return self
 
 

@@ -101,8 +101,13 @@ class EmbeddingLookup:
         self._documents = ({t: i for i, t in enumerate(document_texts)}, document_embeddings)
         self.query_transform = query_transform
 
+    device = torch.device("cpu")
+
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return cos_sim(a, b)
+        return cos_sim(torch.as_tensor(a), torch.as_tensor(b))
+
+    def similarity_pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cosine_similarity(torch.as_tensor(a), torch.as_tensor(b), dim=-1)
 
     def _lookup(self, table, sentences) -> torch.Tensor:
         index, embeddings = table

@@ -161,3 +161,19 @@ def load_sentence_transformer(config, device: str = "cpu"):
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
     return model, resolved
+
+
+def load_frozen_encoder(config, device: str = "cpu"):
+    """The encoder of a frozen-encoder recipe: a local ``SentenceTransformer`` or an API model.
+
+    Returns:
+        ``(model, identity, source)``: something with ``encode_query``/``encode_document``, the
+        string embedding-cache keys are built on, and a description of where it came from.
+    """
+    if config.provider == "openai_compatible":
+        from finetune.api_embedder import ApiEmbedder
+
+        model = ApiEmbedder(config)
+        return model, model.identity(), f"openai_compatible {model.client.base_url} model {config.name}"
+    model, resolved = load_sentence_transformer(config, device)
+    return model, model_identity(resolved.path), f"{resolved.source} {resolved.path}"

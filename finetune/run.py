@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.atomic import write_json
+from finetune import distributed
+from finetune.atomic import write_json, write_text
 from finetune.cache import EmbeddingCache
 from finetune.data import load_data
+from finetune.errors import FinetuneError
 from finetune.models import pick_device
 from finetune.recipe import Recipe, dump_recipe
 from finetune.report import metrics_table
-from finetune.rundir import new_run_dir, write_run_header
-from finetune.splits import make_splits
+from finetune.rundir import claim_run_dir, prepare_run_dir, write_run_header
+from finetune.splits import Splits, make_splits
 from finetune.timing import peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -46,17 +48,29 @@ def _runner_class(kind: str):
     raise ValueError(f"no runner for recipe kind {kind!r}")
 
 
-def run_recipe(recipe: Recipe, force_recache: bool = False, command: str = "", echo=print) -> Path:
+def run_recipe(
+    recipe: Recipe,
+    force_recache: bool = False,
+    command: str = "",
+    echo=print,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Run ``recipe`` end to end and return its run directory.
 
-    Everything that can fail on bad input (data, splits, model, negatives) is loaded before the run
-    directory is created, so a bad recipe leaves nothing behind.
+    Everything that can fail on bad input (data, splits, model, negatives, the run directory) is
+    checked before anything is written, so a bad recipe leaves nothing behind. Under a launcher
+    with several processes, every rank trains and only rank 0 writes.
 
     Args:
         recipe: A validated recipe (see :func:`finetune.recipe.load_recipe`).
         force_recache: Recompute cached embeddings.
         command: The command line, recorded in the run directory.
         echo: Where the before/after table is printed.
+        run_dir: An exact folder for the run (default ``<output.dir>/<name>-<timestamp>``).
+        resume: Continue a killed run: ``"latest"`` or its folder (adapter and qlora recipes).
+        overwrite: Replace ``run_dir`` if it exists.
 
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
@@ -66,20 +80,31 @@ def run_recipe(recipe: Recipe, force_recache: bool = False, command: str = "", e
         >>> json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     """
     seed_everything(recipe.seed)
+    if resume is not None and recipe.kind not in ("adapter", "qlora"):
+        raise FinetuneError("--resume is for adapter and qlora recipes; start this recipe again", where=f"recipe: kind {recipe.kind}")
+    recipe_yaml = dump_recipe(recipe)
+    path, resuming = prepare_run_dir(recipe.output.dir, recipe.name, recipe_yaml, run_dir, resume, overwrite)
     data = load_data(recipe.data)
-    splits = make_splits(data, recipe.splits, recipe.seed)
+    splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
     device = pick_device(recipe.device)
+    distributed.init(device)
+    main = distributed.is_main()
+    say = echo if main else (lambda *_: None)
     # only frozen-encoder recipes cache embeddings; a fine-tuned encoder changes them
     cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if hasattr(recipe, "cache") else None
-    echo(f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} ({splits.method})")
+    say(f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} ({splits.method})")
     job = _runner_class(recipe.kind)(recipe, data, splits, device, cache)
     if cache is not None:
-        echo(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
+        say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 
-    run_dir = new_run_dir(recipe.output.dir, recipe.name)
-    write_run_header(run_dir, dump_recipe(recipe), splits, command)
+    run_dir = distributed.share(claim_run_dir(path, resuming, overwrite) if main else None)
+    if main and resuming:
+        say(f"resuming {run_dir}")
+        write_text(run_dir / "command.txt", (run_dir / "command.txt").read_text(encoding="utf-8") + command + "\n")
+    elif main:
+        write_run_header(run_dir, recipe_yaml, splits, command)
     t0 = time.perf_counter()
-    result = job.fit(run_dir)
+    result = job.fit(run_dir, resume=resuming) if resuming else job.fit(run_dir)
     result = {
         "recipe": recipe.name,
         "kind": recipe.kind,
@@ -90,10 +115,21 @@ def run_recipe(recipe: Recipe, force_recache: bool = False, command: str = "", e
         "wall_seconds": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }
-    write_json(run_dir / "metrics.json", result)
-    echo(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
-    echo(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
+    if distributed.world_size() > 1:
+        result["world_size"] = distributed.world_size()
+    if not main:
+        return run_dir
+    write_json(run_dir / "metrics.json", result)  # written last: a run directory without it is unfinished
+    say(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
+    say(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
-        echo("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
-    echo(f"\nrun directory: {run_dir}")
+        say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
+    say(f"\nrun directory: {run_dir}")
     return run_dir
+
+
+def _resumed_splits(run_dir: Path, data) -> Splits:
+    splits = Splits.load(run_dir / "splits.json")
+    if splits.data_fingerprint and splits.data_fingerprint != data.fingerprint():
+        raise FinetuneError("the data changed since this run started (fingerprint differs); resume with the same data, or start a new run", where=str(run_dir / "splits.json"))
+    return splits

@@ -77,8 +77,8 @@ def test_nan_loss_stops_with_a_clear_error():
 def test_random_negatives_are_never_relevant():
     docs = _unit(6, 8)
     pairs = torch.tensor([[0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [1, 5]])
-    sampler = NegativeSampler(docs, relevance_keys(pairs, 6))
-    _, rows = sampler.sample(torch.tensor([0] * 50 + [1] * 50), k=3, generator=torch.Generator().manual_seed(0))
+    sampler = NegativeSampler(docs, relevance_keys(pairs, 6), per_query=3)
+    _, rows = sampler.sample(torch.tensor([0] * 50 + [1] * 50), generator=torch.Generator().manual_seed(0))
     assert (rows[:50] == 5).all() and not (rows[50:] == 5).any()
 
 
@@ -86,8 +86,8 @@ def test_given_negatives_are_drawn_from_the_data():
     docs = _unit(10, 8)
     pairs = torch.tensor([[0, 0], [1, 1]])
     given = torch.tensor([[7, 8], [-1, -1]])
-    sampler = NegativeSampler(docs, relevance_keys(pairs, 10), given=given)
-    _, rows = sampler.sample(torch.tensor([0, 1]), k=20, generator=torch.Generator().manual_seed(0))
+    sampler = NegativeSampler(docs, relevance_keys(pairs, 10), per_query=20, given=given)
+    _, rows = sampler.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
     assert set(rows[0].tolist()) == {7, 8} and 1 not in rows[1].tolist()
 
 

@@ -76,3 +76,11 @@ def test_force_recaches_and_disabled_never_writes(tmp_path, model, tiny_model):
     off.encode(model, identity, TEXTS)
     off.encode(model, identity, TEXTS)
     assert off.misses == 2 and not (tmp_path / "off").exists()
+
+
+def test_encoding_on_two_processes_gives_the_same_embeddings(tmp_path, tiny_model):
+    m = SentenceTransformer(str(tiny_model), device="cpu")
+    texts = [f"text number {i} about {i % 7}" for i in range(40)]
+    one = EmbeddingCache(tmp_path / "a").encode(m, "id", texts, batch_size=8)
+    two = EmbeddingCache(tmp_path / "b").encode(m, "id", texts, batch_size=8, devices=["cpu", "cpu"])
+    assert torch.allclose(one, two, atol=1e-5)

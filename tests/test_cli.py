@@ -77,14 +77,6 @@ def test_validate(tmp_path, tiny_model, pairs_file, capsys):
     assert "did you mean 'epochs'" in capsys.readouterr().err
 
 
-def test_same_seed_same_metrics(tmp_path, tiny_model, pairs_file):
-    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)
-    recipe = _recipe(tmp_path, raw)
-    assert main(["run", recipe, "name=a"]) == 0 and main(["run", recipe, "name=b"]) == 0
-    a, b = (json.loads(next((tmp_path / "runs").glob(f"{n}-*/metrics.json")).read_text()) for n in "ab")
-    assert a["tuned"] == b["tuned"] and a["history"] == b["history"]
-
-
 @pytest.mark.parametrize("module", ["python -m finetune", "finetune"])
 def test_console_entry_points_exist(module):
     import shutil

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from finetune.adapter.negatives import relevance_keys, top_k_negatives
 from finetune.cross.align import align_projection, mean_alignment_loss
 from finetune.cross.config import AlignmentConfig
 from finetune.cross.experiments import budget_experiments, leave_one_domain_out, per_domain
@@ -105,18 +104,9 @@ def test_label_budgets_are_nested_and_share_the_test_split():
     assert small.unlabelled == full.unlabelled  # alignment may read every non-test query's text at any budget
 
 
-def test_top_k_negatives_skip_relevant_documents():
-    docs = F.normalize(torch.eye(6)[:, :6] + 0.01, dim=-1)
-    queries = docs[:3].clone()
-    relevant = relevance_keys(torch.tensor([[0, 0], [1, 1], [2, 2], [2, 3]]), 6)
-    rows = top_k_negatives(queries, docs, relevant, k=3)
-    assert rows.shape == (3, 3)
-    assert 0 not in rows[0] and 1 not in rows[1] and not {2, 3} & set(rows[2].tolist())
-
-
 def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_toolkit(pairs_file, tiny_model, tiny_model_wide, tmp_path):
     recipe = _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, domains={"leave_one_domain_out": True, "min_queries": 4},
-                     loss={"negatives": {"strategy": "topk", "top_k": 5}})
+                     negatives={"strategy": "mined", "per_query": 2, "range_max": 5})
     run_dir = run_recipe(recipe, echo=lambda *_: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["dims"] == {"query_model": 64, "document_model": 32}

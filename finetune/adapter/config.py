@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import CacheConfig, RecipeBase, Section
+from finetune.config import CacheConfig, NegativesConfig, RecipeBase, Section
 
 
 class AdapterConfig(Section):
@@ -21,35 +21,12 @@ class AdapterConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="mlp dropout")
 
 
-class NegativesConfig(Section):
-    """Where negatives come from.
-
-    ``random`` draws documents that are not relevant to the query, from the corpus
-    (``pool: corpus``) or from an unrelated text file (``pool: file``, one text per line, or JSONL
-    with a ``text`` field). ``given`` uses the data's own negative column. ``topk`` draws from the
-    ``top_k`` non-relevant documents the frozen document index ranks highest for the query.
-    """
-
-    strategy: Literal["random", "given", "topk"] = "random"
-    pool: Literal["corpus", "file"] = "corpus"
-    file: str | None = None
-    per_query: int = Field(1, gt=0, description="negatives per query (mnrl adds in-batch ones)")
-    top_k: int = Field(20, gt=0, description="topk: how many of the highest-ranked non-relevant documents to draw from")
-
-    @model_validator(mode="after")
-    def _file_for_file_pool(self):
-        if self.pool == "file" and not self.file:
-            raise ValueError("negatives.pool 'file' needs negatives.file: a text or JSONL file of unrelated texts")
-        return self
-
-
 class LossConfig(Section):
-    """``triplet``: margin loss on L2 distance (p=2). ``mnrl``: InfoNCE over in-batch and random negatives."""
+    """``triplet``: margin loss on L2 distance (p=2). ``mnrl``: InfoNCE over in-batch negatives and the recipe's ``negatives``."""
 
     type: Literal["triplet", "mnrl"] = "mnrl"
     margin: float = Field(0.2, gt=0.0)
     temperature: float = Field(0.05, gt=0.0)
-    negatives: NegativesConfig = NegativesConfig()
 
 
 class AdapterTrainConfig(Section):
@@ -62,6 +39,7 @@ class AdapterTrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     patience: int | None = Field(5, gt=0, description="epochs without validation gain before stopping; null = never")
+    save_every: int = Field(1, gt=0, description="save a resumable checkpoint every N epochs")
 
 
 class AdapterRecipe(RecipeBase):
@@ -78,5 +56,12 @@ class AdapterRecipe(RecipeBase):
     name: str = "adapter"
     adapter: AdapterConfig = AdapterConfig()
     loss: LossConfig = LossConfig()
+    negatives: NegativesConfig = NegativesConfig()
     train: AdapterTrainConfig = AdapterTrainConfig()
     cache: CacheConfig = CacheConfig()
+
+    @model_validator(mode="after")
+    def _triplet_needs_negatives(self):
+        if self.loss.type == "triplet" and self.negatives.strategy == "none":
+            raise ValueError("loss.type 'triplet' needs negatives; set negatives.strategy (random, mined, bm25, given) or loss.type=mnrl")
+        return self

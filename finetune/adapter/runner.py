@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 
 from finetune.adapter.config import AdapterRecipe
+from finetune.adapter.checkpoint import load_training_state
 from finetune.adapter.export import export_adapter_model
 from finetune.adapter.modules import build_adapter, save_adapter
-from finetune.adapter.negatives import NegativeSampler, given_negatives, relevance_keys, relevant_pairs, top_k_negatives
+from finetune.adapter.negatives import build_sampler, relevant_pairs
 from finetune.adapter.train import train_adapter
 from finetune.cache import EmbeddingCache
 from finetune.data.dataset import RetrievalData
 from finetune.data.readers import read_rows
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
-from finetune.models import load_sentence_transformer, model_identity
+from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
@@ -37,36 +38,39 @@ class AdapterRun:
 
     def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
-        self.model, resolved = load_sentence_transformer(recipe.model, device)
-        identity = model_identity(resolved.path)
-        self.model_source = f"{resolved.source} {resolved.path}"
+        self.model, identity, self.model_source = load_frozen_encoder(recipe.model, device)
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
         self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
         t0 = time.perf_counter()
-        encode = dict(model=self.model, identity=identity, batch_size=recipe.model.batch_size)
+        encode = dict(model=self.model, identity=identity, batch_size=recipe.model.batch_size, devices=recipe.model.encode_devices)
         self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=recipe.model.document_prompt, **encode)
         self.queries = cache.encode(texts=self.query_texts, task="query", prompt=recipe.model.query_prompt, **encode)
         self.encode_seconds = time.perf_counter() - t0
-        self.pool = self._negative_pool(cache, encode)
+        pool = self._negative_pool(cache, encode)
+        # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
+        self.sampler, self.negatives_stats = build_sampler(
+            data, recipe.negatives, self.documents.to(device), self._row_of_text, self._row_of_doc,
+            splits.train, self.lookup(), recipe.seed, pool=None if pool is None else pool.to(device),
+        )
 
     def _negative_pool(self, cache: EmbeddingCache, encode: dict) -> torch.Tensor | None:
-        negatives = self.recipe.loss.negatives
-        if negatives.pool != "file":
-            if negatives.strategy == "given" and not self.data.negatives:
-                raise FinetuneError("negatives.strategy 'given' needs a negative column; set data.columns.negative", where="recipe: loss.negatives")
+        negatives = self.recipe.negatives
+        if negatives.strategy == "given" and not self.data.negatives:
+            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
+        if negatives.strategy != "random" or negatives.pool != "file":
             return None
         path = Path(negatives.file)
         if path.suffix.lower() in (".txt", ".md"):
             if not path.is_file():
-                raise FinetuneError("file not found", where=f"loss.negatives.file {path}")
+                raise FinetuneError("file not found", where=f"negatives.file {path}")
             texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             texts = [str(r.get("text", "")).strip() for r in read_rows(path)]
             texts = [t for t in texts if t]
         if not texts:
-            raise FinetuneError("no texts found (one per line, or rows with a 'text' field)", where=f"loss.negatives.file {path}")
+            raise FinetuneError("no texts found (one per line, or rows with a 'text' field)", where=f"negatives.file {path}")
         return cache.encode(texts=texts, task="document", **encode)
 
     def lookup(self, adapter=None) -> EmbeddingLookup:
@@ -81,16 +85,11 @@ class AdapterRun:
         """``[P, 2]`` (query row, document row) for every relevant document of ``query_ids``."""
         return relevant_pairs(self.data, query_ids, self._row_of_text, self._row_of_doc)
 
-    def _given_negatives(self, relevant: torch.Tensor) -> torch.Tensor | None:
-        negatives = self.recipe.loss.negatives
-        if negatives.strategy == "topk":
-            return top_k_negatives(self.queries, self.documents, relevant, negatives.top_k)
-        if negatives.strategy == "given":
-            return given_negatives(self.data, self._row_of_text, self._row_of_doc)
-        return None
+    def fit(self, run_dir: Path, resume: bool = False) -> dict:
+        """Train, evaluate base and tuned on the test split, save adapter and export; return the metrics.
 
-    def fit(self, run_dir: Path) -> dict:
-        """Train, evaluate base and tuned on the test split, save adapter and export; return the metrics."""
+        With ``resume``, training continues from ``run_dir/checkpoint/state.pt`` when it exists.
+        """
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
         test = build_evaluator(self.data, self.splits.test, "test", batch_size=recipe.model.batch_size)
@@ -103,33 +102,31 @@ class AdapterRun:
         if self.splits.val:
             val = build_evaluator(self.data, self.splits.val, "val")
             validate = lambda a: evaluate(val, self.lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
-        # every labelled pair, test included, only to avoid drawing a relevant document as a negative
-        all_pairs = self.pairs(list(self.data.queries))
-        relevant = relevance_keys(all_pairs, len(self.doc_ids))
-        sampler = NegativeSampler(
-            self.documents.to(self.device),
-            relevant,
-            pool=None if self.pool is None else self.pool.to(self.device),
-            given=self._given_negatives(relevant),
-        )
         train_pairs = self.pairs(self.splits.train)
+        checkpoint = run_dir / "checkpoint" / "state.pt"
+        resumed_from = load_training_state(checkpoint)["epoch"] if resume and checkpoint.is_file() else None
         t0 = time.perf_counter()
         history = train_adapter(
             adapter, self.queries.to(self.device), self.documents.to(self.device), train_pairs,
-            sampler, recipe.loss, recipe.train, recipe.seed, validate,
+            self.sampler, recipe.loss, recipe.train, recipe.seed, validate,
+            checkpoint=checkpoint, resume=resume,
         )
         train_seconds = time.perf_counter() - t0
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
 
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
-        exported = export_adapter_model(self.model, adapter, run_dir / "model", recipe.model.query_prompt)
-        drift = self._check_export(exported, adapter)
+        drift = None
+        if recipe.model.provider == "local":  # an API model has no weights to put in a model folder
+            exported = export_adapter_model(self.model, adapter, run_dir / "model", recipe.model.query_prompt)
+            drift = self._check_export(exported, adapter)
         return {
             "base": base,
             "tuned": tuned,
             "history": history,
             "train_pairs": len(train_pairs),
+            "resumed_from_epoch": resumed_from,
+            "negatives": self.negatives_stats,
             "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
             "document_embeddings_recomputed": False,
             "model_source": self.model_source,

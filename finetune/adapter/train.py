@@ -6,10 +6,12 @@ import copy
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from finetune.adapter.checkpoint import load_training_state, restore, save_training_state
 from finetune.adapter.config import AdapterTrainConfig, LossConfig
 from finetune.adapter.losses import infonce_loss, triplet_loss
 from finetune.adapter.negatives import NegativeSampler
@@ -28,6 +30,8 @@ def train_adapter(
     config: AdapterTrainConfig,
     seed: int,
     validate: Callable[[torch.nn.Module], float] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Train ``adapter`` on (query row, positive doc row) ``pairs``; only the query side changes.
 
@@ -36,19 +40,23 @@ def train_adapter(
         queries: ``[Q, d]`` base query embeddings (indexed by ``pairs[:, 0]``).
         documents: ``[N, d]`` frozen document embeddings (indexed by ``pairs[:, 1]``).
         pairs: ``[P, 2]`` training pairs.
-        sampler: Draws negatives.
+        sampler: Draws negatives (``per_query`` 0: in-batch negatives only, for ``mnrl``).
         loss_config: ``triplet`` or ``mnrl`` and their settings.
         config: Epochs, batch size, AdamW, warmup, clipping, patience.
         seed: Fixes the batch order and the negatives drawn.
         validate: Returns validation NDCG@10 for the adapter; enables early stopping and
             restoring the best epoch (epoch 0 is the untrained adapter, i.e. the base model).
+        checkpoint: Where the training state is saved every ``config.save_every`` epochs
+            (see :mod:`finetune.adapter.checkpoint`); ``None`` saves nothing.
+        resume: Continue from ``checkpoint`` if it exists: the same batches, negatives and
+            updates follow as in an uninterrupted run.
 
     Returns:
         One dict per epoch: ``epoch``, ``loss``, ``val_ndcg@10``.
     """
     generator = torch.Generator().manual_seed(seed)
     device = documents.device
-    n_docs, k = len(documents), loss_config.negatives.per_query
+    n_docs = len(documents)
     relevant = sampler.relevant.to(device)
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -60,10 +68,18 @@ def train_adapter(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
 
-    best = validate(adapter) if validate else None
-    best_state, best_epoch, stale = copy.deepcopy(adapter.state_dict()), 0, 0
-    history = [{"epoch": 0, "loss": None, "val_ndcg@10": best}]
-    bar = tqdm(range(1, config.epochs + 1), desc="train adapter", unit="epoch")
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = load_training_state(checkpoint)
+        restore(state, adapter, optimizer, schedule, generator, where=checkpoint)
+        best, best_state, best_epoch, stale, history = state["best"], state["best_state"], state["best_epoch"], state["stale"], state["history"]
+        logger.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
+    else:
+        best = validate(adapter) if validate else None
+        best_state, best_epoch, stale = copy.deepcopy(adapter.state_dict()), 0, 0
+        history = [{"epoch": 0, "loss": None, "val_ndcg@10": best}]
+    first = history[-1]["epoch"] + 1
+    stopped = config.patience and validate and stale >= config.patience  # killed after early stopping
+    bar = tqdm(range(first, first if stopped else config.epochs + 1), desc="train adapter", unit="epoch", initial=first - 1, total=config.epochs)
     for epoch in bar:
         adapter.train()
         order = torch.randperm(len(pairs), generator=generator)
@@ -73,7 +89,7 @@ def train_adapter(
             q_rows, d_rows = batch[:, 0], batch[:, 1]
             q = adapter(queries[q_rows])
             pos = documents[d_rows]
-            neg, neg_rows = sampler.sample(q_rows, k, generator)
+            neg, neg_rows = sampler.sample(q_rows, generator)
             if loss_config.type == "triplet":
                 loss = triplet_loss(q, pos, neg, loss_config.margin)
             else:
@@ -83,7 +99,8 @@ def train_adapter(
                 exclude.fill_diagonal_(False)
                 loss = infonce_loss(q, candidates, exclude, loss_config.temperature)
             if not torch.isfinite(loss):
-                raise FinetuneError(f"loss is {loss.item()} at epoch {epoch}; lower train.lr or check the data for empty texts", where="training")
+                kept = f"the last good checkpoint is kept in {checkpoint}" if checkpoint and checkpoint.is_file() else "no checkpoint was saved yet"
+                raise FinetuneError(f"loss is {loss.item()} at epoch {epoch}; training stopped and {kept}; lower train.lr or check the data", where="training")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -102,9 +119,15 @@ def train_adapter(
             best, best_state, best_epoch, stale = score, copy.deepcopy(adapter.state_dict()), epoch, 0
         else:
             stale += 1
-            if config.patience and stale >= config.patience:
-                logger.info("early stop at epoch %d: no validation gain for %d epochs", epoch, stale)
-                break
+        if checkpoint is not None and (epoch % config.save_every == 0 or epoch == config.epochs):
+            save_training_state(checkpoint, {
+                "epoch": epoch, "adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "best": best, "best_state": best_state, "best_epoch": best_epoch, "stale": stale,
+            })
+        if score is not None and config.patience and stale >= config.patience:
+            logger.info("early stop at epoch %d: no validation gain for %d epochs", epoch, stale)
+            break
     bar.close()
     adapter.load_state_dict(best_state)
     adapter.eval()

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from finetune.adapter.config import AdapterTrainConfig, LossConfig
-from finetune.config import CacheConfig, ModelConfig, RecipeCore, Section
+from finetune.config import CacheConfig, ModelConfig, NegativesConfig, RecipeCore, Section
 
 Mode = Literal["alignment_only", "label_only", "both"]
 MODES: tuple[str, ...] = ("alignment_only", "label_only", "both")
@@ -69,6 +69,7 @@ class CrossAdapterRecipe(RecipeCore):
     train_ratios: list[float] = Field([1.0], description="fractions of the labelled train (and val) queries; each runs on the same test split")
     alignment: AlignmentConfig = AlignmentConfig()
     loss: LossConfig = LossConfig()
+    negatives: NegativesConfig = NegativesConfig()
     train: AdapterTrainConfig = AdapterTrainConfig(lr=1e-3)
     domains: DomainsConfig = DomainsConfig()
     cache: CacheConfig = CacheConfig()
@@ -79,6 +80,12 @@ class CrossAdapterRecipe(RecipeCore):
         if not value or any(not 0.0 < r <= 1.0 for r in value):
             raise ValueError(f"every train ratio must be in (0, 1], got {value}")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _local_models(self):
+        if self.query_model.provider != "local" or self.document_model.provider != "local":
+            raise ValueError("cross_adapter exports a local Router model and needs local encoders; for an API model use kind: adapter")
+        return self
 
     @model_validator(mode="after")
     def _modes_unique(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.adapter.negatives import NegativeSampler, given_negatives, relevance_keys, relevant_pairs, top_k_negatives
+from finetune.adapter.negatives import NegativeSampler, build_sampler, relevant_pairs
 from finetune.adapter.train import train_adapter
 from finetune.atomic import write_json
 from finetune.cache import EmbeddingCache
@@ -44,11 +44,11 @@ class CrossAdapterRun:
 
     def __init__(self, recipe: CrossAdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
-        negatives = recipe.loss.negatives
+        negatives = recipe.negatives
         if negatives.pool == "file":
-            raise FinetuneError("cross_adapter draws negatives from the document index; remove loss.negatives.pool 'file'", where="recipe: loss.negatives.pool")
+            raise FinetuneError("cross_adapter draws negatives from the document index; remove negatives.pool 'file'", where="recipe: negatives.pool")
         if negatives.strategy == "given" and not data.negatives:
-            raise FinetuneError("negatives.strategy 'given' needs a negative column; set data.columns.negative", where="recipe: loss.negatives")
+            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
         self.experiments = self._experiments()
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
@@ -122,14 +122,14 @@ class CrossAdapterRun:
         return Projection(*self.dims, p.type, p.hidden_dim).to(self.device)
 
     def _sampler(self) -> NegativeSampler:
-        all_pairs = relevant_pairs(self.data, list(self.data.queries), self._row_of_text, self._row_of_doc)
-        relevant = relevance_keys(all_pairs, len(self.doc_ids))  # only to never draw a relevant document
-        negatives, given = self.recipe.loss.negatives, None
-        if negatives.strategy == "topk":  # hard negatives as the existing small-model index ranks them
-            given = top_k_negatives(self.small_queries, self.small_docs, relevant, negatives.top_k)
-        elif negatives.strategy == "given":
-            given = given_negatives(self.data, self._row_of_text, self._row_of_doc)
-        return NegativeSampler(self.small_docs.to(self.device), relevant, given=given)
+        # mined negatives: what the existing small-model index ranks highest. Every query gets its
+        # own (from its own labels only), since leave-one-domain-out trains on queries of any split.
+        small = EmbeddingLookup(self.query_texts, self.small_queries, self.doc_texts, self.small_docs)
+        sampler, _ = build_sampler(
+            self.data, self.recipe.negatives, self.small_docs.to(self.device), self._row_of_text, self._row_of_doc,
+            list(self.data.queries), small, self.recipe.seed,
+        )
+        return sampler
 
     def train(self, mode: str, experiment: Experiment, sampler: NegativeSampler) -> tuple[Projection, dict]:
         """A projection trained by ``mode`` on ``experiment``'s queries, and what happened."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import RecipeBase, Section
+from finetune.config import NegativesConfig, RecipeBase, Section
 
 
 class LoraSection(Section):
@@ -60,6 +60,7 @@ class QLoRARecipe(RecipeBase):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     pooling: Literal["mean", "cls", "max"] = "mean"
     lora: LoraSection = LoraSection()
+    negatives: NegativesConfig = NegativesConfig(strategy="none")
     train: QLoRATrainConfig = QLoRATrainConfig()
 
     @model_validator(mode="after")
@@ -68,4 +69,8 @@ class QLoRARecipe(RecipeBase):
             raise ValueError("method 'full' trains unquantised weights; set quantization=none (or method=lora for QLoRA)")
         if self.method == "full" and self.backend == "unsloth":
             raise ValueError("backend 'unsloth' is for LoRA; use backend=peft or auto with method=full")
+        if self.model.provider != "local":
+            raise ValueError("model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; use kind: adapter")
+        if self.negatives.pool == "file":
+            raise ValueError("negatives.pool 'file' is for adapter recipes; the QLoRA recipe draws negatives from the corpus")
         return self

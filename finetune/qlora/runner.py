@@ -8,11 +8,14 @@ from pathlib import Path
 
 import torch
 
+from finetune import distributed
 from finetune.data.dataset import RetrievalData
+from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
 from finetune.models import resolve_model
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.trainer import NonFiniteLoss, latest_checkpoint, load_lora_checkpoint, make_trainer
 from finetune.splits import Splits
 from finetune.timing import StepTimer
 
@@ -36,13 +39,36 @@ class QLoRARun:
         self.path = resolve_model(recipe.model.name).path
         self.model = build_encoder(self.path, recipe, self.choice)
         self.trainable, self.total = parameter_counts(self.model)
+        # the unquantised base model: scored as "base", and the one hard negatives are mined with
+        self.reference = build_encoder(self.path, recipe, self.choice, quantize=False)
+        self.negatives = self._negatives()
         print(f"{self.choice.describe()}; method {recipe.method}; trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%)")
 
+    def _negatives(self):
+        from finetune.mining import find_negatives
+
+        config, model = self.recipe.negatives, self.recipe.model
+        if config.strategy == "none":
+            return None
+        if config.strategy == "given" and not self.data.negatives:
+            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
+        return find_negatives(
+            self.data, self.splits.train, config, model=self.reference, seed=self.recipe.seed,
+            batch_size=model.batch_size, query_prompt=model.query_prompt, document_prompt=model.document_prompt,
+        )
+
     def _train_dataset(self):
+        """(anchor, positive[, negative_1..k]) rows: one per relevant document of each train query."""
         from datasets import Dataset
 
-        rows = [(self.data.queries[q], self.data.corpus[d]) for q in self.splits.train for d in sorted(self.data.relevant[q])]
-        return Dataset.from_dict({"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]})
+        columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+        for q in self.splits.train:
+            for d in sorted(self.data.relevant[q]):
+                columns["anchor"].append(self.data.queries[q])
+                columns["positive"].append(self.data.corpus[d])
+                for i, neg in enumerate(self.negatives.by_query[q] if self.negatives else [], 1):
+                    columns.setdefault(f"negative_{i}", []).append(self.data.corpus[neg])
+        return Dataset.from_dict(columns)
 
     def _precision_and_optimizer(self) -> tuple[str, str]:
         t, cuda = self.recipe.train, self.device == "cuda"
@@ -92,40 +118,61 @@ class QLoRARun:
             seed=self.recipe.seed,
             data_seed=self.recipe.seed,
             use_cpu=self.device == "cpu",
+            logging_nan_inf_filter=False,
+            ddp_find_unused_parameters=False,
+            ddp_backend="gloo" if distributed.world_size() > 1 and self.device == "cpu" else None,
             **({"gradient_checkpointing": True} if t.gradient_checkpointing and self.recipe.method == "full" else {}),
         )
 
-    def fit(self, run_dir: Path) -> dict:
-        """Score the base model, train, save the LoRA adapter and a merged model, score the merged model."""
-        from sentence_transformers import SentenceTransformerTrainer
+    def fit(self, run_dir: Path, resume: bool = False) -> dict:
+        """Score the base model, train, save the LoRA adapter and a merged model, score the merged model.
+
+        With ``resume``, training continues from the newest complete checkpoint in
+        ``run_dir/checkpoints`` (optimizer, scheduler, RNG and batch position included).
+        Under several processes every rank trains (data-parallel, MNRL gathering the other
+        ranks' embeddings as negatives) and only rank 0 writes the adapter and the model.
+        """
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
         test = build_evaluator(self.data, self.splits.test, "test", self.recipe.model.query_prompt, self.recipe.model.batch_size)
-        reference = build_encoder(self.path, self.recipe, self.choice, quantize=False)
-        base = evaluate(test, reference)
-        del reference
+        base = evaluate(test, self.reference)
+        del self.reference
 
         val = build_evaluator(self.data, self.splits.val, "val", self.recipe.model.query_prompt) if self.splits.val else None
         args = self._arguments(run_dir / "checkpoints", val is not None)
-        trainer = SentenceTransformerTrainer(
+        trainer = make_trainer(
+            self.recipe.method == "lora",
             model=self.model,
             args=args,
             train_dataset=self._train_dataset(),
-            loss=MultipleNegativesRankingLoss(self.model),
+            loss=MultipleNegativesRankingLoss(self.model, gather_across_devices=distributed.world_size() > 1),
             evaluator=val,
         )
         timer = StepTimer(cuda=self.device == "cuda")
         trainer.add_callback(timer)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        start = latest_checkpoint(run_dir / "checkpoints") if resume else None
+        if resume:
+            print(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
+        resumed_from = int(start.name.split("-")[-1]) if start else None
         t0 = time.perf_counter()
-        result = trainer.train()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+        except NonFiniteLoss as exc:
+            last = latest_checkpoint(run_dir / "checkpoints")
+            kept = f"the last good checkpoint is kept in {last}" if last else "no checkpoint was saved yet"
+            raise FinetuneError(f"{exc}; training stopped and {kept}; lower train.lr or check the data", where="training") from None
         train_seconds = time.perf_counter() - t0
+        distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads the best one
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
         precision, optimizer = self._precision_and_optimizer()
         tuned_trained = evaluate(test, self.model)
-
+        print(f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
+              f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}")
+        if not distributed.is_main():
+            return {"base": base, "tuned": tuned_trained}
         merged = self._save(run_dir)
         tuned = evaluate(test, merged)
         return {
@@ -134,10 +181,12 @@ class QLoRARun:
             "tuned_as_trained": tuned_trained,
             "backend": self.choice.describe(),
             "method": self.recipe.method,
+            "negatives": self.negatives.stats if self.negatives else {"strategy": "none"},
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
             "document_embeddings_recomputed": True,
             "train_steps": result.global_step,
+            "resumed_from_step": resumed_from,
             "train_loss": result.training_loss,
             "log_history": trainer.state.log_history,
             "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -156,20 +205,19 @@ class QLoRARun:
         best = trainer.state.best_model_checkpoint
         if self.recipe.method != "lora" or not self.recipe.train.load_best_model_at_end or not best:
             return
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from peft import PeftModel
-
-        target = self.model[0].auto_model
-        state = load_file(str(Path(best) / "adapter_model.safetensors"))
-        if not isinstance(target, PeftModel):  # peft's add_adapter (our peft backend), not get_peft_model (unsloth)
-            state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(target, state)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"best checkpoint {best} does not fit the model: missing {missing[:2]}, unexpected {result.unexpected_keys[:2]}")
+        load_lora_checkpoint(self.model, best)
         logger.info("restored the best checkpoint %s (%s %.4f)", best, trainer.args.metric_for_best_model, trainer.state.best_metric)
+
+    def _trainable_digest(self) -> str:
+        """A hash of the trained weights: equal on every rank when data-parallel training kept them in step."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.model.named_parameters()):
+            if p.requires_grad:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def _save(self, run_dir: Path):
         """LoRA adapter folder (peft format) and a merged full-precision SentenceTransformer folder."""
