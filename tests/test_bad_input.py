@@ -97,7 +97,7 @@ CASES = [
     ("model folder without a model", lambda t, r, raw: [r, f"model.name={t}"], ["folder has no config.json or modules.json"]),
     ("adapter weights of the wrong shape", lambda t, r, raw: _wrong_shape_checkpoint(t, r), ["adapter weights do not fit", "resume with the recipe that made them"]),
     ("damaged checkpoint", lambda t, r, raw: _truncated_checkpoint(t, r), ["state.pt: cannot read the checkpoint"]),
-    ("resume a finished run", lambda t, r, raw: [r, "--resume", str(t / "nothing-here")], ["not a run directory (no recipe.yaml)"]),
+    ("resume a folder that is no run", lambda t, r, raw: [r, "--resume", str(t / "nothing-here")], ["not a run directory (no recipe.yaml)"]),
     ("existing run directory", lambda t, r, raw: [r, "--run-dir", str(t)], ["already exists; pass --overwrite to replace it"]),
     ("unsloth without CUDA", lambda t, r, raw: [_qlora(t, raw, backend="unsloth")], ["backend 'unsloth' needs a CUDA GPU"]),
     ("4-bit full fine-tuning", lambda t, r, raw: [_qlora(t, raw, method="full")], ["method 'full' trains unquantised weights; set quantization=none"]),
