@@ -35,6 +35,12 @@ class MinedNegatives:
     stats: dict = field(default_factory=dict)
 
 
+def require_given_column(data: RetrievalData, config: NegativesConfig) -> None:
+    """``strategy: given`` needs the data's negative column; say so before anything runs."""
+    if config.strategy == "given" and not data.negatives:
+        raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
+
+
 def find_negatives(
     data: RetrievalData,
     query_ids: list[str],
@@ -76,6 +82,7 @@ def find_negatives(
     elif config.strategy == "bm25":
         ranked = _bm25_candidates(data, query_ids, config, seed)
     elif config.strategy == "given":
+        require_given_column(data, config)
         ranked = data.negatives
     elif config.strategy == "random":
         ranked = {}

@@ -104,7 +104,7 @@ def run_recipe(
     elif main:
         write_run_header(run_dir, recipe_yaml, splits, command)
     t0 = time.perf_counter()
-    result = job.fit(run_dir, resume=resuming) if resuming else job.fit(run_dir)
+    result = job.fit(run_dir, resume=resuming)
     result = {
         "recipe": recipe.name,
         "kind": recipe.kind,

@@ -43,11 +43,17 @@ def _beir(tmp_path: Path, qrels_line: str) -> str:
     return str(folder)
 
 
-def _wrong_shape_checkpoint(tmp_path, recipe) -> list[str]:
-    """A finished run made unfinished again, whose checkpoint holds a 16-d adapter for a 32-d model."""
+def _unfinished_run(tmp_path, recipe) -> Path:
+    """A finished run made unfinished again (its metrics.json removed), so --resume takes it."""
     run = tmp_path / "broken-run"
     assert main(["run", recipe, "--run-dir", str(run)]) == 0
     (run / "metrics.json").unlink()
+    return run
+
+
+def _wrong_shape_checkpoint(tmp_path, recipe) -> list[str]:
+    """An unfinished run whose checkpoint holds a 16-d adapter for a 32-d model."""
+    run = _unfinished_run(tmp_path, recipe)
     state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
     state["adapter"] = {k: v[..., :16] if v.ndim else v for k, v in state["adapter"].items()}
     torch.save(state, run / "checkpoint" / "state.pt")
@@ -55,9 +61,7 @@ def _wrong_shape_checkpoint(tmp_path, recipe) -> list[str]:
 
 
 def _truncated_checkpoint(tmp_path, recipe) -> list[str]:
-    run = tmp_path / "broken-run"
-    assert main(["run", recipe, "--run-dir", str(run)]) == 0
-    (run / "metrics.json").unlink()
+    run = _unfinished_run(tmp_path, recipe)
     ckpt = run / "checkpoint" / "state.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     return [recipe, "--resume", str(run)]

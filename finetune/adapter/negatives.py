@@ -145,8 +145,9 @@ def build_sampler(
     Returns:
         ``(sampler, stats)``; for ``strategy: none`` the sampler draws nothing (in-batch negatives only).
     """
-    from finetune.mining import find_negatives
+    from finetune.mining import find_negatives, require_given_column
 
+    require_given_column(data, config)
     # every labelled pair, test included, only to avoid drawing a relevant document as a negative
     relevant = relevance_keys(relevant_pairs(data, list(data.queries), row_of_text, row_of_doc), len(row_of_doc))
     given, stats = None, {"strategy": config.strategy}

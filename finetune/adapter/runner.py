@@ -57,8 +57,6 @@ class AdapterRun:
 
     def _negative_pool(self, cache: EmbeddingCache, encode: dict) -> torch.Tensor | None:
         negatives = self.recipe.negatives
-        if negatives.strategy == "given" and not self.data.negatives:
-            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
         if negatives.strategy != "random" or negatives.pool != "file":
             return None
         path = Path(negatives.file)
@@ -104,12 +102,12 @@ class AdapterRun:
             validate = lambda a: evaluate(val, self.lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
         train_pairs = self.pairs(self.splits.train)
         checkpoint = run_dir / "checkpoint" / "state.pt"
-        resumed_from = load_training_state(checkpoint)["epoch"] if resume and checkpoint.is_file() else None
+        state = load_training_state(checkpoint) if resume and checkpoint.is_file() else None
         t0 = time.perf_counter()
         history = train_adapter(
             adapter, self.queries.to(self.device), self.documents.to(self.device), train_pairs,
             self.sampler, recipe.loss, recipe.train, recipe.seed, validate,
-            checkpoint=checkpoint, resume=resume,
+            checkpoint=checkpoint, resume_from=state,
         )
         train_seconds = time.perf_counter() - t0
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
@@ -125,7 +123,7 @@ class AdapterRun:
             "tuned": tuned,
             "history": history,
             "train_pairs": len(train_pairs),
-            "resumed_from_epoch": resumed_from,
+            "resumed_from_epoch": state["epoch"] if state else None,
             "negatives": self.negatives_stats,
             "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
             "document_embeddings_recomputed": False,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.adapter.checkpoint import load_training_state, restore, save_training_state
+from finetune.adapter.checkpoint import restore, save_training_state
 from finetune.adapter.config import AdapterTrainConfig, LossConfig
 from finetune.adapter.losses import infonce_loss, triplet_loss
 from finetune.adapter.negatives import NegativeSampler
@@ -31,7 +31,7 @@ def train_adapter(
     seed: int,
     validate: Callable[[torch.nn.Module], float] | None = None,
     checkpoint: Path | None = None,
-    resume: bool = False,
+    resume_from: dict | None = None,
 ) -> list[dict]:
     """Train ``adapter`` on (query row, positive doc row) ``pairs``; only the query side changes.
 
@@ -48,8 +48,8 @@ def train_adapter(
             restoring the best epoch (epoch 0 is the untrained adapter, i.e. the base model).
         checkpoint: Where the training state is saved every ``config.save_every`` epochs
             (see :mod:`finetune.adapter.checkpoint`); ``None`` saves nothing.
-        resume: Continue from ``checkpoint`` if it exists: the same batches, negatives and
-            updates follow as in an uninterrupted run.
+        resume_from: A state read from ``checkpoint`` (:func:`~finetune.adapter.checkpoint.load_training_state`)
+            to continue from: the same batches, negatives and updates follow as in an uninterrupted run.
 
     Returns:
         One dict per epoch: ``epoch``, ``loss``, ``val_ndcg@10``.
@@ -68,8 +68,8 @@ def train_adapter(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
 
-    if resume and checkpoint is not None and checkpoint.is_file():
-        state = load_training_state(checkpoint)
+    if resume_from is not None:
+        state = resume_from
         restore(state, adapter, optimizer, schedule, generator, where=checkpoint)
         best, best_state, best_epoch, stale, history = state["best"], state["best_state"], state["best_epoch"], state["stale"], state["history"]
         logger.info("resumed from %s after epoch %d", checkpoint, state["epoch"])

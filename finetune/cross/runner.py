@@ -25,7 +25,7 @@ from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
-from finetune.models import load_sentence_transformer, model_identity
+from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ class CrossAdapterRun:
         negatives = recipe.negatives
         if negatives.pool == "file":
             raise FinetuneError("cross_adapter draws negatives from the document index; remove negatives.pool 'file'", where="recipe: negatives.pool")
-        if negatives.strategy == "given" and not data.negatives:
-            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
         self.experiments = self._experiments()
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
@@ -64,6 +62,7 @@ class CrossAdapterRun:
         self.dims = (self.large_queries.shape[1], self.small_docs.shape[1])
         self._aligned: dict[frozenset, tuple[dict, list]] = {}
         self._zero_shot: dict[tuple, dict] = {}
+        self.sampler = self._sampler()  # here, so a problem with the negatives stops the run before it writes
 
     def _experiments(self) -> list[Experiment]:
         r = self.recipe
@@ -75,11 +74,11 @@ class CrossAdapterRun:
         return out
 
     def _embed(self, config, cache: EmbeddingCache):
-        model, resolved = load_sentence_transformer(config, self.device)
-        encode = dict(model=model, identity=model_identity(resolved.path), batch_size=config.batch_size)
+        model, identity, source = load_frozen_encoder(config, self.device)
+        encode = dict(model=model, identity=identity, batch_size=config.batch_size, devices=config.encode_devices)
         queries = cache.encode(texts=self.query_texts, task="query", prompt=config.query_prompt, **encode)
         docs = cache.encode(texts=self.doc_texts, task="document", prompt=config.document_prompt, **encode)
-        return model, queries, docs, f"{resolved.source} {resolved.path}"
+        return model, queries, docs, source
 
     def lookup(self, queries: torch.Tensor, documents: torch.Tensor, projection=None) -> EmbeddingLookup:
         """Cached embeddings as a model for the evaluator; queries go through ``projection`` if given."""
@@ -124,10 +123,9 @@ class CrossAdapterRun:
     def _sampler(self) -> NegativeSampler:
         # mined negatives: what the existing small-model index ranks highest. Every query gets its
         # own (from its own labels only), since leave-one-domain-out trains on queries of any split.
-        small = EmbeddingLookup(self.query_texts, self.small_queries, self.doc_texts, self.small_docs)
         sampler, _ = build_sampler(
             self.data, self.recipe.negatives, self.small_docs.to(self.device), self._row_of_text, self._row_of_doc,
-            list(self.data.queries), small, self.recipe.seed,
+            list(self.data.queries), self.lookup(self.small_queries, self.small_docs), self.recipe.seed,
         )
         return sampler
 
@@ -151,10 +149,13 @@ class CrossAdapterRun:
         projection.eval()
         return projection, info
 
-    def fit(self, run_dir: Path) -> dict:
-        """Run every experiment and mode, write summary, meta, projection and model; return the metrics."""
+    def fit(self, run_dir: Path, resume: bool = False) -> dict:
+        """Run every experiment and mode, write summary, meta, projection and model; return the metrics.
+
+        ``resume`` is refused before this runs (:func:`finetune.run.run_recipe`): the cells are short.
+        """
         recipe, modes = self.recipe, self.recipe.modes()
-        sampler = self._sampler()
+        sampler = self.sampler
         export_exp = max((e for e in self.experiments if e.group == "budget"), key=lambda e: e.ratio)
         rows, exported, t0 = [], None, time.perf_counter()
         for exp in self.experiments:

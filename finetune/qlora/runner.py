@@ -50,8 +50,6 @@ class QLoRARun:
         config, model = self.recipe.negatives, self.recipe.model
         if config.strategy == "none":
             return None
-        if config.strategy == "given" and not self.data.negatives:
-            raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
         return find_negatives(
             self.data, self.splits.train, config, model=self.reference, seed=self.recipe.seed,
             batch_size=model.batch_size, query_prompt=model.query_prompt, document_prompt=model.document_prompt,

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -206,8 +206,7 @@ def _digest(text: str) -> str:
 
 def describe(report: SynthReport) -> str:
     """One paragraph for the terminal."""
-    d = asdict(report)
-    dropped = ", ".join(f"{n} {why}" for why, n in sorted(d["dropped"].items())) or "none"
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(report.dropped.items())) or "none"
     return (
         f"{report.chunks} chunks: {report.done_before} done earlier, {report.done_now} now, {len(report.failed)} failed; "
         f"{report.pairs} pairs written; dropped questions: {dropped}; {report.retries} retried request(s)"
