@@ -73,7 +73,7 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, [f"data={args.data}"] if args.data else [])
     data = load_data(recipe.data)
-    model, resolved = load_sentence_transformer(recipe.model, "cpu")
+    model, resolved, _ = load_sentence_transformer(recipe.model, "cpu")
     identity, batch = model_identity(resolved.path), recipe.model.batch_size
     docs, queries = list(data.corpus.values()), list(dict.fromkeys(data.queries.values()))
 

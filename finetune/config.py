@@ -25,7 +25,9 @@ class ModelConfig(Section):
     """Which encoder to load and how to encode with it.
 
     ``provider: local`` (default): ``name`` is a local folder, a Hugging Face Hub id, or a model
-    that an installed package carries (see :mod:`finetune.models`).
+    that an installed package carries (see :mod:`finetune.models`). It is used as
+    ``SentenceTransformer(name)`` loads it: its own pooling, Dense layers, normalisation and
+    prompts (see :mod:`finetune.prompts`); ``query_prompt``/``document_prompt`` replace a prompt.
 
     ``provider: openai_compatible``: embeddings come from ``<base_url>/embeddings`` (an
     OpenAI-compatible server) for model ``name``, optionally truncated to ``dimensions``; the key
@@ -40,8 +42,10 @@ class ModelConfig(Section):
     timeout: float = Field(60.0, gt=0, description="openai_compatible: seconds per request")
     max_retries: int = Field(5, ge=0, description="openai_compatible: retries on 429/5xx/timeouts")
     max_seq_length: int | None = Field(None, gt=0)
-    query_prompt: str | None = None
-    document_prompt: str | None = None
+    query_prompt: str | None = Field(None, description="prompt text for queries; default: the checkpoint's own ('' = none)")
+    document_prompt: str | None = Field(None, description="prompt text for documents; default: the checkpoint's own ('' = none)")
+    query_prompt_name: str | None = Field(None, description="pick the query prompt by name from the checkpoint's saved prompts")
+    document_prompt_name: str | None = Field(None, description="pick the document prompt by name from the checkpoint's saved prompts")
     batch_size: int = Field(64, gt=0, description="encoding batch size")
     encode_devices: list[str] | None = Field(None, description="encode on several processes, e.g. [cuda:0, cuda:1] or [cpu, cpu]")
     trust_remote_code: bool = False
@@ -53,6 +57,11 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _endpoint(self):
+        for side in ("query", "document"):
+            if getattr(self, f"{side}_prompt") is not None and getattr(self, f"{side}_prompt_name") is not None:
+                raise ValueError(f"set {side}_prompt (a text) or {side}_prompt_name (a saved prompt's name), not both")
+            if self.provider != "local" and getattr(self, f"{side}_prompt_name") is not None:
+                raise ValueError(f"{side}_prompt_name picks a checkpoint's saved prompt; an API model has none, so give {side}_prompt as text")
         if self.provider == "openai_compatible" and not self.base_url:
             raise ValueError("provider 'openai_compatible' needs base_url, e.g. http://127.0.0.1:8000/v1")
         if self.provider == "openai_compatible" and self.api_key_env and self.api_key_env.startswith(("sk-", "Bearer")):

@@ -20,7 +20,12 @@ HEADLINE = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@5", "accurac
 
 
 def build_evaluator(
-    data: RetrievalData, query_ids: Sequence[str], name: str = "test", query_prompt: str | None = None, batch_size: int = 64
+    data: RetrievalData,
+    query_ids: Sequence[str],
+    name: str = "test",
+    query_prompt: str | None = None,
+    batch_size: int = 64,
+    corpus_prompt: str | None = None,
 ) -> InformationRetrievalEvaluator:
     """An evaluator over ``query_ids`` against the whole corpus.
 
@@ -28,8 +33,9 @@ def build_evaluator(
         data: Queries, corpus and relevance.
         query_ids: The split to score (e.g. ``splits.test``).
         name: Prefix of the metric names sentence-transformers reports.
-        query_prompt: Prepended to each query by the model, if given.
+        query_prompt: Prepended to each query, if given; otherwise the model's own ``query`` prompt applies.
         batch_size: Encoding batch size.
+        corpus_prompt: Prepended to each document, if given; otherwise the model's own document prompt applies.
 
     Returns:
         An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@100.
@@ -45,6 +51,7 @@ def build_evaluator(
         map_at_k=[100],
         name=name,
         query_prompt=query_prompt,
+        corpus_prompt=corpus_prompt,
         batch_size=batch_size,
         write_csv=False,
     )

@@ -143,37 +143,94 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def load_sentence_transformer(config, device: str = "cpu"):
-    """Load the recipe's encoder as a ``SentenceTransformer``.
+def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: dict | None = None):
+    """Load the recipe's encoder exactly as ``SentenceTransformer(path)`` does, with the recipe's prompts.
+
+    The checkpoint's own module stack comes along (pooling, Dense layers, Normalize, prompts);
+    a plain Hugging Face folder without ``modules.json`` gets sentence-transformers' default
+    (mean pooling), and the log says so.
 
     Args:
         config: A :class:`~finetune.config.ModelConfig`.
-        device: Torch device string.
+        device: Torch device string (``None`` when ``model_kwargs`` holds a ``device_map``).
+        model_kwargs: Passed to the Transformer module's ``from_pretrained`` (quantisation, dtype).
 
     Returns:
-        ``(model, resolved)``: the model and the :class:`ResolvedModel` it came from.
+        ``(model, resolved, prompts)``: the model with its prompts set
+        (:func:`finetune.prompts.apply_prompts`), the :class:`ResolvedModel` it came from, and the
+        :class:`~finetune.prompts.Prompts` (resolved once: applying them overwrites saved ones).
     """
+    import torch
     from sentence_transformers import SentenceTransformer
+
+    from finetune.prompts import apply_prompts, resolve_prompts
 
     resolved = resolve_model(config.name)
     logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
-    model = SentenceTransformer(str(resolved.path), device=device, trust_remote_code=config.trust_remote_code)
+    if not (resolved.path / "modules.json").is_file():
+        logger.warning("%s has no modules.json: sentence-transformers' default stack (mean pooling) is assumed", resolved.path)
+    try:
+        model = SentenceTransformer(
+            str(resolved.path), device=device, trust_remote_code=config.trust_remote_code, model_kwargs=model_kwargs or None
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # a broken modules.json, a missing module folder, weights of the wrong shape
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FinetuneError(
+            f"cannot load the checkpoint's modules ({type(exc).__name__}: {reason}); check its modules.json and module folders",
+            where=f"model.name {config.name}",
+        ) from None
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
-    return model, resolved
+    prompts = resolve_prompts(model, config)
+    apply_prompts(model, prompts)
+    return model, resolved, prompts
 
 
-def load_frozen_encoder(config, device: str = "cpu"):
+def describe_stack(model) -> str:
+    """The module stack in one line, e.g. ``Transformer(BertModel) -> Pooling(cls) -> Dense(384->192) -> Normalize``."""
+    parts = []
+    for module in model.children():
+        name = type(module).__name__
+        if hasattr(module, "auto_model"):
+            inner = module.auto_model
+            inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel (unsloth)
+            parts.append(f"{name}({type(inner).__name__})")
+        elif hasattr(module, "pooling_mode"):
+            parts.append(f"{name}({module.pooling_mode if isinstance(module.pooling_mode, str) else '+'.join(module.pooling_mode)})")
+        elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+            parts.append(f"{name}({module.in_features}->{module.out_features})")
+        else:
+            parts.append(name)
+    return " -> ".join(parts)
+
+
+@dataclass
+class FrozenEncoder:
+    """The encoder of a frozen-encoder recipe and what the cache and the log need to know of it."""
+
+    model: object  # a SentenceTransformer, or an ApiEmbedder
+    identity: str  # embedding-cache key material
+    source: str  # where it came from, for the log
+    prompts: object  # finetune.prompts.Prompts
+
+
+def load_frozen_encoder(config, device: str = "cpu") -> FrozenEncoder:
     """The encoder of a frozen-encoder recipe: a local ``SentenceTransformer`` or an API model.
 
     Returns:
-        ``(model, identity, source)``: something with ``encode_query``/``encode_document``, the
-        string embedding-cache keys are built on, and a description of where it came from.
+        A :class:`FrozenEncoder`: the model (with ``encode_query``/``encode_document``), the
+        string embedding-cache keys are built on, where it came from, and the prompts it uses.
     """
+    from finetune.prompts import resolve_prompts
+
     if config.provider == "openai_compatible":
         from finetune.api_embedder import ApiEmbedder
 
         model = ApiEmbedder(config)
-        return model, model.identity(), f"openai_compatible {model.client.base_url} model {config.name}"
-    model, resolved = load_sentence_transformer(config, device)
-    return model, model_identity(resolved.path), f"{resolved.source} {resolved.path}"
+        source = f"openai_compatible {model.client.base_url} model {config.name}"
+        return FrozenEncoder(model, model.identity(), source, resolve_prompts(model, config))
+    model, resolved, prompts = load_sentence_transformer(config, device)
+    source = f"{resolved.source} {resolved.path}: {describe_stack(model)}"
+    return FrozenEncoder(model, model_identity(resolved.path), source, prompts)

@@ -72,6 +72,30 @@ def _qlora(tmp_path, raw, **top) -> str:
     return _file(tmp_path, "qlora.yaml", yaml.safe_dump(q))
 
 
+def _broken_checkpoint(tmp_path, raw) -> str:
+    """A copy of the tiny model whose modules.json names a module folder that is not there."""
+    import shutil
+
+    folder = tmp_path / "broken-model"
+    shutil.copytree(raw["model"]["name"], folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[1]["path"] = "2_NoSuchPooling"
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return str(folder)
+
+
+def _maskless_tokenizer(tmp_path, raw) -> str:
+    """A copy of the tiny model whose tokenizer returns no attention mask (so mean pooling would average padding)."""
+    import shutil
+
+    folder = tmp_path / "maskless-model"
+    shutil.copytree(raw["model"]["name"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "token_type_ids"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return _qlora(tmp_path, dict(raw, model={"name": str(folder)}))
+
+
 # (id, how to build the command from (tmp_path, recipe path, raw recipe), expected fragments of the one-line message)
 CASES = [
     ("unknown key", lambda t, r, raw: [r, "train.epoch=3"], ["train.epoch: unknown field (did you mean 'epochs'?)"]),
@@ -109,6 +133,16 @@ CASES = [
     ("given negatives without a column", lambda t, r, raw: [r, "negatives.strategy=given"], ["negatives.strategy: strategy 'given' needs a negative column"]),
     ("negatives file missing", lambda t, r, raw: [r, "negatives.pool=file", f"negatives.file={t / 'none.txt'}"], ["negatives.file", "none.txt: file not found"]),
     ("API model without a URL", lambda t, r, raw: [r, "model.provider=openai_compatible"], ["model: provider 'openai_compatible' needs base_url"]),
+    ("checkpoint modules that do not load", lambda t, r, raw: [r, f"model.name={_broken_checkpoint(t, raw)}"],
+     ["broken-model: cannot load the checkpoint's modules", "check its modules.json"]),
+    ("prompt name the checkpoint lacks", lambda t, r, raw: [r, "model.query_prompt_name=instruct"],
+     ["model.query_prompt_name: prompt name 'instruct' is not one of the checkpoint's prompts"]),
+    ("prompt text and name together", lambda t, r, raw: [r, "model.query_prompt=find", "model.query_prompt_name=query"],
+     ["set query_prompt (a text) or query_prompt_name (a saved prompt's name), not both"]),
+    ("LoRA targets that match nothing", lambda t, r, raw: [_qlora(t, raw, lora={"target_modules": ["q_proj"]})],
+     ["lora.target_modules: ['q_proj'] match no linear layer", "named dense, key, query, value"]),
+    ("masked pooling without an attention mask", lambda t, r, raw: [_maskless_tokenizer(t, raw)],
+     ["pooling 'mean' needs the tokenizer's attention_mask", "use pooling=cls"]),
     ("bad override syntax", lambda t, r, raw: [r, "train..lr=1"], ["override 'train..lr=1' must look like key.sub=value"]),
 ]
 

@@ -57,7 +57,7 @@ def test_quantized_encoder_holds_4bit_layers_and_only_lora_trains(tiny_model, pa
     import bitsandbytes as bnb
 
     recipe = _recipe(tiny_model, pairs_file, tmp_path)
-    model = build_encoder(tiny_model, recipe, select_backend(recipe, "cpu"))
+    model = build_encoder(recipe, select_backend(recipe, "cpu"))[0]
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) >= 12 and all(m.weight.dtype == torch.uint8 for m in four_bit)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -71,7 +71,7 @@ def test_only_lora_parameters_get_gradients(tiny_model, pairs_file, tmp_path):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     recipe = _recipe(tiny_model, pairs_file, tmp_path)
-    model = build_encoder(tiny_model, recipe, select_backend(recipe, "cpu"))
+    model = build_encoder(recipe, select_backend(recipe, "cpu"))[0]
     model.train()
     features = [model.preprocess(["how do i fix the roof", "radon problem"]), model.preprocess(["roof expert", "radon expert"])]
     MultipleNegativesRankingLoss(model)(features, labels=None).backward()
@@ -115,7 +115,7 @@ def test_saved_adapter_reloads_to_the_same_embeddings(trained, tiny_model):
 
     run, _, run_dir, texts = trained
     before = run.model.encode(texts, convert_to_tensor=True)
-    fresh = build_encoder(tiny_model, run.recipe, run.choice)
+    fresh = build_encoder(run.recipe, run.choice)[0]
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(run_dir / "lora" / "adapter_model.safetensors")).items()}
     set_peft_model_state_dict(fresh[0].auto_model, state)
     assert torch.allclose(fresh.encode(texts, convert_to_tensor=True), before, atol=1e-5)
@@ -126,7 +126,7 @@ def test_merged_model_loads_in_plain_sentence_transformers(trained, tiny_model):
 
     run, _, run_dir, texts = trained
     merged = SentenceTransformer(str(run_dir / "model"), device="cpu")
-    unmerged = build_encoder(tiny_model, run.recipe, run.choice, quantize=False)
+    unmerged = build_encoder(run.recipe, run.choice, quantize=False)[0]
     unmerged[0].auto_model = PeftModel.from_pretrained(unmerged[0].auto_model, str(run_dir / "lora"))
     assert torch.allclose(merged.encode(texts, convert_to_tensor=True), unmerged.encode(texts, convert_to_tensor=True), atol=1e-5)
     # 4-bit + LoRA and its full-precision merge differ only by the quantisation error

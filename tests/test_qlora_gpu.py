@@ -86,7 +86,7 @@ def test_base_reference_is_the_same_for_every_backend(tiny_model, pairs_file, tm
     peft = select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=False)
     unsloth = select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=True)
     assert (peft.backend, unsloth.backend) == ("peft", "unsloth")
-    a, b = (build_encoder(tiny_model, recipe, c, quantize=False).encode(texts, convert_to_tensor=True) for c in (peft, unsloth))
+    a, b = (build_encoder(recipe, c, quantize=False)[0].encode(texts, convert_to_tensor=True) for c in (peft, unsloth))
     assert a.device.type == "cuda" and torch.equal(a, b)
-    cpu = build_encoder(tiny_model, recipe, select_backend(recipe, "cpu"), quantize=False).encode(texts, convert_to_tensor=True)
+    cpu = build_encoder(recipe, select_backend(recipe, "cpu"), quantize=False)[0].encode(texts, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(a.cpu(), cpu).min() > 0.999

@@ -38,15 +38,17 @@ class AdapterRun:
 
     def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
-        self.model, identity, self.model_source = load_frozen_encoder(recipe.model, device)
+        encoder = load_frozen_encoder(recipe.model, device)
+        self.model, self.model_source, self.prompts = encoder.model, encoder.source, encoder.prompts
+        print(f"model: {self.model_source}; {self.prompts.describe()}")
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
         self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
         t0 = time.perf_counter()
-        encode = dict(model=self.model, identity=identity, batch_size=recipe.model.batch_size, devices=recipe.model.encode_devices)
-        self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=recipe.model.document_prompt, **encode)
-        self.queries = cache.encode(texts=self.query_texts, task="query", prompt=recipe.model.query_prompt, **encode)
+        encode = dict(model=self.model, identity=encoder.identity, batch_size=recipe.model.batch_size, devices=recipe.model.encode_devices)
+        self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=self.prompts.document, **encode)
+        self.queries = cache.encode(texts=self.query_texts, task="query", prompt=self.prompts.query, **encode)
         self.encode_seconds = time.perf_counter() - t0
         pool = self._negative_pool(cache, encode)
         # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
@@ -116,7 +118,7 @@ class AdapterRun:
         save_adapter(adapter, run_dir / "adapter")
         drift = None
         if recipe.model.provider == "local":  # an API model has no weights to put in a model folder
-            exported = export_adapter_model(self.model, adapter, run_dir / "model", recipe.model.query_prompt)
+            exported = export_adapter_model(self.model, adapter, run_dir / "model")
             drift = self._check_export(exported, adapter)
         return {
             "base": base,
@@ -128,16 +130,19 @@ class AdapterRun:
             "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
             "document_embeddings_recomputed": False,
             "model_source": self.model_source,
+            "prompts": {"query": self.prompts.query, "document": self.prompts.document},
             "export_max_abs_diff": drift,
             "seconds": {"encode": self.encode_seconds, "train": train_seconds, "evaluate_base": eval_seconds},
         }
 
     def _check_export(self, exported, adapter) -> float:
-        """The exported model must give the toolkit's adapted query embeddings (a few test queries)."""
+        """The exported model, with its own saved prompts, must give the toolkit's adapted query
+        embeddings and the cached document embeddings (a few test queries, a few documents)."""
         texts = [self.data.queries[q] for q in self.splits.test[:16]]
         ours = self.lookup(adapter).encode_query(texts)
-        theirs = exported.encode_query(texts, convert_to_tensor=True, prompt=self.recipe.model.query_prompt).cpu()
-        drift = float((ours - theirs).abs().max())
+        theirs = exported.encode_query(texts, convert_to_tensor=True).cpu()
+        docs = exported.encode_document([self.data.corpus[d] for d in self.doc_ids[:16]], convert_to_tensor=True).cpu()
+        drift = max(float((ours - theirs).abs().max()), float((self.documents[:16] - docs).abs().max()))
         if drift > 1e-3:
-            raise RuntimeError(f"exported model's query embeddings differ from training's by {drift:.2e}")
+            raise RuntimeError(f"exported model's embeddings differ from training's by {drift:.2e}")
         return drift

@@ -55,8 +55,10 @@ class CrossAdapterRun:
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
 
         t0 = time.perf_counter()
-        self.small, self.small_queries, self.small_docs, small_src = self._embed(recipe.document_model, cache)
-        self.large, self.large_queries, self.large_docs, large_src = self._embed(recipe.query_model, cache)
+        self.small, self.small_queries, self.small_docs, small_src, small_prompts = self._embed(recipe.document_model, cache)
+        self.large, self.large_queries, self.large_docs, large_src, large_prompts = self._embed(recipe.query_model, cache)
+        # the exported Router applies one query prompt (the large model's) and one document prompt (the small one's)
+        self.export_prompts = {"query": large_prompts.query, "document": small_prompts.document}
         self.encode_seconds = time.perf_counter() - t0
         self.model_source = {"query_model": large_src, "document_model": small_src}
         self.dims = (self.large_queries.shape[1], self.small_docs.shape[1])
@@ -74,11 +76,12 @@ class CrossAdapterRun:
         return out
 
     def _embed(self, config, cache: EmbeddingCache):
-        model, identity, source = load_frozen_encoder(config, self.device)
-        encode = dict(model=model, identity=identity, batch_size=config.batch_size, devices=config.encode_devices)
-        queries = cache.encode(texts=self.query_texts, task="query", prompt=config.query_prompt, **encode)
-        docs = cache.encode(texts=self.doc_texts, task="document", prompt=config.document_prompt, **encode)
-        return model, queries, docs, source
+        encoder = load_frozen_encoder(config, self.device)
+        encode = dict(model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices)
+        queries = cache.encode(texts=self.query_texts, task="query", prompt=encoder.prompts.query, **encode)
+        docs = cache.encode(texts=self.doc_texts, task="document", prompt=encoder.prompts.document, **encode)
+        print(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
+        return encoder.model, queries, docs, encoder.source, encoder.prompts
 
     def lookup(self, queries: torch.Tensor, documents: torch.Tensor, projection=None) -> EmbeddingLookup:
         """Cached embeddings as a model for the evaluator; queries go through ``projection`` if given."""
@@ -180,7 +183,7 @@ class CrossAdapterRun:
         save_projection(projection, run_dir / "projection")
         model = export_router_model(
             self.large, self.small, projection, run_dir / "model",
-            query_prompt=recipe.query_model.query_prompt, document_prompt=recipe.document_model.document_prompt,
+            query_prompt=self.export_prompts["query"], document_prompt=self.export_prompts["document"],
         )
         zero = self.zero_shot(export_exp.tests["test"])
         return {
@@ -198,7 +201,6 @@ class CrossAdapterRun:
 
     def _check_export(self, exported, projection: Projection) -> dict:
         """The exported Router model must give the toolkit's query and document embeddings."""
-        r = self.recipe
         texts = [self.data.queries[q] for q in self.splits.test[:16]]
         ours = self.lookup(self.large_queries, self.small_docs, projection.to(self.device)).encode_query(texts)
         theirs = exported.encode_query(texts, convert_to_tensor=True).cpu()
@@ -208,7 +210,7 @@ class CrossAdapterRun:
             "document": float((self.small_docs[:16] - docs).abs().max()),
         }
         if max(drift.values()) > 1e-3:
-            raise RuntimeError(f"exported model's embeddings differ from training's: {drift} (prompts {r.query_model.query_prompt!r})")
+            raise RuntimeError(f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})")
         return drift
 
 

@@ -17,18 +17,10 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.stack import override_pooling, set_head_trainable
+from finetune.qlora.targets import auto_targets, requested_targets, summarise
 
 logger = logging.getLogger(__name__)
-
-# LoRA targets per architecture, as regexes over module names inside the encoder (pooler excluded).
-TARGETS = {
-    "bert": ("query", "key", "value", "dense"),
-    "roberta": ("query", "key", "value", "dense"),
-    "xlm-roberta": ("query", "key", "value", "dense"),
-    "mpnet": ("q", "k", "v", "o"),
-    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
-}
-
 
 @dataclass(frozen=True)
 class BackendChoice:
@@ -104,34 +96,25 @@ def _compute_dtype(requested: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def target_modules(model_path: Path, requested) -> str | list[str]:
-    """``requested`` if a list; else the architecture's attention/MLP linears as a regex that skips the pooler."""
-    if requested != "auto":
-        return list(requested)
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    names = TARGETS.get(config.get("model_type", ""))
-    if names is None:
-        raise FinetuneError(
-            f"no default LoRA targets for model_type '{config.get('model_type')}'; set lora.target_modules to its linear layer names",
-            where="recipe: lora.target_modules",
-        )
-    return rf"^(?!pooler).*\.({'|'.join(names)})$"
+def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = True):
+    """The checkpoint's own ``SentenceTransformer`` stack, 4-bit or 16-bit when the choice says so, LoRA added.
 
-
-def build_encoder(path: Path, recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = True):
-    """A ``SentenceTransformer`` of Transformer -> Pooling -> Normalize, 4-bit when the choice says so, LoRA added.
+    Everything ``SentenceTransformer(path)`` loads is kept: pooling, Dense layers, Normalize and
+    prompts (:mod:`finetune.qlora.stack`); ``recipe.pooling`` other than ``auto`` replaces the
+    pooling mode. The head after the transformer is frozen unless ``lora.train_head``.
 
     Args:
-        path: Resolved model folder.
-        recipe: For pooling, max length, LoRA settings.
+        recipe: For the model, pooling, LoRA settings.
         choice: From :func:`select_backend`.
-        quantize: False builds the full-precision base (for merging and reference).
-    """
-    if choice.backend == "unsloth" and quantize:
-        return _build_unsloth(path, recipe, choice)
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+        quantize: False builds the full-precision base (for merging and the fidelity check).
 
+    Returns:
+        ``(model, lora_targets)``: the model, and the adapted layers' full names (empty without LoRA).
+    """
+    from finetune.models import load_sentence_transformer
+
+    if choice.backend == "unsloth" and quantize:
+        return _build_unsloth(recipe, choice)
     model_kwargs = {}
     if quantize and choice.quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -145,20 +128,17 @@ def build_encoder(path: Path, recipe: QLoRARecipe, choice: BackendChoice, quanti
         model_kwargs["device_map"] = {"": 0} if choice.device == "cuda" else choice.device
     elif quantize and recipe.method == "lora":
         model_kwargs["dtype"] = choice.compute_dtype  # 16-bit LoRA on GPUs: the frozen base in bf16/fp16
-    transformer = Transformer(
-        str(path),
-        max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
-        model_kwargs=model_kwargs,
-        config_kwargs={"trust_remote_code": recipe.model.trust_remote_code},
-    )
-    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=recipe.pooling)
     quantized = "quantization_config" in model_kwargs
-    model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=None if quantized else choice.device)
+    model, _, _ = load_sentence_transformer(recipe.model, device=None if quantized else choice.device, model_kwargs=model_kwargs)
+    if recipe.pooling != "auto":
+        override_pooling(model, recipe.pooling)
     if quantized:
         _keep_cpu_weights_trainable(model)
+    targets: list[str] = []
     if quantize and recipe.method == "lora":
-        _add_lora(model, path, recipe)
-    return model
+        targets = _add_lora(model, recipe)
+        set_head_trainable(model, recipe.lora.train_head)
+    return model, targets
 
 
 def _keep_cpu_weights_trainable(model) -> None:
@@ -175,10 +155,21 @@ def _keep_cpu_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _add_lora(model, path: Path, recipe: QLoRARecipe) -> None:
+def lora_targets(model, recipe: QLoRARecipe) -> list[str]:
+    """Full names of the layers inside ``model[0].auto_model`` that get LoRA (see :mod:`finetune.qlora.targets`)."""
+    auto_model = model[0].auto_model
+    if recipe.lora.target_modules != "auto":
+        return requested_targets(auto_model, list(recipe.lora.target_modules))
+    names, rule = auto_targets(auto_model, getattr(auto_model.config, "model_type", None))
+    logger.info("LoRA targets by the %s: %s", rule, summarise(names))
+    return names
+
+
+def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
     from peft import LoraConfig, TaskType, prepare_model_for_kbit_training
 
     auto_model = model[0].auto_model
+    targets = lora_targets(model, recipe)
     if recipe.quantization == "nf4":
         prepare_model_for_kbit_training(auto_model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     model.add_adapter(
@@ -187,17 +178,26 @@ def _add_lora(model, path: Path, recipe: QLoRARecipe) -> None:
             r=recipe.lora.r,
             lora_alpha=recipe.lora.alpha,
             lora_dropout=recipe.lora.dropout,
-            target_modules=target_modules(path, recipe.lora.target_modules),
+            target_modules=targets,
             use_rslora=recipe.lora.use_rslora,
             bias=recipe.lora.bias,
         )
     )
+    return targets
 
 
-def _build_unsloth(path: Path, recipe: QLoRARecipe, choice: BackendChoice):
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice):
+    """unsloth's fast encoder, carrying the checkpoint's own head modules and prompts.
+
+    ``FastSentenceTransformer`` rebuilds the stack itself (it reads the pooling mode and drops
+    Dense layers); the modules after its transformer are replaced by the checkpoint's own.
+    """
     from unsloth import FastSentenceTransformer
 
+    from finetune.models import load_sentence_transformer, resolve_model
+    from finetune.prompts import apply_prompts
+
+    path = resolve_model(recipe.model.name).path
     nf4 = choice.quantization == "nf4"
     model = FastSentenceTransformer.from_pretrained(
         model_name=str(path),
@@ -205,25 +205,30 @@ def _build_unsloth(path: Path, recipe: QLoRARecipe, choice: BackendChoice):
         load_in_4bit=nf4,
         load_in_16bit=not nf4,  # unsloth's default; it refuses 4-bit and 16-bit together
         dtype=choice.compute_dtype,
-        pooling_mode=recipe.pooling,
         trust_remote_code=recipe.model.trust_remote_code,
     )
-    # A saved SentenceTransformer folder brings its own modules; make them the recipe's.
-    if not isinstance(model[1], Pooling) or model[1].pooling_mode not in (recipe.pooling, (recipe.pooling,)):
-        model._modules["1"] = Pooling(model[0].get_embedding_dimension(), pooling_mode=recipe.pooling)
-    if not isinstance(model[-1], Normalize):
-        model.append(Normalize())
-    return FastSentenceTransformer.get_peft_model(
+    plain, _, prompts = load_sentence_transformer(recipe.model, device="cpu")
+    for name in list(model._modules)[1:]:
+        del model._modules[name]
+    for i, module in enumerate(list(plain.children())[1:], start=1):
+        model._modules[str(i)] = module.to(choice.device)
+    apply_prompts(model, prompts)
+    if recipe.pooling != "auto":
+        override_pooling(model, recipe.pooling)
+    targets = lora_targets(model, recipe)
+    model = FastSentenceTransformer.get_peft_model(
         model,
         r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,
-        target_modules=target_modules(path, recipe.lora.target_modules),
+        target_modules=targets,
         bias=recipe.lora.bias,
         use_rslora=recipe.lora.use_rslora,
         use_gradient_checkpointing=recipe.train.gradient_checkpointing,
         random_state=recipe.seed,
     )
+    set_head_trainable(model, recipe.lora.train_head)
+    return model, targets
 
 
 def _saved_max_length(path: Path) -> int:

@@ -10,8 +10,14 @@ from finetune.config import NegativesConfig, RecipeBase, Section
 
 
 class LoraSection(Section):
-    """peft ``LoraConfig`` settings. ``target_modules: auto`` picks them per architecture
-    (BERT: query, key, value, dense; MPNet: q, k, v, o)."""
+    """peft ``LoraConfig`` settings.
+
+    ``target_modules: auto`` picks the attention and MLP projections per architecture (BERT:
+    query, key, value, dense; MPNet: q, k, v, o; ModernBERT: Wqkv, Wo, Wi; Qwen/Gemma/Llama/
+    Mistral: q/k/v/o_proj, gate/up/down_proj) and every linear layer but heads for any other
+    (see :mod:`finetune.qlora.targets`); a list names layers (``[q_proj, v_proj]``) or full paths.
+    ``train_head`` also trains, in full, the checkpoint's modules after pooling (Dense layers).
+    """
 
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -19,6 +25,7 @@ class LoraSection(Section):
     target_modules: Literal["auto"] | list[str] = "auto"
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    train_head: bool = Field(False, description="also train the Dense/other modules after the transformer (frozen by default)")
 
 
 class QLoRATrainConfig(Section):
@@ -58,7 +65,9 @@ class QLoRARecipe(RecipeBase):
     quantization: Literal["nf4", "none"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    pooling: Literal["mean", "cls", "max"] = "mean"
+    pooling: Literal["auto", "cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens"] = Field(
+        "auto", description="auto: the checkpoint's own pooling; another value replaces it (the run says so)"
+    )
     lora: LoraSection = LoraSection()
     negatives: NegativesConfig = NegativesConfig(strategy="none")
     train: QLoRATrainConfig = QLoRATrainConfig()
@@ -71,6 +80,8 @@ class QLoRARecipe(RecipeBase):
             raise ValueError("backend 'unsloth' is for LoRA; use backend=peft or auto with method=full")
         if self.model.provider != "local":
             raise ValueError("model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; use kind: adapter")
+        if self.method == "full" and self.lora.train_head:
+            raise ValueError("lora.train_head is for method 'lora'; method 'full' already trains every module")
         if self.negatives.pool == "file":
             raise ValueError("negatives.pool 'file' is for adapter recipes; the QLoRA recipe draws negatives from the corpus")
         return self

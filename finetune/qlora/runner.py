@@ -12,9 +12,11 @@ from finetune import distributed
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
-from finetune.models import resolve_model
+from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, pooling_mode
+from finetune.qlora.targets import summarise
 from finetune.qlora.trainer import NonFiniteLoss, latest_checkpoint, load_lora_checkpoint, make_trainer
 from finetune.splits import Splits
 from finetune.timing import StepTimer
@@ -24,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 class QLoRARun:
     """Loads and checks everything (backend, model, datasets) before the run directory exists.
+
+    The model is the checkpoint as ``SentenceTransformer(path)`` loads it: its pooling, Dense
+    layers, Normalize and prompts. That plain model is the ``base`` row and mines hard negatives;
+    the training stack is checked against it before training (:func:`~finetune.qlora.stack.check_fidelity`).
 
     Args:
         recipe: The validated recipe.
@@ -36,13 +42,51 @@ class QLoRARun:
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
         self.choice = select_backend(recipe, device)
-        self.path = resolve_model(recipe.model.name).path
-        self.model = build_encoder(self.path, recipe, self.choice)
+        self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
+        self.path = resolved.path
+        self.checkpoint_pooling = pooling_mode(self.reference)
+        self.pooling_overridden = recipe.pooling != "auto" and recipe.pooling != self.checkpoint_pooling
+        self.fidelity = self._check_stack()
         self.trainable, self.total = parameter_counts(self.model)
-        # the unquantised base model: scored as "base", and the one hard negatives are mined with
-        self.reference = build_encoder(self.path, recipe, self.choice, quantize=False)
         self.negatives = self._negatives()
-        print(f"{self.choice.describe()}; method {recipe.method}; trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%)")
+        self._say_what_runs(resolved)
+
+    def _sample(self) -> tuple[list[str], list[str]]:
+        """A few of the run's own train queries and their documents, for the fidelity checks."""
+        ids = self.splits.train[:8]
+        docs = list(dict.fromkeys(d for q in ids for d in sorted(self.data.relevant[q])))[:8]
+        return [self.data.queries[q] for q in ids], [self.data.corpus[d] for d in docs]
+
+    def _check_stack(self) -> dict:
+        """Build the training model; before that, prove the recipe's stack is the checkpoint's."""
+        queries, documents = self._sample()
+        check_pooling_inputs(self.reference, queries)
+        exact = self.recipe.quantization == "none" and self.choice.compute_dtype == torch.float32 and self.choice.backend != "unsloth"
+        if not exact:  # the 4-bit/16-bit model differs by rounding: check the full-precision build instead
+            built, _ = build_encoder(self.recipe, self.choice, quantize=False)
+            fidelity = check_fidelity(built, self.reference, queries, documents, self.pooling_overridden)
+            del built
+        self.model, self.lora_targets = build_encoder(self.recipe, self.choice)
+        if exact:  # at step 0 LoRA adds nothing, so the training model itself must match
+            fidelity = check_fidelity(self.model, self.reference, queries, documents, self.pooling_overridden)
+        ours, theirs = [type(m).__name__ for m in self.model.children()], [type(m).__name__ for m in self.reference.children()]
+        if ours != theirs:
+            raise FinetuneError(f"the training model's modules {' -> '.join(ours)} are not the checkpoint's {' -> '.join(theirs)}", where="fidelity check")
+        if not self.pooling_overridden:  # how far 4-bit (or 16-bit) rounding moves the embeddings, for the record
+            cos = cosine_to(self.reference, self.model, queries, documents)
+            fidelity.update(training_model_min_cosine=float(cos.min()), training_model_mean_cosine=float(cos.mean()))
+        return fidelity
+
+    def _say_what_runs(self, resolved) -> None:
+        r = self.recipe
+        pooling = self.checkpoint_pooling
+        if self.pooling_overridden:
+            pooling = f"{r.pooling} (recipe; the checkpoint's is {self.checkpoint_pooling}, and the base row keeps it)"
+        head = "trained" if r.method == "full" or r.lora.train_head else "frozen"
+        targets = f"; LoRA on {summarise(self.lora_targets)}" if self.lora_targets else ""
+        print(f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
+              f"({100 * self.trainable / self.total:.2f}%){targets}")
+        print(f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head {head}; {self.prompts.describe()}")
 
     def _negatives(self):
         from finetune.mining import find_negatives
@@ -52,7 +96,7 @@ class QLoRARun:
             return None
         return find_negatives(
             self.data, self.splits.train, config, model=self.reference, seed=self.recipe.seed,
-            batch_size=model.batch_size, query_prompt=model.query_prompt, document_prompt=model.document_prompt,
+            batch_size=model.batch_size, query_prompt=self.prompts.query, document_prompt=self.prompts.document,
         )
 
     def _train_dataset(self):
@@ -76,7 +120,7 @@ class QLoRARun:
         optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
         return precision, optimizer
 
-    def _arguments(self, output_dir: Path, has_val: bool):
+    def _arguments(self, output_dir: Path, has_val: bool, columns: list[str]):
         import importlib.util
 
         from sentence_transformers import SentenceTransformerTrainingArguments
@@ -101,6 +145,7 @@ class QLoRARun:
             tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
             max_grad_norm=t.max_grad_norm,
             batch_sampler=BatchSamplers.NO_DUPLICATES,
+            prompts=self.prompts.for_columns(columns) or None,  # the query prompt on anchors, the document prompt on the rest
             eval_strategy="steps" if has_val else "no",
             eval_steps=t.eval_steps,
             save_strategy="steps",
@@ -130,55 +175,43 @@ class QLoRARun:
         Under several processes every rank trains (data-parallel, MNRL gathering the other
         ranks' embeddings as negatives) and only rank 0 writes the adapter and the model.
         """
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-        test = build_evaluator(self.data, self.splits.test, "test", self.recipe.model.query_prompt, self.recipe.model.batch_size)
-        base = evaluate(test, self.reference)
+        test = self._evaluator(self.splits.test, "test")
+        base = evaluate(test, self.reference)  # the checkpoint exactly as SentenceTransformer(path) loads it
         del self.reference
 
-        val = build_evaluator(self.data, self.splits.val, "val", self.recipe.model.query_prompt) if self.splits.val else None
-        args = self._arguments(run_dir / "checkpoints", val is not None)
-        trainer = make_trainer(
-            self.recipe.method == "lora",
-            model=self.model,
-            args=args,
-            train_dataset=self._train_dataset(),
-            loss=MultipleNegativesRankingLoss(self.model, gather_across_devices=distributed.world_size() > 1),
-            evaluator=val,
-        )
-        timer = StepTimer(cuda=self.device == "cuda")
-        trainer.add_callback(timer)
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if resume:
-            print(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
-        resumed_from = int(start.name.split("-")[-1]) if start else None
         t0 = time.perf_counter()
-        try:
-            result = trainer.train(resume_from_checkpoint=str(start) if start else None)
-        except NonFiniteLoss as exc:
-            last = latest_checkpoint(run_dir / "checkpoints")
-            kept = f"the last good checkpoint is kept in {last}" if last else "no checkpoint was saved yet"
-            raise FinetuneError(f"{exc}; training stopped and {kept}; lower train.lr or check the data", where="training") from None
+        trainer, result, resumed_from, timer = self._train(run_dir, resume)
         train_seconds = time.perf_counter() - t0
         distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads the best one
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
-        precision, optimizer = self._precision_and_optimizer()
         tuned_trained = evaluate(test, self.model)
-        print(f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
-              f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}")
+        logger.info("rank %d/%d: steps %d, as-trained test ndcg@10 %.6f, lora sha256 %s", distributed.rank(),
+                    distributed.world_size(), result.global_step, tuned_trained["ndcg@10"], self._trainable_digest())
+        if distributed.world_size() > 1:  # ranks that trained in step agree on these; the multi-process test reads them
+            print(f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
+                  f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}")
         if not distributed.is_main():
             return {"base": base, "tuned": tuned_trained}
-        merged = self._save(run_dir)
+        merged, export = self._save(run_dir)
         tuned = evaluate(test, merged)
+        precision, optimizer = self._precision_and_optimizer()
         return {
             "base": base,
             "tuned": tuned,
             "tuned_as_trained": tuned_trained,
             "backend": self.choice.describe(),
             "method": self.recipe.method,
+            "model": {
+                "stack": describe_stack(merged),
+                "pooling": self.recipe.pooling if self.pooling_overridden else self.checkpoint_pooling,
+                "checkpoint_pooling": self.checkpoint_pooling,
+                "lora_targets": self.lora_targets,
+                "head_trained": self.recipe.method == "full" or self.recipe.lora.train_head,
+            },
+            "prompts": {"query": self.prompts.query, "document": self.prompts.document},
+            "fidelity": self.fidelity,
+            "export": export,
             "negatives": self.negatives.stats if self.negatives else {"strategy": "none"},
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
@@ -197,6 +230,39 @@ class QLoRARun:
             "seconds": {"train": train_seconds, "per_step": train_seconds / max(1, result.global_step)},
             "step_time": timer.summary(),
         }
+
+    def _evaluator(self, ids: list[str], name: str):
+        """The shared evaluator over ``ids``, with the run's query and document prompts."""
+        return build_evaluator(self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document)
+
+    def _train(self, run_dir: Path, resume: bool):
+        """Train with MNRL (the no-duplicates sampler; validation NDCG@10 every ``eval_steps``)."""
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        val = self._evaluator(self.splits.val, "val") if self.splits.val else None
+        dataset = self._train_dataset()
+        trainer = make_trainer(
+            self.recipe.method == "lora",
+            model=self.model,
+            args=self._arguments(run_dir / "checkpoints", val is not None, dataset.column_names),
+            train_dataset=dataset,
+            loss=MultipleNegativesRankingLoss(self.model, gather_across_devices=distributed.world_size() > 1),
+            evaluator=val,
+        )
+        timer = StepTimer(cuda=self.device == "cuda")
+        trainer.add_callback(timer)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = latest_checkpoint(run_dir / "checkpoints") if resume else None
+        if resume:
+            print(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
+        try:
+            result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+        except NonFiniteLoss as exc:
+            last = latest_checkpoint(run_dir / "checkpoints")
+            kept = f"the last good checkpoint is kept in {last}" if last else "no checkpoint was saved yet"
+            raise FinetuneError(f"{exc}; training stopped and {kept}; lower train.lr or check the data", where="training") from None
+        return trainer, result, int(start.name.split("-")[-1]) if start else None, timer
 
     def _restore_best(self, trainer) -> None:
         """Load the best checkpoint's LoRA weights (by validation NDCG@10) into the trained model."""
@@ -218,17 +284,38 @@ class QLoRARun:
         return h.hexdigest()[:16]
 
     def _save(self, run_dir: Path):
-        """LoRA adapter folder (peft format) and a merged full-precision SentenceTransformer folder."""
+        """Save ``lora/`` (peft format) and ``model/``: the merged encoder with the checkpoint's own
+        pooling, head and prompts. Returns the merged model and the export check's numbers."""
         from finetune.adapter.export import save_model_folder
 
         if self.recipe.method == "full":
-            save_model_folder(self.model, run_dir / "model")
-            return self.model
-        from peft import PeftModel
+            merged = self.model
+        else:
+            from peft import PeftModel
 
-        self.model[0].auto_model.save_pretrained(str(run_dir / "lora"))
-        merged = build_encoder(self.path, self.recipe, self.choice, quantize=False)
-        peft_model = PeftModel.from_pretrained(merged[0].auto_model, str(run_dir / "lora"))
-        merged[0].auto_model = peft_model.merge_and_unload()
+            self.model[0].auto_model.save_pretrained(str(run_dir / "lora"))
+            merged, _ = build_encoder(self.recipe, self.choice, quantize=False)
+            peft_model = PeftModel.from_pretrained(merged[0].auto_model, str(run_dir / "lora"))
+            merged[0].auto_model = peft_model.merge_and_unload()
+            if self.recipe.lora.train_head:  # the trained Dense/other modules after the transformer
+                for ours, trained in zip(list(merged.children())[1:], list(self.model.children())[1:]):
+                    ours.load_state_dict({k: v.to(torch.float32) for k, v in trained.state_dict().items()})
         save_model_folder(merged, run_dir / "model")
-        return merged
+        return merged, self._check_export(merged, run_dir / "model")
+
+    def _check_export(self, merged, folder: Path) -> dict:
+        """``SentenceTransformer(folder)``, with only its saved prompts, must give the merged model's embeddings."""
+        from sentence_transformers import SentenceTransformer
+
+        queries, documents = [self.data.queries[q] for q in self.splits.test[:16]], [self.data.corpus[d] for d in list(self.data.corpus)[:16]]
+        reloaded = SentenceTransformer(str(folder), device=str(merged.device))
+        drift = 0.0
+        for texts, task in ((queries, "query"), (documents, "document")):
+            ours = (merged.encode_query if task == "query" else merged.encode_document)(texts, convert_to_tensor=True).float().cpu()
+            theirs = (reloaded.encode_query if task == "query" else reloaded.encode_document)(texts, convert_to_tensor=True).float().cpu()
+            drift = max(drift, float((ours - theirs).abs().max()))
+        if drift > 1e-4:
+            raise RuntimeError(f"the exported model's embeddings differ from the merged model's by {drift:.2e}")
+        # the merged full-precision model against the 4-bit (or 16-bit) model it was trained as
+        as_trained = cosine_to(self.model, merged, queries, documents) if merged is not self.model else torch.ones(1)
+        return {"max_abs_diff": drift, "as_trained_min_cosine": float(as_trained.min())}
