@@ -38,6 +38,11 @@ def summarize(run_dir: Path) -> dict:
         "optimizer": metrics.get("optimizer"),
         "batch_size": metrics.get("batch_size"),
         "step_time": metrics.get("step_time"),
+        # the checkpoint's stack as trained and its checks (docs/checkpoint.md); absent in older runs
+        "model": (metrics.get("model") or {}).get("stack"),
+        "prompts": metrics.get("prompts"),
+        "fidelity": metrics.get("fidelity"),
+        "export": metrics.get("export") or metrics.get("export_max_abs_diff"),
     }
 
 

@@ -215,3 +215,37 @@ def test_auto_targets_fall_back_to_every_linear_layer_but_heads():
     names, rule = auto_targets(model, "some-new-architecture")
     assert rule == "all-linear fallback" and names and not any("pooler" in n for n in names)
     assert len(names) == 6  # query, key, value, attention output, intermediate, output
+
+
+def test_plain_hugging_face_folder_gets_mean_pooling_and_says_so(world, caplog):
+    """A folder without modules.json: sentence-transformers' own default (mean pooling), with one line saying so."""
+    tmp, pairs = world
+    hf_folder = build_family_model("modernbert", tmp / "plain-hf").parent / "hf"  # the raw transformers save
+    assert not (hf_folder / "modules.json").exists()
+    with caplog.at_level("WARNING"):
+        run_dir, metrics = _run(_qlora_yaml(tmp, hf_folder, pairs, "q-plain-hf"), "train.max_steps=2")
+    assert "has no modules.json: sentence-transformers' default stack (mean pooling) is assumed" in caplog.text
+    assert metrics["model"]["pooling"] == "mean"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_token_pooling_picks_the_last_real_token_on_either_padding_side(world, side):
+    """A decoder embedder: the training stack pools the EOS the tokenizer appends, whatever the padding side."""
+    from finetune.qlora.backend import build_encoder, select_backend
+    from finetune.recipe import validate_recipe
+
+    tmp, pairs = world
+    model = build_family_model("qwen3", tmp / f"qwen3-{side}")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(dict(config, padding_side=side)))
+    recipe = validate_recipe({"kind": "qlora", "model": {"name": str(model)}, "data": {"path": str(pairs), "columns": COLUMNS}})
+    ours, _ = build_encoder(recipe, select_backend(recipe, "cpu"), quantize=False)
+    assert ours.tokenizer.padding_side == side and ours[1].pooling_mode == "lasttoken"
+    features = ours.preprocess(["ab", "a much longer text"])
+    eos = ours.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    lengths = features["attention_mask"].sum(1)
+    last = [row[mask.bool()][-1].item() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+    assert last == [eos, eos] and lengths[0] < lengths[1]
+    alone = ours.encode_query(["ab"], convert_to_tensor=True)
+    padded = ours.encode_query(["ab", "a much longer text"], convert_to_tensor=True)[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)

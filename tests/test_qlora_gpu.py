@@ -90,3 +90,29 @@ def test_base_reference_is_the_same_for_every_backend(tiny_model, pairs_file, tm
     assert a.device.type == "cuda" and torch.equal(a, b)
     cpu = build_encoder(recipe, select_backend(recipe, "cpu"), quantize=False)[0].encode(texts, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(a.cpu(), cpu).min() > 0.999
+
+
+FAMILY_CASES = [
+    (family, backend)
+    for family in ("bert_cls", "modernbert", "qwen3", "gemma3")
+    for backend in ("peft", pytest.param("unsloth", marks=pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")))
+]
+
+
+@pytest.mark.parametrize("family, backend", FAMILY_CASES)
+def test_checkpoint_families_keep_their_stack_on_cuda(family, backend, tmp_path):
+    """Each family trains in nf4 on the GPU with its own pooling, head and prompts, and exports them."""
+    from conftest import make_pairs
+    from families import build_family_model
+
+    model = build_family_model(family, tmp_path / family)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs()))
+    run, result, run_dir, texts = _fit(model, pairs, tmp_path, backend, "lora", "nf4")
+    plain = SentenceTransformer(str(model), device="cuda")
+    assert result["backend"].startswith(f"backend {backend}, device cuda, quantization nf4")
+    assert result["model"]["stack"].split(" -> ")[0].startswith("Transformer") and result["model"]["lora_targets"]
+    assert [type(m).__name__ for m in SentenceTransformer(str(run_dir / "model"), device="cuda")] == [type(m).__name__ for m in plain]
+    assert result["fidelity"]["min_cosine"] >= 0.9999 and result["export"]["max_abs_diff"] <= 1e-3
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert sum(losses[-3:]) < sum(losses[:3])
