@@ -40,8 +40,8 @@ def main() -> None:
         extra = [s.split(":", 1)[1] for s in args.set if s.startswith(f"{family}:")]
         for strategy in STRATEGIES[family]:
             overrides = [f"name={family}-{args.name}-{strategy}", f"output.dir={args.runs}", f"negatives.strategy={strategy}", *extra]
-            if strategy != "none":
-                overrides.append(f"negatives.per_query={args.per_query}")
+            # in-batch only: per_query has no effect, so it goes back to its default (the recipe refuses any other value)
+            overrides.append(f"negatives.per_query={args.per_query if strategy != 'none' else 1}")
             if args.data:
                 overrides.append(f"data={args.data}")
             if splits_file:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from finetune.adapter.config import AdapterRecipe
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.errors import FinetuneError, did_you_mean
+from finetune.field_rules import check_fields
 from finetune.qlora.config import QLoRARecipe
 
 RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe, "qlora": QLoRARecipe, "cross_adapter": CrossAdapterRecipe}
@@ -93,9 +94,11 @@ def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         raise FinetuneError(f"{got}; use one of: {known}", where=f"{where}: kind")
     cls = RECIPE_KINDS[kind]
     try:
-        return cls.model_validate(raw)
+        recipe = cls.model_validate(raw)
     except ValidationError as exc:
         raise FinetuneError(_describe(exc, cls), where=where) from None
+    check_fields(recipe, where)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -109,7 +112,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         The typed recipe, e.g. an :class:`~finetune.adapter.config.AdapterRecipe`.
     """
     raw = apply_overrides(read_yaml(path), overrides or [])
+    _reinfer_data(raw, overrides or [])
     return validate_recipe(raw, where=str(path))
+
+
+def _reinfer_data(raw: dict[str, Any], overrides: list[str]) -> None:
+    """``data.path=X`` (or ``data.name=X``) on the command line means "this data": the file's
+    ``type`` and other source field no longer apply, so the type is inferred again from X."""
+    keys = {item.partition("=")[0] for item in overrides}
+    data = raw.get("data")
+    if not isinstance(data, dict) or "data.type" in keys or not keys & {"data.path", "data.name"}:
+        return
+    data.pop("type", None)
+    if "data.name" not in keys:
+        data.pop("name", None)
+    if "data.path" not in keys:
+        data.pop("path", None)
 
 
 def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:

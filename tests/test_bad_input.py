@@ -186,7 +186,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(world,
 def test_qlora_nan_loss_stops_and_names_the_kept_checkpoint(world, capsys):
     tmp_path, _, raw = world
     recipe = _qlora(tmp_path, raw, quantization="none",
-                    train={"max_steps": 40, "batch_size": 8, "eval_steps": 2, "warmup_ratio": 0.5, "lr": 1e36, "scheduler": "linear"})
+                    train={"epochs": 100, "max_steps": 40, "batch_size": 8, "eval_steps": 2, "warmup_ratio": 0.5, "lr": 1e36, "scheduler": "linear"})
     assert main(["run", recipe, "--run-dir", str(tmp_path / "qnan")]) == 2
     err = _error_line(capsys.readouterr().err)
     assert "training: loss is nan at step" in err and "the last good checkpoint is kept in" in err and "checkpoint-" in err

@@ -50,7 +50,7 @@ def _qlora_yaml(tmp, model_path, pairs, name, **top) -> str:
         "kind": "qlora", "name": name,
         "model": {"name": str(model_path), "batch_size": 16},
         "data": {"path": str(pairs), "columns": COLUMNS},
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 6, "logging_steps": 1, "warmup_ratio": 0.0},
+        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 6, "logging_steps": 1, "warmup_ratio": 0.0},
         "output": {"dir": str(tmp / "runs")},
         **top,
     }

@@ -34,7 +34,7 @@ def test_qlora_same_seed_same_splits_and_metrics(tmp_path, tiny_model, pairs_fil
         "model": {"name": str(tiny_model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
         "lora": {"dropout": 0.1},
-        "train": {"max_steps": 8, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "warmup_ratio": 0.0},
+        "train": {"epochs": 100, "max_steps": 8, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "warmup_ratio": 0.0},
         "output": {"dir": str(tmp_path / "runs")},
     }
     split_a, split_b, a, b = _twice(tmp_path, raw)

@@ -22,7 +22,7 @@ def test_two_gloo_processes_train_in_step_and_only_rank_0_writes(tmp_path, tiny_
         "kind": "qlora", "name": "dist", "quantization": "nf4",
         "model": {"name": str(tiny_model), "batch_size": 16},
         "data": {"path": str(pairs), "columns": COLUMNS},
-        "train": {"max_steps": 6, "batch_size": 8, "eval_steps": 3, "warmup_ratio": 0.0, "lr": 5e-3},
+        "train": {"epochs": 100, "max_steps": 6, "batch_size": 8, "eval_steps": 3, "warmup_ratio": 0.0, "lr": 5e-3},
         "output": {"dir": str(tmp_path / "runs")},
     }))
     with socket.socket() as s:  # a free port for the rendezvous

@@ -68,7 +68,7 @@ def test_range_must_leave_room_for_the_negatives():
 
 @pytest.mark.parametrize("strategy", ["mined", "bm25", "none"])
 def test_adapter_recipe_trains_with_each_strategy(strategy, tmp_path, tiny_model, pairs_file):
-    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path, negatives={"strategy": strategy, "per_query": 2})
+    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path, negatives={"strategy": strategy, **({"per_query": 2} if strategy != "none" else {})})
     run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["negatives"]["strategy"] == strategy and metrics["tuned"]["ndcg@10"] > 0

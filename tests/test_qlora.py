@@ -19,7 +19,7 @@ def _recipe(model, pairs_file, tmp_path, **top):
         "name": "q",
         "model": {"name": str(model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
+        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
         "output": {"dir": str(tmp_path / "runs")},
     }
     raw.update(top)

@@ -37,7 +37,7 @@ def _fit(tiny_model, pairs_file, tmp_path, backend, method, quantization):
         "kind": "qlora", "name": "gpu", "device": "cuda", "backend": backend, "method": method, "quantization": quantization,
         "model": {"name": str(tiny_model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
+        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
         "output": {"dir": str(tmp_path / "runs")},
     })
     data = load_data(recipe.data)

@@ -68,7 +68,7 @@ def test_qlora_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, tin
     raw = {
         "kind": "qlora", "name": "q", "quantization": "none",
         "model": {"name": str(tiny_model), "batch_size": 16},
-        "train": {"max_steps": 150, "batch_size": 4, "lr": 2e-3, "eval_steps": 10, "logging_steps": 10, "warmup_ratio": 0.1},
+        "train": {"epochs": 100, "max_steps": 150, "batch_size": 4, "lr": 2e-3, "eval_steps": 10, "logging_steps": 10, "warmup_ratio": 0.1},
         "output": {"dir": str(tmp_path / "runs")},
     }
     recipe = _write(tmp_path, raw, 100)

@@ -44,9 +44,6 @@ class CrossAdapterRun:
 
     def __init__(self, recipe: CrossAdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
-        negatives = recipe.negatives
-        if negatives.pool == "file":
-            raise FinetuneError("cross_adapter draws negatives from the document index; remove negatives.pool 'file'", where="recipe: negatives.pool")
         self.experiments = self._experiments()
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)

@@ -32,7 +32,7 @@ class QLoRATrainConfig(Section):
     """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
 
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="stop after N steps; -1 = run the epochs")
+    max_steps: int = Field(-1, description="stop after at most N optimizer steps (or at the end of the epochs, if sooner); -1 = the epochs")
     batch_size: int = Field(32, gt=1, description="MNRL uses the rest of the batch as negatives")
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -80,8 +80,4 @@ class QLoRARecipe(RecipeBase):
             raise ValueError("backend 'unsloth' is for LoRA; use backend=peft or auto with method=full")
         if self.model.provider != "local":
             raise ValueError("model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; use kind: adapter")
-        if self.method == "full" and self.lora.train_head:
-            raise ValueError("lora.train_head is for method 'lora'; method 'full' already trains every module")
-        if self.negatives.pool == "file":
-            raise ValueError("negatives.pool 'file' is for adapter recipes; the QLoRA recipe draws negatives from the corpus")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -120,7 +121,15 @@ class QLoRARun:
         optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
         return precision, optimizer
 
-    def _arguments(self, output_dir: Path, has_val: bool, columns: list[str]):
+    def _max_steps(self, rows: int) -> int:
+        """``train.max_steps`` caps the epochs: training stops at whichever comes first, so both settings act."""
+        t = self.recipe.train
+        if t.max_steps <= 0:
+            return -1
+        per_epoch = math.ceil(rows / (t.batch_size * distributed.world_size()))
+        return min(t.max_steps, math.ceil(t.epochs * per_epoch))
+
+    def _arguments(self, output_dir: Path, has_val: bool, columns: list[str], rows: int):
         import importlib.util
 
         from sentence_transformers import SentenceTransformerTrainingArguments
@@ -132,7 +141,7 @@ class QLoRARun:
         return SentenceTransformerTrainingArguments(
             output_dir=str(output_dir),
             num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
+            max_steps=self._max_steps(rows),
             per_device_train_batch_size=t.batch_size,
             per_device_eval_batch_size=t.batch_size,
             learning_rate=t.lr,
@@ -244,7 +253,7 @@ class QLoRARun:
         trainer = make_trainer(
             self.recipe.method == "lora",
             model=self.model,
-            args=self._arguments(run_dir / "checkpoints", val is not None, dataset.column_names),
+            args=self._arguments(run_dir / "checkpoints", val is not None, dataset.column_names, len(dataset)),
             train_dataset=dataset,
             loss=MultipleNegativesRankingLoss(self.model, gather_across_devices=distributed.world_size() > 1),
             evaluator=val,

@@ -1,0 +1,93 @@
+"""No setting silently ignored: every field of every recipe kind has an effect or the recipe is refused."""
+
+import pytest
+from pydantic import BaseModel
+
+from finetune.errors import FinetuneError
+from finetune.field_rules import ALWAYS, RULES
+from finetune.recipe import RECIPE_KINDS, apply_overrides, load_recipe, validate_recipe
+
+FAQ = {"type": "builtin", "name": "construction-faq"}
+BASE = {kind: {"kind": kind, "data": FAQ} for kind in ("adapter", "qlora", "cross_adapter")}
+
+
+def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _leaves(annotation, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(RECIPE_KINDS))
+def test_every_field_is_classified(kind):
+    """A new field must say when it has an effect (a rule) or that it always does (ALWAYS)."""
+    ruled = {r.path for r in RULES if kind in r.kinds}
+    unclassified = [
+        path for path in _leaves(RECIPE_KINDS[kind])
+        if path not in ALWAYS and not any(path == p or path.startswith(p + ".") for p in ruled)
+    ]
+    assert not unclassified, f"{kind}: add these to field_rules.RULES or ALWAYS: {unclassified}"
+
+
+CASES = [(kind, rule) for rule in RULES for kind in rule.kinds]
+
+
+@pytest.mark.parametrize("kind, rule", CASES, ids=[f"{k}:{r.path}:{i}" for i, (k, r) in enumerate(CASES)])
+def test_each_rule_refuses_its_witness(kind, rule):
+    raw = apply_overrides(BASE[kind], list(rule.witness))
+    with pytest.raises(FinetuneError) as caught:
+        validate_recipe(raw)
+    message = str(caught.value)
+    assert f"{rule.path}=" in message and "has no effect unless" in message and "remove it" in message, message
+
+
+@pytest.mark.parametrize("kind", sorted(RECIPE_KINDS))
+def test_defaults_and_shipped_recipes_pass(kind):
+    validate_recipe(dict(BASE[kind]))
+
+
+@pytest.mark.parametrize("recipe", ["recipes/adapter.yaml", "recipes/qlora.yaml", "recipes/full.yaml", "recipes/cross_adapter.yaml"])
+def test_shipped_recipes_set_nothing_inert(recipe):
+    load_recipe(recipe)
+
+
+def test_data_path_override_reads_that_data(beir_dir):
+    """The new-user case: data.path on a builtin recipe trains on the given folder, not the FAQ."""
+    recipe = load_recipe("recipes/adapter.yaml", [f"data.path={beir_dir}"])
+    assert (recipe.data.type, recipe.data.path, recipe.data.name) == ("beir", str(beir_dir), None)
+
+
+def test_a_builtin_type_with_a_path_is_refused(beir_dir):
+    with pytest.raises(FinetuneError, match=r"data\.path=.* has no effect unless data\.type is pairs, beir or hf; remove it .*, or pass data=PATH"):
+        load_recipe("recipes/adapter.yaml", [f"data.path={beir_dir}", "data.type=builtin"])
+
+
+def test_the_message_names_the_file_field_and_fix():
+    with pytest.raises(FinetuneError) as caught:
+        load_recipe("recipes/adapter.yaml", ["negatives.range_min=3"])
+    assert str(caught.value) == (
+        "recipes/adapter.yaml: negatives.range_min=3 has no effect unless negatives.strategy is mined or bm25; "
+        "remove it (on the command line: negatives.range_min=0, its default)"
+    )
+
+
+def test_max_steps_caps_the_epochs(tiny_model, pairs_file, tmp_path):
+    """Both settings act: max_steps stops early, epochs stop a step limit that is longer than the epochs."""
+    from finetune.data import load_data
+    from finetune.qlora.runner import QLoRARun
+    from finetune.splits import make_splits
+
+    columns = {"query": "question", "positive": "answer", "id": "id"}
+    raw = {"kind": "qlora", "model": {"name": str(tiny_model)}, "data": {"path": str(pairs_file), "columns": columns},
+           "train": {"epochs": 2, "batch_size": 8, "max_steps": 1000}}
+    recipe = validate_recipe(raw)
+    data = load_data(recipe.data)
+    run = QLoRARun(recipe, data, make_splits(data, recipe.splits, recipe.seed), "cpu")
+    rows = len(run._train_dataset())
+    assert run._max_steps(rows) == 2 * -(-rows // 8)
+    recipe.train.max_steps = 3
+    assert run._max_steps(rows) == 3
