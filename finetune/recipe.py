@@ -16,15 +16,10 @@ from finetune.adapter.config import AdapterRecipe
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.errors import FinetuneError, did_you_mean
 from finetune.field_rules import check_fields
+from finetune.kinds import KINDS
 from finetune.qlora.config import QLoRARecipe
 
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"adapter": AdapterRecipe, "qlora": QLoRARecipe, "cross_adapter": CrossAdapterRecipe}
 Recipe = Union[AdapterRecipe, QLoRARecipe, CrossAdapterRecipe]
-
-
-def register_kind(kind: str, cls: type[BaseModel]) -> None:
-    """Make a recipe kind known to :func:`load_recipe` (used by recipe families defined elsewhere)."""
-    RECIPE_KINDS[kind] = cls
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -88,11 +83,11 @@ def _deep_copy(value):
 def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     """Validate a raw mapping into the recipe class named by its ``kind``."""
     kind = raw.get("kind")
-    if kind not in RECIPE_KINDS:
-        known = ", ".join(sorted(RECIPE_KINDS))
-        got = "missing" if kind is None else f"'{kind}' is not a recipe kind{did_you_mean(str(kind), RECIPE_KINDS)}"
+    if kind not in KINDS:
+        known = ", ".join(sorted(KINDS))
+        got = "missing" if kind is None else f"'{kind}' is not a recipe kind{did_you_mean(str(kind), KINDS)}"
         raise FinetuneError(f"{got}; use one of: {known}", where=f"{where}: kind")
-    cls = RECIPE_KINDS[kind]
+    cls = KINDS[kind].schema
     try:
         recipe = cls.model_validate(raw)
     except ValidationError as exc:

@@ -15,6 +15,7 @@ from finetune.atomic import write_json, write_text
 from finetune.cache import EmbeddingCache
 from finetune.data import load_data
 from finetune.errors import FinetuneError
+from finetune.kinds import KINDS
 from finetune.models import pick_device
 from finetune.recipe import Recipe, dump_recipe
 from finetune.report import metrics_table
@@ -30,22 +31,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _runner_class(kind: str):
-    if kind == "adapter":
-        from finetune.adapter.runner import AdapterRun
-
-        return AdapterRun
-    if kind == "qlora":
-        from finetune.qlora.runner import QLoRARun
-
-        return QLoRARun
-    if kind == "cross_adapter":
-        from finetune.cross.runner import CrossAdapterRun
-
-        return CrossAdapterRun
-    raise ValueError(f"no runner for recipe kind {kind!r}")
 
 
 def run_recipe(
@@ -80,8 +65,9 @@ def run_recipe(
         >>> json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     """
     seed_everything(recipe.seed)
-    if resume is not None and recipe.kind not in ("adapter", "qlora"):
-        raise FinetuneError("--resume is for adapter and qlora recipes; start this recipe again", where=f"recipe: kind {recipe.kind}")
+    kind = KINDS[recipe.kind]
+    if resume is not None:
+        kind.refuse_resume()
     recipe_yaml = dump_recipe(recipe)
     path, resuming = prepare_run_dir(recipe.output.dir, recipe.name, recipe_yaml, run_dir, resume, overwrite)
     data = load_data(recipe.data)
@@ -90,10 +76,9 @@ def run_recipe(
     distributed.init(device)
     main = distributed.is_main()
     say = echo if main else (lambda *_: None)
-    # only frozen-encoder recipes cache embeddings; a fine-tuned encoder changes them
-    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if hasattr(recipe, "cache") else None
+    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if kind.caches_embeddings else None
     say(f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} ({splits.method})")
-    job = _runner_class(recipe.kind)(recipe, data, splits, device, cache)
+    job = kind.runner_class()(recipe, data, splits, device, cache, echo=say)  # checks everything; writes nothing
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 

@@ -146,3 +146,29 @@ def test_adapter_weights_of_the_wrong_shape(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"type": "linear", "dim": 16}')
     with pytest.raises(FinetuneError, match=r"tensor 'delta.weight' is \(12, 12\), expected \(16, 16\)"):
         load_adapter(tmp_path)
+
+
+def test_infonce_without_exclusions_equals_sentence_transformers_mnrl():
+    """The adapter's loss is MultipleNegativesRankingLoss: same tensors, same number (temperature 0.05 = scale 20)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from finetune.adapter.losses import infonce_loss
+
+    g = torch.Generator().manual_seed(0)
+    q, pos, neg = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(3))
+    ours = infonce_loss(q, torch.cat([pos, neg]), torch.zeros(8, 16, dtype=torch.bool), temperature=0.05)
+    mnrl = MultipleNegativesRankingLoss(model=None, scale=20.0).compute_loss_from_embeddings([q, pos, neg], labels=None)
+    assert torch.allclose(ours, mnrl, atol=1e-6)
+
+
+def test_warmup_then_linear_decay_schedule():
+    from finetune.adapter.train import linear_warmup_decay
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_warmup_decay(optimizer, warmup=2, total=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])

@@ -5,7 +5,8 @@ from pydantic import BaseModel
 
 from finetune.errors import FinetuneError
 from finetune.field_rules import ALWAYS, RULES
-from finetune.recipe import RECIPE_KINDS, apply_overrides, load_recipe, validate_recipe
+from finetune.kinds import KINDS
+from finetune.recipe import apply_overrides, load_recipe, validate_recipe
 
 FAQ = {"type": "builtin", "name": "construction-faq"}
 BASE = {kind: {"kind": kind, "data": FAQ} for kind in ("adapter", "qlora", "cross_adapter")}
@@ -22,12 +23,12 @@ def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("kind", sorted(RECIPE_KINDS))
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_field_is_classified(kind):
     """A new field must say when it has an effect (a rule) or that it always does (ALWAYS)."""
     ruled = {r.path for r in RULES if kind in r.kinds}
     unclassified = [
-        path for path in _leaves(RECIPE_KINDS[kind])
+        path for path in _leaves(KINDS[kind].schema)
         if path not in ALWAYS and not any(path == p or path.startswith(p + ".") for p in ruled)
     ]
     assert not unclassified, f"{kind}: add these to field_rules.RULES or ALWAYS: {unclassified}"
@@ -45,7 +46,7 @@ def test_each_rule_refuses_its_witness(kind, rule):
     assert f"{rule.path}=" in message and "has no effect unless" in message and "remove it" in message, message
 
 
-@pytest.mark.parametrize("kind", sorted(RECIPE_KINDS))
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_defaults_and_shipped_recipes_pass(kind):
     validate_recipe(dict(BASE[kind]))
 

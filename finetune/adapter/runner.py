@@ -34,13 +34,16 @@ class AdapterRun:
         splits: Its splits.
         device: Where to train.
         cache: The embedding cache.
+        echo: Where progress lines go (rank 0's print).
     """
 
-    def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
+    resumable = True
+
+    def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache, echo=print):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
         encoder = load_frozen_encoder(recipe.model, device)
         self.model, self.model_source, self.prompts = encoder.model, encoder.source, encoder.prompts
-        print(f"model: {self.model_source}; {self.prompts.describe()}")
+        echo(f"model: {self.model_source}; {self.prompts.describe()}")
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
         self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}

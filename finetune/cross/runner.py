@@ -24,6 +24,7 @@ from finetune.cross.projection import Projection, export_router_model, save_proj
 from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
+from finetune.kinds import KINDS
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
@@ -40,10 +41,13 @@ class CrossAdapterRun:
         splits: Its splits (the fixed test split of the label-budget sweep).
         device: Where to train.
         cache: The embedding cache.
+        echo: Where progress lines go.
     """
 
-    def __init__(self, recipe: CrossAdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache):
-        self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
+    resumable = False  # each cell trains in seconds: a stopped run starts again
+
+    def __init__(self, recipe: CrossAdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache, echo=print):
+        self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.experiments = self._experiments()
         self.query_texts = list(dict.fromkeys(data.queries.values()))
         self.doc_ids = list(data.corpus)
@@ -77,7 +81,7 @@ class CrossAdapterRun:
         encode = dict(model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices)
         queries = cache.encode(texts=self.query_texts, task="query", prompt=encoder.prompts.query, **encode)
         docs = cache.encode(texts=self.doc_texts, task="document", prompt=encoder.prompts.document, **encode)
-        print(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
+        self.echo(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
         return encoder.model, queries, docs, encoder.source, encoder.prompts
 
     def lookup(self, queries: torch.Tensor, documents: torch.Tensor, projection=None) -> EmbeddingLookup:
@@ -152,8 +156,10 @@ class CrossAdapterRun:
     def fit(self, run_dir: Path, resume: bool = False) -> dict:
         """Run every experiment and mode, write summary, meta, projection and model; return the metrics.
 
-        ``resume`` is refused before this runs (:func:`finetune.run.run_recipe`): the cells are short.
+        ``resume`` is refused before this runs (:meth:`finetune.kinds.RecipeKind.refuse_resume`); here too.
         """
+        if resume:
+            KINDS[self.recipe.kind].refuse_resume()
         recipe, modes = self.recipe, self.recipe.modes()
         sampler = self.sampler
         export_exp = max((e for e in self.experiments if e.group == "budget"), key=lambda e: e.ratio)

@@ -18,7 +18,7 @@ from finetune.qlora.backend import build_encoder, parameter_counts, select_backe
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, pooling_mode
 from finetune.qlora.targets import summarise
-from finetune.qlora.trainer import NonFiniteLoss, latest_checkpoint, load_lora_checkpoint, make_trainer
+from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
 from finetune.splits import Splits
 from finetune.timing import StepTimer
 
@@ -38,10 +38,13 @@ class QLoRARun:
         splits: Its splits.
         device: Where to train.
         cache: Unused: the encoder changes, so embeddings cannot be cached.
+        echo: Where progress lines go (rank 0's print).
     """
 
-    def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None):
-        self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
+    resumable = True
+
+    def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
+        self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.choice = select_backend(recipe, device)
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
         self.path = resolved.path
@@ -85,9 +88,9 @@ class QLoRARun:
             pooling = f"{r.pooling} (recipe; the checkpoint's is {self.checkpoint_pooling}, and the base row keeps it)"
         head = "trained" if r.method == "full" or r.lora.train_head else "frozen"
         targets = f"; LoRA on {summarise(self.lora_targets)}" if self.lora_targets else ""
-        print(f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
+        self.echo(f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
               f"({100 * self.trainable / self.total:.2f}%){targets}")
-        print(f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head {head}; {self.prompts.describe()}")
+        self.echo(f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head {head}; {self.prompts.describe()}")
 
     def _negatives(self):
         from finetune.mining import find_negatives
@@ -250,8 +253,8 @@ class QLoRARun:
 
         val = self._evaluator(self.splits.val, "val") if self.splits.val else None
         dataset = self._train_dataset()
-        trainer = make_trainer(
-            self.recipe.method == "lora",
+        trainer = FinetuneTrainer(
+            lora=self.recipe.method == "lora",
             model=self.model,
             args=self._arguments(run_dir / "checkpoints", val is not None, dataset.column_names, len(dataset)),
             train_dataset=dataset,
@@ -264,7 +267,7 @@ class QLoRARun:
             torch.cuda.reset_peak_memory_stats()
         start = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume:
-            print(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
+            self.echo(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
         try:
             result = trainer.train(resume_from_checkpoint=str(start) if start else None)
         except NonFiniteLoss as exc:

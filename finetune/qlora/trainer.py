@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from sentence_transformers import SentenceTransformerTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -24,25 +25,31 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.value = step, value
 
 
-def make_trainer(lora: bool, **kwargs):
-    """A ``SentenceTransformerTrainer`` (``kwargs`` as its own) that checks every loss and loads LoRA checkpoints."""
-    from sentence_transformers import SentenceTransformerTrainer
+class FinetuneTrainer(SentenceTransformerTrainer):
+    """``SentenceTransformerTrainer`` that stops on a non-finite loss and resumes LoRA runs.
 
-    class Trainer(SentenceTransformerTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            loss = out[0] if isinstance(out, tuple) else out
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
-            return out
+    Args:
+        lora: The model carries LoRA adapters: checkpoints hold only them, and are loaded into
+            the live (possibly 4-bit) model by :func:`load_lora_checkpoint`.
+        **kwargs: As ``SentenceTransformerTrainer`` (model, args, train_dataset, loss, evaluator, ...).
+    """
 
-        def _load_from_checkpoint(self, checkpoint_path, model=None):
-            if lora:
-                load_lora_checkpoint(self.model, checkpoint_path)
-            else:
-                super()._load_from_checkpoint(checkpoint_path)
+    def __init__(self, *, lora: bool = False, **kwargs):
+        self.lora_checkpoints = lora
+        super().__init__(**kwargs)
 
-    return Trainer(**kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(loss.detach()).all():  # before the optimizer step, so the last checkpoint stays good
+            raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return out
+
+    def _load_from_checkpoint(self, checkpoint_path, model=None):
+        if self.lora_checkpoints:
+            load_lora_checkpoint(self.model, checkpoint_path)
+        else:
+            super()._load_from_checkpoint(checkpoint_path)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
