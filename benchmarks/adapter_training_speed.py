@@ -9,7 +9,8 @@ number of epochs on the same cached embeddings; the script prints examples per s
 the ratios, and the test NDCG@10 each reaches with the shared evaluator.
 
     python benchmarks/adapter_training_speed.py                                   # FAQ
-    python benchmarks/adapter_training_speed.py --data ../shared/data/disfl_qa --epochs 2 --out benchmarks/results/adapter_training_speed_disfl.json
+    python benchmarks/adapter_training_speed.py --data ../shared/data/disfl_qa --epochs 2 \
+        --out benchmarks/results/adapter_training_speed_disfl.json
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import random
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from record import write_result
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.adapter.losses import triplet_loss
 from finetune.adapter.modules import LinearAdapter
@@ -53,7 +53,9 @@ class SeedStyleDataset(Dataset):
         return self.queries[q], self.documents[d], self.documents[n]
 
 
-def seed_style_train(adapter, queries, documents, pairs, relevant, epochs, batch_size, lr, weight_decay, margin, seed) -> None:
+def seed_style_train(
+    adapter, queries, documents, pairs, relevant, epochs, batch_size, lr, weight_decay, margin, seed
+) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     loader = DataLoader(SeedStyleDataset(queries, documents, pairs, relevant), batch_size=batch_size, shuffle=True)
@@ -72,7 +74,14 @@ def main() -> None:
     parser.add_argument("--data", help="data override, e.g. ../shared/data/disfl_qa")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed-batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=2, choices=range(1, 100), metavar="N", help="timed runs per side (the fastest counts)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        choices=range(1, 100),
+        metavar="N",
+        help="timed runs per side (the fastest counts)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -97,7 +106,19 @@ def main() -> None:
             sampler = NegativeSampler(run.documents, relevance_keys(all_pairs, len(run.doc_ids)))
             train_adapter(adapter, run.queries, run.documents, pairs, sampler, recipe.loss, t, recipe.seed)
         else:
-            seed_style_train(adapter, run.queries, run.documents, pairs, relevant, args.epochs, batch, t.lr, t.weight_decay, recipe.loss.margin, recipe.seed)
+            seed_style_train(
+                adapter,
+                run.queries,
+                run.documents,
+                pairs,
+                relevant,
+                args.epochs,
+                batch,
+                t.lr,
+                t.weight_decay,
+                recipe.loss.margin,
+                recipe.seed,
+            )
         return adapter, time.perf_counter() - start
 
     results = {}
@@ -110,19 +131,39 @@ def main() -> None:
     for name, batch in sides:
         adapter, seconds = trained[name].eval(), min(times[name])
         ndcg = evaluate(test, run.lookup(adapter), corpus_embeddings=run.documents)["ndcg@10"]
-        results[name] = {"batch_size": batch, "seconds": seconds, "examples_per_second": examples / seconds, "test_ndcg@10": ndcg}
-        print(f"{name:<20} batch {batch:>4}: {examples} examples in {seconds:.2f} s = {examples / seconds:,.0f} examples/s; test NDCG@10 {ndcg:.4f}")
+        results[name] = {
+            "batch_size": batch,
+            "seconds": seconds,
+            "examples_per_second": examples / seconds,
+            "test_ndcg@10": ndcg,
+        }
+        print(
+            f"{name:<20} batch {batch:>4}: {examples} examples in {seconds:.2f} s = {examples / seconds:,.0f} "
+            f"examples/s; test NDCG@10 {ndcg:.4f}"
+        )
 
     speedups = {}
     for name, r in results.items():
         if name != "toolkit":
             speedups[name] = results["toolkit"]["examples_per_second"] / r["examples_per_second"]
             gap = results["toolkit"]["test_ndcg@10"] - r["test_ndcg@10"]
-            print(f"toolkit vs {name}: {speedups[name]:.1f}x examples/s (target >= 20x); NDCG@10 difference {gap:+.4f}")
-    write_result("adapter_training_speed", {
-        "data": data.source, "train_pairs": len(pairs), "epochs": args.epochs, "lr": t.lr,
-        "loss": "triplet, 1 negative", "results": results, "speedups": speedups, "target": 20,
-    }, args.out)
+            print(
+                f"toolkit vs {name}: {speedups[name]:.1f}x examples/s (target >= 20x); NDCG@10 difference {gap:+.4f}"
+            )
+    write_result(
+        "adapter_training_speed",
+        {
+            "data": data.source,
+            "train_pairs": len(pairs),
+            "epochs": args.epochs,
+            "lr": t.lr,
+            "loss": "triplet, 1 negative",
+            "results": results,
+            "speedups": speedups,
+            "target": 20,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

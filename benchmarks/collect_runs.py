@@ -26,7 +26,9 @@ def summarize(run_dir: Path) -> dict:
         "splits": metrics["splits"],
         "base": {k: metrics["base"][k] for k in KEYS},
         "tuned": {k: metrics["tuned"][k] for k in KEYS},
-        "tuned_as_trained": {k: metrics["tuned_as_trained"][k] for k in KEYS} if "tuned_as_trained" in metrics else None,
+        "tuned_as_trained": {k: metrics["tuned_as_trained"][k] for k in KEYS}
+        if "tuned_as_trained" in metrics
+        else None,
         "trainable_parameters": metrics.get("trainable_parameters"),
         "train_steps": metrics.get("train_steps"),
         "seconds": metrics.get("seconds"),
@@ -59,10 +61,16 @@ def main() -> None:
         raise SystemExit("no finished runs to collect")
     runs = [summarize(r) for r in finished]
     versions = json.loads((finished[0] / "versions.json").read_text())
-    result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count()}, "versions": versions, "runs": runs}
+    result = {
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count()},
+        "versions": versions,
+        "runs": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'run':<40}{'base':>8}{'tuned':>8}{'as-trained':>11}{'s/step':>8}{'step ms':>9}{'RSS MiB':>9}{'GPU MiB':>9}")
+    print(
+        f"{'run':<40}{'base':>8}{'tuned':>8}{'as-trained':>11}{'s/step':>8}{'step ms':>9}{'RSS MiB':>9}{'GPU MiB':>9}"
+    )
     for r in runs:
         trained = r["tuned_as_trained"]["ndcg@10"] if r["tuned_as_trained"] else float("nan")
         step = (r["seconds"] or {}).get("per_step", float("nan"))

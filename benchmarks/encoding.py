@@ -21,7 +21,6 @@ import tempfile
 import time
 
 import torch
-
 from record import write_result
 
 from finetune.cache import EmbeddingCache
@@ -39,7 +38,9 @@ def timed(fn):
 def throughput(model, identity, texts, batch, rounds) -> dict:
     toolkit = EmbeddingCache(enabled=False)
     paths = {
-        "sentence_transformers": lambda: model.encode_document(texts, batch_size=batch, normalize_embeddings=True, convert_to_tensor=True),
+        "sentence_transformers": lambda: model.encode_document(
+            texts, batch_size=batch, normalize_embeddings=True, convert_to_tensor=True
+        ),
         "toolkit": lambda: toolkit.encode(model, identity, texts, "document", batch_size=batch),
     }
     paths["toolkit"]()  # warm-up
@@ -50,17 +51,38 @@ def throughput(model, identity, texts, batch, rounds) -> dict:
             times[name].append(seconds)
     rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
     same = torch.allclose(out["toolkit"], out["sentence_transformers"].float().cpu(), atol=1e-6)
-    return {"texts": len(texts), "seconds": times, "sentences_per_second": rate, "ratio": rate["toolkit"] / rate["sentence_transformers"], "same_embeddings": same}
+    return {
+        "texts": len(texts),
+        "seconds": times,
+        "sentences_per_second": rate,
+        "ratio": rate["toolkit"] / rate["sentence_transformers"],
+        "same_embeddings": same,
+    }
 
 
 def cache_speed(model, identity, docs, queries, batch) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         cache = EmbeddingCache(folder)
-        runs = [timed(lambda: (cache.encode(model, identity, docs, "document", batch_size=batch), cache.encode(model, identity, queries, "query", batch_size=batch))) for _ in range(2)]
+        runs = [
+            timed(
+                lambda: (
+                    cache.encode(model, identity, docs, "document", batch_size=batch),
+                    cache.encode(model, identity, queries, "query", batch_size=batch),
+                )
+            )
+            for _ in range(2)
+        ]
     assert (cache.misses, cache.hits) == (2, 2), (cache.misses, cache.hits)
     (first, a), (second, b) = runs
-    return {"documents": len(docs), "queries": len(queries), "first_seconds": first, "second_seconds": second,
-            "ratio": second / first, "target": 0.05, "identical": all(torch.equal(x, y) for x, y in zip(a, b))}
+    return {
+        "documents": len(docs),
+        "queries": len(queries),
+        "first_seconds": first,
+        "second_seconds": second,
+        "ratio": second / first,
+        "target": 0.05,
+        "identical": all(torch.equal(x, y) for x, y in zip(a, b)),
+    }
 
 
 def main() -> None:
@@ -80,9 +102,15 @@ def main() -> None:
     speed = throughput(model, identity, docs, batch, args.rounds)
     for k, v in speed["sentences_per_second"].items():
         print(f"{k:<22} {v:,.1f} sentences/s (median of {args.rounds})")
-    print(f"toolkit / sentence-transformers throughput: {speed['ratio']:.3f}; same embeddings: {speed['same_embeddings']}")
+    print(
+        f"toolkit / sentence-transformers throughput: {speed['ratio']:.3f}; same embeddings: "
+        f"{speed['same_embeddings']}"
+    )
     cache = cache_speed(model, identity, docs, queries, batch)
-    print(f"cache: {len(docs)} documents + {len(queries)} queries, first run {cache['first_seconds']:.2f} s, second {cache['second_seconds']:.3f} s")
+    print(
+        f"cache: {len(docs)} documents + {len(queries)} queries, first run {cache['first_seconds']:.2f} s, second "
+        f"{cache['second_seconds']:.3f} s"
+    )
     print(f"second/first: {100 * cache['ratio']:.2f}% (target <= 5%); identical embeddings: {cache['identical']}")
     write_result("encoding", {"data": data.source, "batch_size": batch, "throughput": speed, "cache": cache}, args.out)
 

@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/adapter.yaml")
     parser.add_argument("--data", default="../shared/data/disfl_qa")
     parser.add_argument("--split", default="val", choices=["val", "test"])
-    parser.add_argument("--repeats", type=int, default=2, help="re-encoding evaluations to time (reuse is timed 5x that)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="re-encoding evaluations to time (reuse is timed 5x that)"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -48,7 +50,9 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times), out
 
-    reuse_s, reuse = timed(lambda: evaluate(evaluator, run.lookup(), corpus_embeddings=run.documents), 5 * args.repeats)
+    reuse_s, reuse = timed(
+        lambda: evaluate(evaluator, run.lookup(), corpus_embeddings=run.documents), 5 * args.repeats
+    )
     encode_s, encoded = timed(lambda: evaluate(evaluator, run.model), args.repeats)
     gap = max(abs(reuse[k] - encoded[k]) for k in ("ndcg@10", "mrr@10", "accuracy@1"))
     ratio = encode_s / reuse_s
@@ -56,11 +60,22 @@ def main() -> None:
     print(f"reuse corpus embeddings: {reuse_s:.3f} s per evaluation (NDCG@10 {reuse['ndcg@10']:.4f})")
     print(f"re-encode every time:    {encode_s:.3f} s per evaluation (NDCG@10 {encoded['ndcg@10']:.4f})")
     print(f"speed-up: {ratio:.0f}x (target >= 10x); largest metric difference {gap:.2e}")
-    write_result("eval_reuse", {
-        "data": data.source, "split": args.split, "queries": len(evaluator.queries), "documents": len(evaluator.corpus),
-        "reuse_seconds": reuse_s, "reencode_seconds": encode_s, "speedup": ratio, "target": 10,
-        "ndcg@10": {"reuse": reuse["ndcg@10"], "reencode": encoded["ndcg@10"]}, "max_metric_difference": gap,
-    }, args.out)
+    write_result(
+        "eval_reuse",
+        {
+            "data": data.source,
+            "split": args.split,
+            "queries": len(evaluator.queries),
+            "documents": len(evaluator.corpus),
+            "reuse_seconds": reuse_s,
+            "reencode_seconds": encode_s,
+            "speedup": ratio,
+            "target": 10,
+            "ndcg@10": {"reuse": reuse["ndcg@10"], "reencode": encoded["ndcg@10"]},
+            "max_metric_difference": gap,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as runs:
         for name, overrides in configurations(args.backends).items():
             command = [
-                sys.executable, "-m", "finetune", "run", args.recipe, f"device={args.device}", f"output.dir={runs}",
-                f"name=cost-{len(rows)}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-                "train.eval_steps=100000", "train.load_best_model_at_end=false", *overrides,
+                sys.executable,
+                "-m",
+                "finetune",
+                "run",
+                args.recipe,
+                f"device={args.device}",
+                f"output.dir={runs}",
+                f"name=cost-{len(rows)}",
+                f"train.max_steps={args.steps}",
+                f"train.batch_size={args.batch_size}",
+                "train.eval_steps=100000",
+                "train.load_best_model_at_end=false",
+                *overrides,
                 *([f"data={args.data}"] if args.data else []),
             ]
             print("==", name, ":", " ".join(command[2:]), flush=True)
@@ -58,9 +68,13 @@ def main() -> None:
             (run_dir,) = Path(runs).glob(f"cost-{len(rows)}-*")
             m = json.loads((run_dir / "metrics.json").read_text())
             rows[name] = {
-                "backend": m["backend"], "precision": m["precision"], "optimizer": m["optimizer"],
-                "trainable_parameters": m["trainable_parameters"], "step_time": m["step_time"],
-                "peak_rss_mb": m["peak_rss_mb"], "peak_gpu_mb": m["peak_gpu_mb"],
+                "backend": m["backend"],
+                "precision": m["precision"],
+                "optimizer": m["optimizer"],
+                "trainable_parameters": m["trainable_parameters"],
+                "step_time": m["step_time"],
+                "peak_rss_mb": m["peak_rss_mb"],
+                "peak_gpu_mb": m["peak_gpu_mb"],
             }
     full = rows["full fine-tune"]
     print(f"\n{'configuration':<22}{'step s':>9}{'x full':>8}{'RSS MiB':>9}{'x full':>8}{'GPU MiB':>9}{'x full':>8}")
@@ -72,8 +86,14 @@ def main() -> None:
         r["rss_ratio"] = r["peak_rss_mb"] / full["peak_rss_mb"]
         r["gpu_ratio"] = r["peak_gpu_mb"] / full["peak_gpu_mb"] if r["peak_gpu_mb"] else None
         gpu = f"{r['peak_gpu_mb']:>9.0f}{r['gpu_ratio']:>8.2f}" if r["gpu_ratio"] else f"{'-':>9}{'-':>8}"
-        print(f"{name:<22}{r['step_time']['median_s']:>9.3f}{r['step_ratio']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['rss_ratio']:>8.2f}{gpu}")
-    write_result("qlora_cost_" + args.device, {"device": args.device, "steps": args.steps, "batch_size": args.batch_size, "configurations": rows}, args.out)
+        print(
+            f"{name:<22}{r['step_time']['median_s']:>9.3f}{r['step_ratio']:>8.2f}{r['peak_rss_mb']:>9.0f}{r['rss_ratio']:>8.2f}{gpu}"
+        )
+    write_result(
+        "qlora_cost_" + args.device,
+        {"device": args.device, "steps": args.steps, "batch_size": args.batch_size, "configurations": rows},
+        args.out,
+    )
 
 
 if __name__ == "__main__":

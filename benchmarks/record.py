@@ -1,7 +1,7 @@
 """What every benchmark result file holds besides its numbers: machine, versions, command, time.
 
-    from record import write_result
-    write_result("cache_speed", {"ratio": 0.01, ...})   # -> benchmarks/results/cache_speed.json
+from record import write_result
+write_result("cache_speed", {"ratio": 0.01, ...})   # -> benchmarks/results/cache_speed.json
 """
 
 from __future__ import annotations

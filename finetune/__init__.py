@@ -4,9 +4,9 @@ Two recipe families share one data layer, one set of splits and one evaluator:
 
 - ``adapter``: a query adapter trained over cached embeddings of a frozen encoder.
 
-Example:
-    >>> from finetune import load_recipe, run_recipe
-    >>> run_dir = run_recipe(load_recipe("recipes/adapter.yaml", ["train.epochs=5"]))
+Example (not run: it needs a model, data or a server)::
+    from finetune import load_recipe, run_recipe
+    run_dir = run_recipe(load_recipe("recipes/adapter.yaml", ["train.epochs=5"]))
 """
 
 __version__ = "0.1.0"

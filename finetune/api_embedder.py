@@ -22,10 +22,10 @@ class ApiEmbedder:
     Args:
         config: A :class:`~finetune.config.ModelConfig` with ``provider: openai_compatible``.
 
-    Example:
-        >>> embedder = ApiEmbedder(ModelConfig(provider="openai_compatible", name="text-embedding-3-small",
-        ...                                    base_url="http://127.0.0.1:8000/v1", dimensions=256))
-        >>> embedder.encode_document(["a", "b"]).shape
+    Example (not run: it needs a model, data or a server)::
+        embedder = ApiEmbedder(ModelConfig(provider="openai_compatible", name="text-embedding-3-small",
+                                           base_url="http://127.0.0.1:8000/v1", dimensions=256))
+        embedder.encode_document(["a", "b"]).shape
         torch.Size([2, 256])
     """
 
@@ -35,7 +35,9 @@ class ApiEmbedder:
 
     def __init__(self, config: ModelConfig):
         self.config = config
-        self.client = OpenAIClient(config.base_url, config.api_key_env, timeout=config.timeout, max_retries=config.max_retries)
+        self.client = OpenAIClient(
+            config.base_url, config.api_key_env, timeout=config.timeout, max_retries=config.max_retries
+        )
 
     def identity(self) -> str:
         """What the embedding cache keys on: endpoint, model and size (never the key)."""
@@ -47,7 +49,15 @@ class ApiEmbedder:
     def encode_document(self, sentences, prompt: str | None = None, **kwargs) -> torch.Tensor:
         return self._encode(sentences, prompt, **kwargs)
 
-    def _encode(self, sentences, prompt=None, batch_size: int = 64, normalize_embeddings: bool = True, show_progress_bar: bool = False, **_) -> torch.Tensor:
+    def _encode(
+        self,
+        sentences,
+        prompt=None,
+        batch_size: int = 64,
+        normalize_embeddings: bool = True,
+        show_progress_bar: bool = False,
+        **_,
+    ) -> torch.Tensor:
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         texts = [(prompt or "") + t for t in texts]
         out = []
@@ -66,11 +76,16 @@ class ApiEmbedder:
             rows = sorted(answer["data"], key=lambda r: r["index"])
             vectors = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
         except (KeyError, TypeError, ValueError):
-            raise FinetuneError("answer has no data[].embedding lists; is this an OpenAI-compatible embeddings endpoint?", where=where) from None
+            raise FinetuneError(
+                "answer has no data[].embedding lists; is this an OpenAI-compatible embeddings endpoint?", where=where
+            ) from None
         if vectors.ndim != 2 or len(vectors) != expected:
             raise FinetuneError(f"asked for {expected} embeddings, got {len(vectors)}", where=where)
         if self.config.dimensions and vectors.shape[1] != self.config.dimensions:
-            raise FinetuneError(f"asked for {self.config.dimensions}-d embeddings, got {vectors.shape[1]}-d; fix model.dimensions", where=where)
+            raise FinetuneError(
+                f"asked for {self.config.dimensions}-d embeddings, got {vectors.shape[1]}-d; fix model.dimensions",
+                where=where,
+            )
         if not torch.isfinite(vectors).all():
             raise FinetuneError("answer holds NaN or infinite values", where=where)
         return vectors

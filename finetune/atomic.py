@@ -21,9 +21,9 @@ import torch
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` if the block succeeds.
 
-    Example:
-        >>> with atomic_path("out/weights.safetensors") as tmp:
-        ...     save_file(tensors, tmp)
+    Example (not run: it needs a model, data or a server)::
+        with atomic_path("out/weights.safetensors") as tmp:
+            save_file(tensors, tmp)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,9 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Atomically save tensors as safetensors (never pickle)."""
     from safetensors.torch import save_file
 

@@ -33,10 +33,10 @@ class EmbeddingCache:
         enabled: When false, always encode and never write.
         force: Recompute (and overwrite) every entry this cache is asked for (``--force-recache``).
 
-    Example:
-        >>> cache = EmbeddingCache("/tmp/emb")
-        >>> docs = cache.encode(model, identity, corpus_texts, task="document")
-        >>> cache.hits, cache.misses
+    Example (not run: it needs a model, data or a server)::
+        cache = EmbeddingCache("/tmp/emb")
+        docs = cache.encode(model, identity, corpus_texts, task="document")
+        cache.hits, cache.misses
         (0, 1)
     """
 

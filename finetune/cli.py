@@ -11,25 +11,45 @@ from finetune.errors import FinetuneError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune embedding models for retrieval on your own documents.")
+    parser = argparse.ArgumentParser(
+        prog="finetune", description="Fine-tune embedding models for retrieval on your own documents."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe and write a run directory")
     validate = sub.add_parser("validate", help="check a recipe (and its data and splits) without training")
     for p in (run, validate):
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/adapter.yaml")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5 data=../shared/data/disfl_qa")
+        p.add_argument(
+            "overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5 data=../shared/data/disfl_qa"
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.add_argument("--force-recache", action="store_true", help="recompute cached embeddings")
     run.add_argument("--run-dir", help="write the run here instead of <output.dir>/<name>-<timestamp>")
-    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
-                     help="continue a killed run from its last checkpoint (default: the newest unfinished run of this recipe)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue a killed run from its last checkpoint (default: the newest unfinished run of this recipe)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace --run-dir if it exists")
-    compare = sub.add_parser("compare", help="run (or read) several recipes on one splits file; write a table and a chart")
+    compare = sub.add_parser(
+        "compare", help="run (or read) several recipes on one splits file; write a table and a chart"
+    )
     compare.add_argument("entries", nargs="+", help="recipe YAMLs and/or finished run directories")
     compare.add_argument("--data", help="data for every recipe, e.g. ../shared/data/disfl_qa")
     compare.add_argument("--splits", help="a splits.json for every recipe (default: the first one found)")
-    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe (repeatable)")
-    compare.add_argument("--out", default="runs/compare", help="where comparison.md/.json/.png go (default runs/compare)")
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every recipe (repeatable)",
+    )
+    compare.add_argument(
+        "--out", default="runs/compare", help="where comparison.md/.json/.png go (default runs/compare)"
+    )
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
     _synth_parsers(sub)
@@ -39,26 +59,51 @@ def _parser() -> argparse.ArgumentParser:
 def _synth_parsers(sub) -> None:
     import os
 
-    synth = sub.add_parser("synth", help="write (question, chunk) training pairs with an LLM behind an OpenAI-compatible endpoint")
-    synth.add_argument("--chunks", required=True, help="chunks .jsonl ({text, id}), or a .txt/.md file or folder to chunk")
+    synth = sub.add_parser(
+        "synth", help="write (question, chunk) training pairs with an LLM behind an OpenAI-compatible endpoint"
+    )
+    synth.add_argument(
+        "--chunks", required=True, help="chunks .jsonl ({text, id}), or a .txt/.md file or folder to chunk"
+    )
     synth.add_argument("--out", required=True, help="pairs .jsonl to write; the recipes read it with data=<out>")
     synth.add_argument("--per-chunk", type=int, default=10, help="questions to ask for per chunk (default 10)")
-    synth.add_argument("--model", default=os.environ.get("FINETUNE_SYNTH_MODEL", "gpt-4o-mini"), help="chat model name (default $FINETUNE_SYNTH_MODEL or gpt-4o-mini)")
-    synth.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-                       help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1 for Ollama (default $OPENAI_BASE_URL or OpenAI)")
-    synth.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key (default OPENAI_API_KEY; unset = no key)")
+    synth.add_argument(
+        "--model",
+        default=os.environ.get("FINETUNE_SYNTH_MODEL", "gpt-4o-mini"),
+        help="chat model name (default $FINETUNE_SYNTH_MODEL or gpt-4o-mini)",
+    )
+    synth.add_argument(
+        "--base-url",
+        default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1 for Ollama "
+        "(default $OPENAI_BASE_URL or OpenAI)",
+    )
+    synth.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the key (default OPENAI_API_KEY; unset = no key)",
+    )
     synth.add_argument("--prompt", help="prompt template file with {chunk} and {n} (default: the packaged one)")
     synth.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     synth.add_argument("--temperature", type=float, default=0.7)
-    synth.add_argument("--max-retries", type=int, default=5, help="retries per request on 429/5xx/timeouts (default 5)")
+    synth.add_argument(
+        "--max-retries", type=int, default=5, help="retries per request on 429/5xx/timeouts (default 5)"
+    )
     synth.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     synth.add_argument("--limit", type=int, help="only the first N chunks (a trial run)")
     chunk = sub.add_parser("chunk", help="split .txt/.md files into a chunks .jsonl")
     chunk.add_argument("docs", help="a .txt/.md file or a folder of them")
     chunk.add_argument("--out", required=True, help="chunks .jsonl to write")
     for p in (synth, chunk):
-        p.add_argument("--chunk-size", type=int, default=1500, help="characters per chunk when chunking text (default 1500)")
-        p.add_argument("--chunk-overlap", type=int, default=200, help="characters repeated between neighbouring chunks (default 200)")
+        p.add_argument(
+            "--chunk-size", type=int, default=1500, help="characters per chunk when chunking text (default 1500)"
+        )
+        p.add_argument(
+            "--chunk-overlap",
+            type=int,
+            default=200,
+            help="characters repeated between neighbouring chunks (default 200)",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -68,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow an option (run R --resume DIR train.lr=0.1); anything else is an error
-    if extra and (args.command not in ("run", "validate") or not all("=" in e and not e.startswith("-") for e in extra)):
+    if extra and (
+        args.command not in ("run", "validate") or not all("=" in e and not e.startswith("-") for e in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     # bitsandbytes warns at import about an optional hub-fetched CPU kernel; its built-in path is used.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not args.verbose:  # the evaluator logs every metric; the run prints its own table
@@ -93,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         preload_unsloth(recipe)  # before run imports transformers
         from finetune.run import run_recipe
 
-        run_recipe(recipe, force_recache=args.force_recache, command="python -m finetune " + shlex.join(argv),
-                   run_dir=args.run_dir, resume=args.resume, overwrite=args.overwrite)
+        run_recipe(
+            recipe,
+            force_recache=args.force_recache,
+            command="python -m finetune " + shlex.join(argv),
+            run_dir=args.run_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
         return 0
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -129,26 +184,45 @@ def _synth(args) -> int:
     from finetune.synth.generate import SynthSettings, describe, synthesize
 
     if not 0 <= args.chunk_overlap < args.chunk_size:
-        raise FinetuneError(f"need 0 <= --chunk-overlap < --chunk-size, got {args.chunk_overlap} and {args.chunk_size}", where="command line")
+        raise FinetuneError(
+            f"need 0 <= --chunk-overlap < --chunk-size, got {args.chunk_overlap} and {args.chunk_size}",
+            where="command line",
+        )
     source = args.docs if args.command == "chunk" else args.chunks
     chunks = load_chunks(source, args.chunk_size, args.chunk_overlap)
     if args.command == "chunk":
-        write_text(args.out, "".join(json.dumps({"id": c.id, "text": c.text, "source": c.source}, ensure_ascii=False) + "\n" for c in chunks))
+        write_text(
+            args.out,
+            "".join(
+                json.dumps({"id": c.id, "text": c.text, "source": c.source}, ensure_ascii=False) + "\n" for c in chunks
+            ),
+        )
         print(f"{len(chunks)} chunks written to {args.out}")
         return 0
     if args.per_chunk < 1 or args.concurrency < 1:
         raise FinetuneError("--per-chunk and --concurrency must be at least 1", where="command line")
     chunks = chunks[: args.limit] if args.limit else chunks
     settings = SynthSettings(
-        model=args.model, base_url=args.base_url, per_chunk=args.per_chunk, temperature=args.temperature, prompt=args.prompt,
-        api_key_env=args.api_key_env or None, concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+        model=args.model,
+        base_url=args.base_url,
+        per_chunk=args.per_chunk,
+        temperature=args.temperature,
+        prompt=args.prompt,
+        api_key_env=args.api_key_env or None,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
     )
     report = synthesize(chunks, args.out, settings)
     print(describe(report))
     print(f"pairs: {args.out}; train on them with: python -m finetune run recipes/adapter.yaml data={args.out}")
     if report.failed:
         first = next(iter(report.failed.values()))
-        print(f"error: {len(report.failed)} chunk(s) failed (first: {first}); run the same command again to retry only those", file=sys.stderr)
+        print(
+            f"error: {len(report.failed)} chunk(s) failed (first: {first}); run the same command again to retry only "
+            "those",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -162,7 +236,10 @@ def _validate(recipe, args) -> int:
 
         data = load_data(recipe.data)
         splits = make_splits(data, recipe.splits, recipe.seed)
-        print(f"data OK: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()}")
+        print(
+            f"data OK: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits "
+            f"{splits.counts()}"
+        )
         for model in recipe.model_configs():
             if model.provider != "local":
                 print(f"model: {model.name} at {model.base_url} ({model.provider}; not contacted by validate)")

@@ -46,11 +46,15 @@ def _split_ids(path: Path) -> dict:
 def _check_run_dir(path: Path) -> Path:
     for name in ("metrics.json", "splits.json"):
         if not (path / name).is_file():
-            raise FinetuneError(f"not a finished run directory (no {name}); pass a recipe YAML or a run directory", where=str(path))
+            raise FinetuneError(
+                f"not a finished run directory (no {name}); pass a recipe YAML or a run directory", where=str(path)
+            )
     return path
 
 
-def gather_runs(entries: list[str], data: str | None = None, splits_file: str | None = None, overrides: list[str] = (), echo=print) -> list[Path]:
+def gather_runs(
+    entries: list[str], data: str | None = None, splits_file: str | None = None, overrides: list[str] = (), echo=print
+) -> list[Path]:
     """Run or reuse each entry on one shared splits file and return the run directories, in order.
 
     Args:
@@ -79,7 +83,9 @@ def gather_runs(entries: list[str], data: str | None = None, splits_file: str | 
             echo(f"{entry}: reusing {run_dir}")
         else:
             echo(f"{entry}: running {recipe.name}")
-            run_dir = run_recipe(recipe, command="python -m finetune run " + " ".join([entry, *extra]), echo=lambda *_: None)
+            run_dir = run_recipe(
+                recipe, command="python -m finetune run " + " ".join([entry, *extra]), echo=lambda *_: None
+            )
         shared = shared or str(run_dir / "splits.json")
         runs.append(run_dir)
     _check_same_test_queries(runs)
@@ -90,7 +96,10 @@ def _check_same_test_queries(runs: list[Path]) -> None:
     first = json.loads((runs[0] / "splits.json").read_text())["test"]
     for run_dir in runs[1:]:
         if json.loads((run_dir / "splits.json").read_text())["test"] != first:
-            raise FinetuneError(f"its test queries differ from {runs[0]}'s; rerun it with splits.file={runs[0] / 'splits.json'}", where=str(run_dir))
+            raise FinetuneError(
+                f"its test queries differ from {runs[0]}'s; rerun it with splits.file={runs[0] / 'splits.json'}",
+                where=str(run_dir),
+            )
 
 
 def _label(metrics: dict) -> str:
@@ -111,18 +120,20 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
         if base_key not in bases:
             bases[base_key] = {"name": f"base ({model})", "run": None, **{k: m["base"][k] for k in METRICS}}
         seconds = m.get("seconds", {})
-        rows.append({
-            "name": _label(m),
-            "run": str(run_dir),
-            **{k: m["tuned"][k] for k in METRICS},
-            "train_seconds": seconds.get("train"),
-            "encode_seconds": seconds.get("encode"),
-            "peak_rss_mb": m.get("peak_rss_mb"),
-            "peak_gpu_mb": m.get("peak_gpu_mb"),
-            "trainable_parameters": m.get("trainable_parameters"),
-            "document_embeddings_recomputed": m.get("document_embeddings_recomputed"),
-            "device": m.get("device"),
-        })
+        rows.append(
+            {
+                "name": _label(m),
+                "run": str(run_dir),
+                **{k: m["tuned"][k] for k in METRICS},
+                "train_seconds": seconds.get("train"),
+                "encode_seconds": seconds.get("encode"),
+                "peak_rss_mb": m.get("peak_rss_mb"),
+                "peak_gpu_mb": m.get("peak_gpu_mb"),
+                "trainable_parameters": m.get("trainable_parameters"),
+                "document_embeddings_recomputed": m.get("document_embeddings_recomputed"),
+                "device": m.get("device"),
+            }
+        )
     return list(bases.values()) + rows
 
 
@@ -135,23 +146,29 @@ def _recipe_model(run_dir: Path) -> str:
 
 def markdown_table(rows: list[dict], n_test: int, n_corpus: int) -> str:
     """The comparison as a Markdown table (costs are blank for base rows)."""
+
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
 
     def memory(r):
-        parts = [f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" if r.get("peak_rss_mb") else "", f"{r['peak_gpu_mb']:.0f} MiB GPU" if r.get("peak_gpu_mb") else ""]
+        parts = [
+            f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" if r.get("peak_rss_mb") else "",
+            f"{r['peak_gpu_mb']:.0f} MiB GPU" if r.get("peak_gpu_mb") else "",
+        ]
         return ", ".join(p for p in parts if p)
 
     lines = [
         f"Test split: {n_test} queries against {n_corpus} documents, identical for every row.",
         "",
-        "| model | NDCG@10 | MRR@10 | accuracy@1 | recall@10 | train time | peak memory | trainable params | documents re-embedded |",
+        "| model | NDCG@10 | MRR@10 | accuracy@1 | recall@10 | train time | peak memory | trainable params | "
+        "documents re-embedded |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         recomputed = r.get("document_embeddings_recomputed")
         lines.append(
-            f"| {r['name']} | " + " | ".join(f"{r[k]:.4f}" for k in METRICS)
+            f"| {r['name']} | "
+            + " | ".join(f"{r[k]:.4f}" for k in METRICS)
             + f" | {_train_time(r)}"
             + f" | {memory(r)} | {num(r.get('trainable_parameters'), ',')}"
             + f" | {'' if recomputed is None else 'yes' if recomputed else 'no'} |"
@@ -164,7 +181,11 @@ def _train_time(row: dict) -> str:
         return ""
     text = f"{row['train_seconds']:.1f} s"
     if row.get("encode_seconds") is not None:  # frozen-encoder recipes pay for embedding once, then train on the cache
-        text += f" (+{row['encode_seconds']:.1f} s embedding)" if row["encode_seconds"] >= 0.05 else " (embeddings from cache)"
+        text += (
+            f" (+{row['encode_seconds']:.1f} s embedding)"
+            if row["encode_seconds"] >= 0.05
+            else " (embeddings from cache)"
+        )
     return text
 
 
@@ -200,6 +221,9 @@ def write_comparison(runs: list[Path], out_dir: Path) -> str:
     table = markdown_table(rows, n_test, n_corpus)
     out_dir = Path(out_dir)
     write_text(out_dir / "comparison.md", table)
-    write_json(out_dir / "comparison.json", {"splits": str(runs[0] / "splits.json"), "n_test": n_test, "n_corpus": n_corpus, "rows": rows})
+    write_json(
+        out_dir / "comparison.json",
+        {"splits": str(runs[0] / "splits.json"), "n_test": n_test, "n_corpus": n_corpus, "rows": rows},
+    )
     plot(rows, out_dir / "comparison.png", f"test split: {n_test} queries, {n_corpus} documents")
     return table

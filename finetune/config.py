@@ -38,16 +38,28 @@ class ModelConfig(Section):
     provider: Literal["local", "openai_compatible"] = "local"
     base_url: str | None = Field(None, description="openai_compatible: e.g. http://127.0.0.1:8000/v1")
     dimensions: int | None = Field(None, gt=0, description="openai_compatible: ask for embeddings of this size")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key (never stored)")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key (never stored)"
+    )
     timeout: float = Field(60.0, gt=0, description="openai_compatible: seconds per request")
     max_retries: int = Field(5, ge=0, description="openai_compatible: retries on 429/5xx/timeouts")
     max_seq_length: int | None = Field(None, gt=0)
-    query_prompt: str | None = Field(None, description="prompt text for queries; default: the checkpoint's own ('' = none)")
-    document_prompt: str | None = Field(None, description="prompt text for documents; default: the checkpoint's own ('' = none)")
-    query_prompt_name: str | None = Field(None, description="pick the query prompt by name from the checkpoint's saved prompts")
-    document_prompt_name: str | None = Field(None, description="pick the document prompt by name from the checkpoint's saved prompts")
+    query_prompt: str | None = Field(
+        None, description="prompt text for queries; default: the checkpoint's own ('' = none)"
+    )
+    document_prompt: str | None = Field(
+        None, description="prompt text for documents; default: the checkpoint's own ('' = none)"
+    )
+    query_prompt_name: str | None = Field(
+        None, description="pick the query prompt by name from the checkpoint's saved prompts"
+    )
+    document_prompt_name: str | None = Field(
+        None, description="pick the document prompt by name from the checkpoint's saved prompts"
+    )
     batch_size: int = Field(64, gt=0, description="encoding batch size")
-    encode_devices: list[str] | None = Field(None, description="encode on several processes, e.g. [cuda:0, cuda:1] or [cpu, cpu]")
+    encode_devices: list[str] | None = Field(
+        None, description="encode on several processes, e.g. [cuda:0, cuda:1] or [cpu, cpu]"
+    )
     trust_remote_code: bool = False
 
     @model_validator(mode="before")
@@ -61,11 +73,21 @@ class ModelConfig(Section):
             if getattr(self, f"{side}_prompt") is not None and getattr(self, f"{side}_prompt_name") is not None:
                 raise ValueError(f"set {side}_prompt (a text) or {side}_prompt_name (a saved prompt's name), not both")
             if self.provider != "local" and getattr(self, f"{side}_prompt_name") is not None:
-                raise ValueError(f"{side}_prompt_name picks a checkpoint's saved prompt; an API model has none, so give {side}_prompt as text")
+                raise ValueError(
+                    f"{side}_prompt_name picks a checkpoint's saved prompt; an API model has none, so give "
+                    f"{side}_prompt as text"
+                )
         if self.provider == "openai_compatible" and not self.base_url:
             raise ValueError("provider 'openai_compatible' needs base_url, e.g. http://127.0.0.1:8000/v1")
-        if self.provider == "openai_compatible" and self.api_key_env and self.api_key_env.startswith(("sk-", "Bearer")):
-            raise ValueError("api_key_env names an environment variable, not the key itself; export the key and put its variable name here")
+        if (
+            self.provider == "openai_compatible"
+            and self.api_key_env
+            and self.api_key_env.startswith(("sk-", "Bearer"))
+        ):
+            raise ValueError(
+                "api_key_env names an environment variable, not the key itself; export the key and put its variable "
+                "name here"
+            )
         return self
 
 
@@ -176,8 +198,12 @@ class NegativesConfig(Section):
     pool: Literal["corpus", "file"] = "corpus"
     file: str | None = None
     range_min: int = Field(0, ge=0, description="mined/bm25: skip this many top-ranked candidates")
-    range_max: int | None = Field(None, gt=0, description="mined/bm25: consider candidates up to this rank (default: derived)")
-    relative_margin: float | None = Field(0.05, ge=0.0, lt=1.0, description="mined: drop candidates scoring above (1 - margin) x the positive's score")
+    range_max: int | None = Field(
+        None, gt=0, description="mined/bm25: consider candidates up to this rank (default: derived)"
+    )
+    relative_margin: float | None = Field(
+        0.05, ge=0.0, lt=1.0, description="mined: drop candidates scoring above (1 - margin) x the positive's score"
+    )
     max_score: float | None = Field(None, description="mined: drop candidates scoring above this")
     sampling: Literal["top", "random"] = "top"
 

@@ -18,8 +18,8 @@ class FinetuneError(Exception):
         message: What is wrong and how to fix it.
         where: The file (and optionally field or line) the problem is in, e.g. ``"recipe.yaml: train.lr"``.
 
-    Example:
-        >>> raise FinetuneError("must be > 0, got -1", where="recipes/adapter.yaml: train.lr")
+    Example (not run: it needs a model, data or a server)::
+        raise FinetuneError("must be > 0, got -1", where="recipes/adapter.yaml: train.lr")
     """
 
     def __init__(self, message: str, where: str | None = None):

@@ -57,7 +57,9 @@ def build_evaluator(
     )
 
 
-def evaluate(evaluator: InformationRetrievalEvaluator, model, corpus_embeddings: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate(
+    evaluator: InformationRetrievalEvaluator, model, corpus_embeddings: torch.Tensor | None = None
+) -> dict[str, float]:
     """Score ``model`` and return ``{"ndcg@10": ..., "mrr@10": ..., ...}`` (score-function prefix removed).
 
     Args:
@@ -88,9 +90,9 @@ class EmbeddingLookup:
         query_transform: Applied to query embeddings on the way out, e.g. a trained adapter
             (it receives and must return tensors on the embeddings' device).
 
-    Example:
-        >>> lookup = EmbeddingLookup(q_texts, q_emb, d_texts, d_emb, query_transform=adapter)
-        >>> evaluate(build_evaluator(data, splits.val, "val"), lookup, corpus_embeddings=d_emb)["ndcg@10"]
+    Example (not run: it needs a model, data or a server)::
+        lookup = EmbeddingLookup(q_texts, q_emb, d_texts, d_emb, query_transform=adapter)
+        evaluate(build_evaluator(data, splits.val, "val"), lookup, corpus_embeddings=d_emb)["ndcg@10"]
     """
 
     similarity_fn_name = "cosine"

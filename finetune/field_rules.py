@@ -59,12 +59,27 @@ def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
 
     rules = [
         Rule(f"{section}.{f}", remote, f"{section}.{api}", (f"{section}.{f}={v}",), kinds=kinds)
-        for f, v in (("base_url", "http://127.0.0.1:9/v1"), ("dimensions", 64), ("api_key_env", "MY_KEY"), ("timeout", 5), ("max_retries", 1))
+        for f, v in (
+            ("base_url", "http://127.0.0.1:9/v1"),
+            ("dimensions", 64),
+            ("api_key_env", "MY_KEY"),
+            ("timeout", 5),
+            ("max_retries", 1),
+        )
     ]
     if "adapter" in kinds:  # only the adapter recipe accepts an API model
         rules += [
-            Rule(f"{section}.{f}", lambda r: not remote(r), f"{section}.{local}",
-                 (f"{section}.provider=openai_compatible", f"{section}.base_url=http://127.0.0.1:9/v1", f"{section}.{f}={v}"), kinds=("adapter",))
+            Rule(
+                f"{section}.{f}",
+                lambda r: not remote(r),
+                f"{section}.{local}",
+                (
+                    f"{section}.provider=openai_compatible",
+                    f"{section}.base_url=http://127.0.0.1:9/v1",
+                    f"{section}.{f}={v}",
+                ),
+                kinds=("adapter",),
+            )
             for f, v in (("max_seq_length", 64), ("trust_remote_code", "true"), ("encode_devices", "[cpu]"))
         ]
     return rules
@@ -72,73 +87,294 @@ def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
 
 RULES: list[Rule] = [
     # data: what each source type reads
-    Rule("data.name", lambda r: r.data.type in ("builtin", "hf") and not (r.data.type == "hf" and r.data.path), "data.type is builtin, or hf without a path",
-         ("data.type=pairs", "data.path=x.jsonl", "data.name=construction-faq"), "or pass data=NAME to read that data"),
-    Rule("data.path", lambda r: r.data.type in ("pairs", "beir", "hf"), "data.type is pairs, beir or hf",
-         ("data.type=builtin", "data.path=elsewhere.jsonl"), "or pass data=PATH to read that file or folder instead"),
+    Rule(
+        "data.name",
+        lambda r: r.data.type in ("builtin", "hf") and not (r.data.type == "hf" and r.data.path),
+        "data.type is builtin, or hf without a path",
+        ("data.type=pairs", "data.path=x.jsonl", "data.name=construction-faq"),
+        "or pass data=NAME to read that data",
+    ),
+    Rule(
+        "data.path",
+        lambda r: r.data.type in ("pairs", "beir", "hf"),
+        "data.type is pairs, beir or hf",
+        ("data.type=builtin", "data.path=elsewhere.jsonl"),
+        "or pass data=PATH to read that file or folder instead",
+    ),
     Rule("data.split", lambda r: r.data.type == "hf", "data.type is hf", ("data.split=train",)),
-    Rule("data.columns", lambda r: r.data.type in ("pairs", "hf"), "data.type is pairs or hf (builtin and BEIR data have fixed fields)",
-         ("data.columns.query=question",)),
-    Rule("data.columns.negative", lambda r: r.negatives.strategy == "given", "negatives.strategy is given",
-         ("data.type=pairs", "data.name=null", "data.path=x.jsonl", "data.columns.negative=neg", "negatives.strategy=random"),
-         "or set negatives.strategy=given"),
+    Rule(
+        "data.columns",
+        lambda r: r.data.type in ("pairs", "hf"),
+        "data.type is pairs or hf (builtin and BEIR data have fixed fields)",
+        ("data.columns.query=question",),
+    ),
+    Rule(
+        "data.columns.negative",
+        lambda r: r.negatives.strategy == "given",
+        "negatives.strategy is given",
+        (
+            "data.type=pairs",
+            "data.name=null",
+            "data.path=x.jsonl",
+            "data.columns.negative=neg",
+            "negatives.strategy=random",
+        ),
+        "or set negatives.strategy=given",
+    ),
     # splits: a splits file replaces the fractions
-    *(Rule(f"splits.{f}", lambda r: not r.splits.file, "splits.file is not set (a splits file fixes the split)", ("splits.file=s.json", f"splits.{f}={v}"))
-      for f, v in (("test_fraction", 0.3), ("val_fraction", 0.2), ("group_by_domain", "true"), ("use_predefined", "false"))),
-    Rule("splits.use_predefined", lambda r: r.data.type == "beir", "data.type is beir (only BEIR folders carry predefined splits)", ("splits.use_predefined=false",)),
-    Rule("splits.group_by_domain", lambda r: r.data.type == "builtin" or bool(r.data.columns.domain), "the data has domains (builtin, or data.columns.domain set)",
-         ("data.type=pairs", "data.name=null", "data.path=x.jsonl", "splits.group_by_domain=true"), "or set data.columns.domain"),
+    *(
+        Rule(
+            f"splits.{f}",
+            lambda r: not r.splits.file,
+            "splits.file is not set (a splits file fixes the split)",
+            ("splits.file=s.json", f"splits.{f}={v}"),
+        )
+        for f, v in (
+            ("test_fraction", 0.3),
+            ("val_fraction", 0.2),
+            ("group_by_domain", "true"),
+            ("use_predefined", "false"),
+        )
+    ),
+    Rule(
+        "splits.use_predefined",
+        lambda r: r.data.type == "beir",
+        "data.type is beir (only BEIR folders carry predefined splits)",
+        ("splits.use_predefined=false",),
+    ),
+    Rule(
+        "splits.group_by_domain",
+        lambda r: r.data.type == "builtin" or bool(r.data.columns.domain),
+        "the data has domains (builtin, or data.columns.domain set)",
+        ("data.type=pairs", "data.name=null", "data.path=x.jsonl", "splits.group_by_domain=true"),
+        "or set data.columns.domain",
+    ),
     # negatives: each strategy reads its own fields
-    Rule("negatives.per_query", lambda r: r.negatives.strategy != "none", "negatives.strategy is not none", ("negatives.strategy=none", "negatives.per_query=3")),
-    Rule("negatives.pool", lambda r: r.kind == "adapter" and r.negatives.strategy == "random",
-         "negatives.strategy is random in an adapter recipe (qlora and cross_adapter draw negatives from the corpus)",
-         ("negatives.strategy=mined", "negatives.pool=file", "negatives.file=n.txt")),
-    Rule("negatives.file", lambda r: r.kind == "adapter" and r.negatives.strategy == "random" and r.negatives.pool == "file",
-         "negatives.strategy is random and negatives.pool is file, in an adapter recipe", ("negatives.strategy=random", "negatives.file=n.txt"),
-         "or set negatives.pool=file"),
-    *(Rule(f"negatives.{f}", _neg("mined", "bm25"), "negatives.strategy is mined or bm25", ("negatives.strategy=random", f"negatives.{f}={v}"))
-      for f, v in (("range_min", 2), ("range_max", 30), ("sampling", "random"))),
-    *(Rule(f"negatives.{f}", _neg("mined"), "negatives.strategy is mined (dense scores)", ("negatives.strategy=bm25", f"negatives.{f}={v}"))
-      for f, v in (("relative_margin", 0.1), ("max_score", 0.9))),
+    Rule(
+        "negatives.per_query",
+        lambda r: r.negatives.strategy != "none",
+        "negatives.strategy is not none",
+        ("negatives.strategy=none", "negatives.per_query=3"),
+    ),
+    Rule(
+        "negatives.pool",
+        lambda r: r.kind == "adapter" and r.negatives.strategy == "random",
+        "negatives.strategy is random in an adapter recipe (qlora and cross_adapter draw negatives from the corpus)",
+        ("negatives.strategy=mined", "negatives.pool=file", "negatives.file=n.txt"),
+    ),
+    Rule(
+        "negatives.file",
+        lambda r: r.kind == "adapter" and r.negatives.strategy == "random" and r.negatives.pool == "file",
+        "negatives.strategy is random and negatives.pool is file, in an adapter recipe",
+        ("negatives.strategy=random", "negatives.file=n.txt"),
+        "or set negatives.pool=file",
+    ),
+    *(
+        Rule(
+            f"negatives.{f}",
+            _neg("mined", "bm25"),
+            "negatives.strategy is mined or bm25",
+            ("negatives.strategy=random", f"negatives.{f}={v}"),
+        )
+        for f, v in (("range_min", 2), ("range_max", 30), ("sampling", "random"))
+    ),
+    *(
+        Rule(
+            f"negatives.{f}",
+            _neg("mined"),
+            "negatives.strategy is mined (dense scores)",
+            ("negatives.strategy=bm25", f"negatives.{f}={v}"),
+        )
+        for f, v in (("relative_margin", 0.1), ("max_score", 0.9))
+    ),
     # cache
-    Rule("cache.dir", lambda r: r.cache.enabled, "cache.enabled is true", ("cache.enabled=false", "cache.dir=/tmp/elsewhere"), kinds=("adapter", "cross_adapter")),
+    Rule(
+        "cache.dir",
+        lambda r: r.cache.enabled,
+        "cache.enabled is true",
+        ("cache.enabled=false", "cache.dir=/tmp/elsewhere"),
+        kinds=("adapter", "cross_adapter"),
+    ),
     # adapter and cross_adapter layers and losses
-    *(Rule(f"adapter.{f}", lambda r: r.adapter.type == "mlp", "adapter.type is mlp", ("adapter.type=linear", f"adapter.{f}={v}"), kinds=("adapter",))
-      for f, v in (("hidden_dim", 64), ("dropout", 0.1))),
-    Rule("projection.hidden_dim", lambda r: r.projection.type == "mlp", "projection.type is mlp", ("projection.type=linear", "projection.hidden_dim=64"), kinds=("cross_adapter",)),
-    Rule("loss.margin", lambda r: r.loss.type == "triplet", "loss.type is triplet", ("loss.type=mnrl", "loss.margin=0.5"), kinds=("adapter", "cross_adapter")),
-    Rule("loss.temperature", lambda r: r.loss.type == "mnrl", "loss.type is mnrl", ("loss.type=triplet", "loss.temperature=0.1"), kinds=("adapter", "cross_adapter")),
-    *(Rule(f"alignment.{f}", lambda r: bool(_modes(r) & {"alignment_only", "both"}), "mode includes alignment_only or both",
-           ("mode=label_only", f"alignment.{f}={v}"), kinds=("cross_adapter",))
-      for f, v in (("loss", "mse"), ("use_queries", "false"), ("epochs", 3), ("batch_size", 16), ("lr", 0.01), ("weight_decay", 0.1))),
-    Rule("domains.min_queries", lambda r: r.domains.leave_one_domain_out or r.domains.per_domain, "domains.leave_one_domain_out or domains.per_domain",
-         ("domains.leave_one_domain_out=false", "domains.per_domain=false", "domains.min_queries=4"), kinds=("cross_adapter",)),
-    Rule("domains.test_fraction", lambda r: r.domains.per_domain, "domains.per_domain is true", ("domains.per_domain=false", "domains.test_fraction=0.5"), kinds=("cross_adapter",)),
+    *(
+        Rule(
+            f"adapter.{f}",
+            lambda r: r.adapter.type == "mlp",
+            "adapter.type is mlp",
+            ("adapter.type=linear", f"adapter.{f}={v}"),
+            kinds=("adapter",),
+        )
+        for f, v in (("hidden_dim", 64), ("dropout", 0.1))
+    ),
+    Rule(
+        "projection.hidden_dim",
+        lambda r: r.projection.type == "mlp",
+        "projection.type is mlp",
+        ("projection.type=linear", "projection.hidden_dim=64"),
+        kinds=("cross_adapter",),
+    ),
+    Rule(
+        "loss.margin",
+        lambda r: r.loss.type == "triplet",
+        "loss.type is triplet",
+        ("loss.type=mnrl", "loss.margin=0.5"),
+        kinds=("adapter", "cross_adapter"),
+    ),
+    Rule(
+        "loss.temperature",
+        lambda r: r.loss.type == "mnrl",
+        "loss.type is mnrl",
+        ("loss.type=triplet", "loss.temperature=0.1"),
+        kinds=("adapter", "cross_adapter"),
+    ),
+    *(
+        Rule(
+            f"alignment.{f}",
+            lambda r: bool(_modes(r) & {"alignment_only", "both"}),
+            "mode includes alignment_only or both",
+            ("mode=label_only", f"alignment.{f}={v}"),
+            kinds=("cross_adapter",),
+        )
+        for f, v in (
+            ("loss", "mse"),
+            ("use_queries", "false"),
+            ("epochs", 3),
+            ("batch_size", 16),
+            ("lr", 0.01),
+            ("weight_decay", 0.1),
+        )
+    ),
+    Rule(
+        "domains.min_queries",
+        lambda r: r.domains.leave_one_domain_out or r.domains.per_domain,
+        "domains.leave_one_domain_out or domains.per_domain",
+        ("domains.leave_one_domain_out=false", "domains.per_domain=false", "domains.min_queries=4"),
+        kinds=("cross_adapter",),
+    ),
+    Rule(
+        "domains.test_fraction",
+        lambda r: r.domains.per_domain,
+        "domains.per_domain is true",
+        ("domains.per_domain=false", "domains.test_fraction=0.5"),
+        kinds=("cross_adapter",),
+    ),
     # qlora: LoRA settings are for method lora, quantisation settings for nf4
-    Rule("backend", _lora, "method is lora (full fine-tuning has one backend)", ("method=full", "quantization=none", "backend=peft"), kinds=("qlora",)),
-    Rule("compute_dtype", _lora, "method is lora (full fine-tuning uses train.precision)", ("method=full", "quantization=none", "compute_dtype=float32"), kinds=("qlora",)),
-    Rule("double_quant", lambda r: r.quantization == "nf4", "quantization is nf4", ("quantization=none", "double_quant=false"), kinds=("qlora",)),
-    *(Rule(f"lora.{f}", _lora, "method is lora", ("method=full", "quantization=none", f"lora.{f}={v}"), kinds=("qlora",))
-      for f, v in (("r", 8), ("alpha", 8), ("dropout", 0.1), ("target_modules", "[query]"), ("use_rslora", "true"), ("bias", "all"), ("train_head", "true"))),
+    Rule(
+        "backend",
+        _lora,
+        "method is lora (full fine-tuning has one backend)",
+        ("method=full", "quantization=none", "backend=peft"),
+        kinds=("qlora",),
+    ),
+    Rule(
+        "compute_dtype",
+        _lora,
+        "method is lora (full fine-tuning uses train.precision)",
+        ("method=full", "quantization=none", "compute_dtype=float32"),
+        kinds=("qlora",),
+    ),
+    Rule(
+        "double_quant",
+        lambda r: r.quantization == "nf4",
+        "quantization is nf4",
+        ("quantization=none", "double_quant=false"),
+        kinds=("qlora",),
+    ),
+    *(
+        Rule(
+            f"lora.{f}",
+            _lora,
+            "method is lora",
+            ("method=full", "quantization=none", f"lora.{f}={v}"),
+            kinds=("qlora",),
+        )
+        for f, v in (
+            ("r", 8),
+            ("alpha", 8),
+            ("dropout", 0.1),
+            ("target_modules", "[query]"),
+            ("use_rslora", "true"),
+            ("bias", "all"),
+            ("train_head", "true"),
+        )
+    ),
     *_model_rules("model", ("adapter", "qlora")),
     *_model_rules("query_model", ("cross_adapter",)),
     *_model_rules("document_model", ("cross_adapter",)),
-    Rule("model.encode_devices", lambda r: False, "the recipe encodes with a frozen model (adapter, cross_adapter); QLoRA trains the encoder",
-         ("model.encode_devices=[cpu]",), kinds=("qlora",)),
+    Rule(
+        "model.encode_devices",
+        lambda r: False,
+        "the recipe encodes with a frozen model (adapter, cross_adapter); QLoRA trains the encoder",
+        ("model.encode_devices=[cpu]",),
+        kinds=("qlora",),
+    ),
 ]
 
-_ALWAYS_MODEL = ("name", "provider", "query_prompt", "document_prompt", "query_prompt_name", "document_prompt_name", "batch_size")
+_ALWAYS_MODEL = (
+    "name",
+    "provider",
+    "query_prompt",
+    "document_prompt",
+    "query_prompt_name",
+    "document_prompt_name",
+    "batch_size",
+)
 ALWAYS: set[str] = {
-    "kind", "name", "seed", "device", "output.dir", "data.type", "data.max_queries", "splits.file",
-    "data.columns.query", "data.columns.positive", "data.columns.id", "data.columns.domain",
-    "negatives.strategy", "cache.enabled", "adapter.type", "loss.type", "projection.type", "mode", "train_ratios",
-    "domains.leave_one_domain_out", "domains.per_domain", "method", "quantization", "pooling",
-    *(f"train.{f}" for f in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip", "patience", "save_every", "max_steps",
-                             "scheduler", "optimizer", "precision", "gradient_checkpointing", "eval_steps", "save_total_limit",
-                             "load_best_model_at_end", "logging_steps", "max_grad_norm")),
+    "kind",
+    "name",
+    "seed",
+    "device",
+    "output.dir",
+    "data.type",
+    "data.max_queries",
+    "splits.file",
+    "data.columns.query",
+    "data.columns.positive",
+    "data.columns.id",
+    "data.columns.domain",
+    "negatives.strategy",
+    "cache.enabled",
+    "adapter.type",
+    "loss.type",
+    "projection.type",
+    "mode",
+    "train_ratios",
+    "domains.leave_one_domain_out",
+    "domains.per_domain",
+    "method",
+    "quantization",
+    "pooling",
+    *(
+        f"train.{f}"
+        for f in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "warmup_ratio",
+            "grad_clip",
+            "patience",
+            "save_every",
+            "max_steps",
+            "scheduler",
+            "optimizer",
+            "precision",
+            "gradient_checkpointing",
+            "eval_steps",
+            "save_total_limit",
+            "load_best_model_at_end",
+            "logging_steps",
+            "max_grad_norm",
+        )
+    ),
     *(f"{s}.{f}" for s in MODEL_SECTIONS for f in _ALWAYS_MODEL),
-    "model.max_seq_length", "model.trust_remote_code",  # the qlora kind takes local models only
-    *(f"{s}.{f}" for s in ("query_model", "document_model") for f in ("max_seq_length", "trust_remote_code", "encode_devices")),
+    "model.max_seq_length",
+    "model.trust_remote_code",  # the qlora kind takes local models only
+    *(
+        f"{s}.{f}"
+        for s in ("query_model", "document_model")
+        for f in ("max_seq_length", "trust_remote_code", "encode_devices")
+    ),
 }
 
 
@@ -174,6 +410,10 @@ def check_fields(recipe: BaseModel, where: str = "recipe") -> None:
         if got is None or got[0] == got[1] or rule.applies(recipe):
             continue
         value = got[0].model_dump(exclude_defaults=True) if isinstance(got[0], BaseModel) else got[0]
-        default = "" if isinstance(got[1], BaseModel) else f" (on the command line: {rule.path}={_yaml(got[1])}, its default)"
+        default = (
+            ""
+            if isinstance(got[1], BaseModel)
+            else f" (on the command line: {rule.path}={_yaml(got[1])}, its default)"
+        )
         fix = f"; remove it{default}{', ' + rule.fix if rule.fix else ''}"
         raise FinetuneError(f"{rule.path}={value!r} has no effect unless {rule.when}{fix}", where=where)

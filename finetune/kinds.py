@@ -58,7 +58,10 @@ class RecipeKind:
     def refuse_resume(self) -> None:
         """One line, before anything is written, when this kind's runs cannot be resumed."""
         if not self.runner_class().resumable:
-            raise FinetuneError(f"--resume is not available for {self.name} recipes (its runs are short); start the recipe again", where=f"recipe: kind {self.name}")
+            raise FinetuneError(
+                f"--resume is not available for {self.name} recipes (its runs are short); start the recipe again",
+                where=f"recipe: kind {self.name}",
+            )
 
 
 KINDS: dict[str, RecipeKind] = {
@@ -66,6 +69,8 @@ KINDS: dict[str, RecipeKind] = {
     for k in (
         RecipeKind("adapter", AdapterRecipe, "finetune.adapter.runner:AdapterRun", caches_embeddings=True),
         RecipeKind("qlora", QLoRARecipe, "finetune.qlora.runner:QLoRARun", caches_embeddings=False),
-        RecipeKind("cross_adapter", CrossAdapterRecipe, "finetune.cross.runner:CrossAdapterRun", caches_embeddings=True),
+        RecipeKind(
+            "cross_adapter", CrossAdapterRecipe, "finetune.cross.runner:CrossAdapterRun", caches_embeddings=True
+        ),
     )
 }

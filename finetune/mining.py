@@ -38,7 +38,9 @@ class MinedNegatives:
 def require_given_column(data: RetrievalData, config: NegativesConfig) -> None:
     """``strategy: given`` needs the data's negative column; say so before anything runs."""
     if config.strategy == "given" and not data.negatives:
-        raise FinetuneError("strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy")
+        raise FinetuneError(
+            "strategy 'given' needs a negative column; set data.columns.negative", where="recipe: negatives.strategy"
+        )
 
 
 def find_negatives(
@@ -68,9 +70,9 @@ def find_negatives(
     Returns:
         :class:`MinedNegatives`: query id -> ``config.per_query`` document ids.
 
-    Example:
-        >>> mined = find_negatives(data, splits.train, NegativesConfig(strategy="bm25", per_query=2))
-        >>> len(mined.by_query[splits.train[0]])
+    Example (not run: it needs a model, data or a server)::
+        mined = find_negatives(data, splits.train, NegativesConfig(strategy="bm25", per_query=2))
+        len(mined.by_query[splits.train[0]])
         2
     """
     if not query_ids:
@@ -91,7 +93,9 @@ def find_negatives(
     return _fill(data, query_ids, ranked, config, seed)
 
 
-def _dense_candidates(data, query_ids, config, model, batch_size, query_prompt, document_prompt) -> dict[str, list[str]]:
+def _dense_candidates(
+    data, query_ids, config, model, batch_size, query_prompt, document_prompt
+) -> dict[str, list[str]]:
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
@@ -103,7 +107,10 @@ def _dense_candidates(data, query_ids, config, model, batch_size, query_prompt, 
     n_candidates = config.range_max or config.range_min + 10 * config.per_query
     n_candidates = min(n_candidates, len(corpus_texts) - 1) - config.range_min
     if n_candidates < 1:
-        raise FinetuneError(f"the corpus has {len(corpus_texts)} documents, too few to skip range_min={config.range_min}", where="negatives.range_min")
+        raise FinetuneError(
+            f"the corpus has {len(corpus_texts)} documents, too few to skip range_min={config.range_min}",
+            where="negatives.range_min",
+        )
     mined = mine_hard_negatives(
         Dataset.from_dict({"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}),
         model,
@@ -131,27 +138,40 @@ def _bm25_candidates(data, query_ids, config, seed: int) -> dict[str, list[str]]
     try:
         import bm25s
     except ImportError:
-        raise FinetuneError("negatives.strategy 'bm25' needs bm25s; pip install bm25s", where="recipe: negatives.strategy") from None
+        raise FinetuneError(
+            "negatives.strategy 'bm25' needs bm25s; pip install bm25s", where="recipe: negatives.strategy"
+        ) from None
     doc_ids = list(data.corpus)
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False), show_progress=False)
+    retriever.index(
+        bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False), show_progress=False
+    )
     texts = [data.queries[q] for q in query_ids]
     depth = config.range_max or config.range_min + 10 * config.per_query
     # the positives may rank inside the window: fetch that many more, and skip them below
     widest = max(len(data.relevant[q]) for q in query_ids)
     k = min(len(doc_ids), depth + widest)
-    hits, scores = retriever.retrieve(bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False), k=k, show_progress=False)
+    hits, scores = retriever.retrieve(
+        bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False), k=k, show_progress=False
+    )
     rng = random.Random(seed)
     out = {}
     for q, row, score in zip(query_ids, hits, scores):
         positives = data.relevant[q]
         positive_texts = {data.corpus[d].strip().lower() for d in positives}
         ranked = [
-            doc_ids[int(i)] for i, s in zip(row, score)
-            if s > 0 and doc_ids[int(i)] not in positives and data.corpus[doc_ids[int(i)]].strip().lower() not in positive_texts
+            doc_ids[int(i)]
+            for i, s in zip(row, score)
+            if s > 0
+            and doc_ids[int(i)] not in positives
+            and data.corpus[doc_ids[int(i)]].strip().lower() not in positive_texts
         ]
         window = ranked[config.range_min : depth]
-        out[q] = window[: config.per_query] if config.sampling == "top" else rng.sample(window, min(config.per_query, len(window)))
+        out[q] = (
+            window[: config.per_query]
+            if config.sampling == "top"
+            else rng.sample(window, min(config.per_query, len(window)))
+        )
     return out
 
 
@@ -163,13 +183,27 @@ def _fill(data, query_ids, ranked: dict[str, list[str]], config, seed: int) -> M
     for q in query_ids:
         chosen = list(ranked.get(q, []))[: config.per_query]
         if len(doc_ids) - len(data.relevant[q]) < config.per_query:
-            raise FinetuneError(f"query '{q}' has fewer than per_query={config.per_query} non-relevant documents", where="negatives.per_query")
+            raise FinetuneError(
+                f"query '{q}' has fewer than per_query={config.per_query} non-relevant documents",
+                where="negatives.per_query",
+            )
         while len(chosen) < config.per_query:
             d = rng.choice(doc_ids)
             if d not in data.relevant[q] and d not in chosen:
                 chosen.append(d)
                 filled += 1
         by_query[q] = chosen
-    stats = {"strategy": config.strategy, "queries": len(query_ids), "per_query": config.per_query, "filled_random": filled}
-    logger.info("%s negatives: %d queries x %d; %d slot(s) filled at random", config.strategy, len(query_ids), config.per_query, filled)
+    stats = {
+        "strategy": config.strategy,
+        "queries": len(query_ids),
+        "per_query": config.per_query,
+        "filled_random": filled,
+    }
+    logger.info(
+        "%s negatives: %d queries x %d; %d slot(s) filled at random",
+        config.strategy,
+        len(query_ids),
+        config.per_query,
+        filled,
+    )
     return MinedNegatives(by_query, stats)

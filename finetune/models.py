@@ -60,7 +60,10 @@ def resolve_model(name: str) -> ResolvedModel:
     local = Path(name).expanduser()
     if local.is_dir():
         if not any((local / f).is_file() for f in ("config.json", "modules.json")):
-            raise FinetuneError("folder has no config.json or modules.json; point model.name at a saved model folder", where=f"model.name {name}")
+            raise FinetuneError(
+                "folder has no config.json or modules.json; point model.name at a saved model folder",
+                where=f"model.name {name}",
+            )
         return ResolvedModel(name, local.resolve(), "local")
     if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
         raise FinetuneError("folder not found; check the path", where=f"model.name {name}")
@@ -81,8 +84,14 @@ def resolve_model(name: str) -> ResolvedModel:
     elif rebuilt:
         fix = f"run ../shared/scripts/get_mpnet.sh {rebuilt}, or give a local folder"
     else:
-        fix = "give a local folder, or make the Hub reachable (offline, known packaged models: " + ", ".join(PACKAGED_MODELS) + ")"
-    raise FinetuneError(f"model not found locally, on the Hub, or in an installed package; {fix}", where=f"model.name {name}")
+        fix = (
+            "give a local folder, or make the Hub reachable (offline, known packaged models: "
+            + ", ".join(PACKAGED_MODELS)
+            + ")"
+        )
+    raise FinetuneError(
+        f"model not found locally, on the Hub, or in an installed package; {fix}", where=f"model.name {name}"
+    )
 
 
 def _from_hub(hub_id: str) -> Path | None:
@@ -132,14 +141,19 @@ def model_identity(path: Path) -> str:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``; an explicit device that is missing is an error."""
+    """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``; an explicit device that is missing is an
+    error.
+    """
     import torch
 
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if requested == "auto":
         return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
     if not available.get(requested, False):
-        raise FinetuneError(f"device '{requested}' is not available on this machine; use device=auto or device=cpu", where="recipe: device")
+        raise FinetuneError(
+            f"device '{requested}' is not available on this machine; use device=auto or device=cpu",
+            where="recipe: device",
+        )
     return requested
 
 
@@ -168,17 +182,23 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
     resolved = resolve_model(config.name)
     logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
     if not (resolved.path / "modules.json").is_file():
-        logger.warning("%s has no modules.json: sentence-transformers' default stack (mean pooling) is assumed", resolved.path)
+        logger.warning(
+            "%s has no modules.json: sentence-transformers' default stack (mean pooling) is assumed", resolved.path
+        )
     try:
         model = SentenceTransformer(
-            str(resolved.path), device=device, trust_remote_code=config.trust_remote_code, model_kwargs=model_kwargs or None
+            str(resolved.path),
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            model_kwargs=model_kwargs or None,
         )
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # a broken modules.json, a missing module folder, weights of the wrong shape
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise FinetuneError(
-            f"cannot load the checkpoint's modules ({type(exc).__name__}: {reason}); check its modules.json and module folders",
+            f"cannot load the checkpoint's modules ({type(exc).__name__}: {reason}); check its modules.json and "
+            "module folders",
             where=f"model.name {config.name}",
         ) from None
     if config.max_seq_length:
@@ -189,7 +209,9 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
 
 
 def describe_stack(model) -> str:
-    """The module stack in one line, e.g. ``Transformer(BertModel) -> Pooling(cls) -> Dense(384->192) -> Normalize``."""
+    """The module stack in one line, e.g. ``Transformer(BertModel) -> Pooling(cls) -> Dense(384->192) ->
+    Normalize``.
+    """
     parts = []
     for module in model.children():
         name = type(module).__name__
@@ -198,7 +220,8 @@ def describe_stack(model) -> str:
             inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel (unsloth)
             parts.append(f"{name}({type(inner).__name__})")
         elif hasattr(module, "pooling_mode"):
-            parts.append(f"{name}({module.pooling_mode if isinstance(module.pooling_mode, str) else '+'.join(module.pooling_mode)})")
+            mode = module.pooling_mode
+            parts.append(f"{name}({mode if isinstance(mode, str) else '+'.join(mode)})")
         elif hasattr(module, "in_features") and hasattr(module, "out_features"):
             parts.append(f"{name}({module.in_features}->{module.out_features})")
         else:

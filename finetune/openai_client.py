@@ -36,9 +36,9 @@ class OpenAIClient:
         backoff: First retry delay in seconds; doubles each retry (with jitter), capped at ``max_backoff``.
         max_backoff: Longest delay between two attempts.
 
-    Example:
-        >>> client = OpenAIClient("http://127.0.0.1:8000/v1")
-        >>> client.post("embeddings", {"model": "m", "input": ["hello"]})["data"][0]["embedding"][:2]
+    Example (not run: it needs a model, data or a server)::
+        client = OpenAIClient("http://127.0.0.1:8000/v1")
+        client.post("embeddings", {"model": "m", "input": ["hello"]})["data"][0]["embedding"][:2]
         [0.01, -0.2]
     """
 
@@ -88,12 +88,18 @@ class OpenAIClient:
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             if attempt == self.max_retries:
                 break
-            delay = min(self.max_backoff, wait) if wait is not None else min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
+            delay = (
+                min(self.max_backoff, wait)
+                if wait is not None
+                else min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random())
+            )
             with self._lock:
                 self.retries += 1
             logger.info("%s: %s; retry %d/%d in %.2f s", url, last, attempt + 1, self.max_retries, delay)
             time.sleep(delay)
-        raise FinetuneError(f"no usable answer after {self.max_retries + 1} attempts (last: {last}); is the server up?", where=url)
+        raise FinetuneError(
+            f"no usable answer after {self.max_retries + 1} attempts (last: {last}); is the server up?", where=url
+        )
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -42,10 +42,13 @@ class Prompts:
 
     def describe(self) -> str:
         """One line for the log, e.g. ``prompts: query 'query: ' (checkpoint), document none``."""
+
         def one(text, origin):
             return f"{text!r} ({origin})" if text else "none"
 
-        return f"prompts: query {one(self.query, self.query_origin)}, document {one(self.document, self.document_origin)}"
+        return (
+            f"prompts: query {one(self.query, self.query_origin)}, document {one(self.document, self.document_origin)}"
+        )
 
 
 def _pick(config, side: str, saved: dict, default_name: str | None, names: tuple[str, ...]) -> tuple[str | None, str]:
@@ -55,7 +58,10 @@ def _pick(config, side: str, saved: dict, default_name: str | None, names: tuple
     if name is not None:
         if name not in saved:
             have = ", ".join(sorted(saved)) or "none"
-            raise FinetuneError(f"prompt name '{name}' is not one of the checkpoint's prompts ({have})", where=f"model.{side}_prompt_name")
+            raise FinetuneError(
+                f"prompt name '{name}' is not one of the checkpoint's prompts ({have})",
+                where=f"model.{side}_prompt_name",
+            )
         return saved[name] or None, f"checkpoint '{name}'"
     for candidate in names:
         if candidate in saved:

@@ -26,13 +26,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe file with ``yaml.safe_load``; an empty or non-mapping file is an error."""
     path = Path(path)
     if not path.is_file():
-        raise FinetuneError("file not found; pass the path of a recipe YAML, e.g. recipes/adapter.yaml", where=str(path))
+        raise FinetuneError(
+            "file not found; pass the path of a recipe YAML, e.g. recipes/adapter.yaml", where=str(path)
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise FinetuneError(f"not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax", where=f"{path}{line}") from None
+        raise FinetuneError(
+            f"not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax", where=f"{path}{line}"
+        ) from None
     if raw is None:
         raise FinetuneError("file is empty; a recipe needs at least 'kind' and 'data'", where=str(path))
     if not isinstance(raw, dict):

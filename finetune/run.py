@@ -60,9 +60,9 @@ def run_recipe(
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
 
-    Example:
-        >>> run_dir = run_recipe(load_recipe("recipes/adapter.yaml"))
-        >>> json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
+    Example (not run: it needs a model, data or a server)::
+        run_dir = run_recipe(load_recipe("recipes/adapter.yaml"))
+        json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     """
     seed_everything(recipe.seed)
     kind = KINDS[recipe.kind]
@@ -77,7 +77,10 @@ def run_recipe(
     main = distributed.is_main()
     say = echo if main else (lambda *_: None)
     cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if kind.caches_embeddings else None
-    say(f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} ({splits.method})")
+    say(
+        f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} "
+        f"({splits.method})"
+    )
     job = kind.runner_class()(recipe, data, splits, device, cache, echo=say)  # checks everything; writes nothing
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
@@ -116,5 +119,9 @@ def run_recipe(
 def _resumed_splits(run_dir: Path, data) -> Splits:
     splits = Splits.load(run_dir / "splits.json")
     if splits.data_fingerprint and splits.data_fingerprint != data.fingerprint():
-        raise FinetuneError("the data changed since this run started (fingerprint differs); resume with the same data, or start a new run", where=str(run_dir / "splits.json"))
+        raise FinetuneError(
+            "the data changed since this run started (fingerprint differs); resume with the same data, or start a "
+            "new run",
+            where=str(run_dir / "splits.json"),
+        )
     return splits

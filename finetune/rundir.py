@@ -11,7 +11,17 @@ from pathlib import Path
 
 from finetune.atomic import write_json, write_text
 
-PACKAGES = ("finetune", "torch", "transformers", "sentence-transformers", "peft", "bitsandbytes", "unsloth", "datasets", "numpy")
+PACKAGES = (
+    "finetune",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "peft",
+    "bitsandbytes",
+    "unsloth",
+    "datasets",
+    "numpy",
+)
 
 
 def versions() -> dict[str, str]:
@@ -48,8 +58,14 @@ def write_run_header(run_dir: Path, recipe_yaml: str, splits, command: str) -> N
     write_text(run_dir / "command.txt", command + "\n")
 
 
-def prepare_run_dir(root: str | Path, name: str, recipe_yaml: str, run_dir: str | None = None,
-                    resume: str | None = None, overwrite: bool = False) -> tuple[Path, bool]:
+def prepare_run_dir(
+    root: str | Path,
+    name: str,
+    recipe_yaml: str,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, bool]:
     """The run directory to write to, and whether it continues an earlier run.
 
     Args:
@@ -69,19 +85,29 @@ def prepare_run_dir(root: str | Path, name: str, recipe_yaml: str, run_dir: str 
     if resume is not None:
         path = _latest_unfinished(Path(root), name) if resume == "latest" else Path(resume)
         if not (path / "recipe.yaml").is_file():
-            raise FinetuneError("not a run directory (no recipe.yaml); pass the folder of the run to resume", where=str(path))
+            raise FinetuneError(
+                "not a run directory (no recipe.yaml); pass the folder of the run to resume", where=str(path)
+            )
         if (path / "metrics.json").is_file():
-            raise FinetuneError("this run has finished; nothing to resume (start a new run without --resume)", where=str(path))
+            raise FinetuneError(
+                "this run has finished; nothing to resume (start a new run without --resume)", where=str(path)
+            )
         saved, now = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")), yaml.safe_load(recipe_yaml)
         diff = _first_difference(saved, now)
         if diff:
             key, was, is_ = diff
-            raise FinetuneError(f"the recipe differs from the run's at {key} ({was!r} there, {is_!r} now); resume with the same recipe and overrides", where=str(path / "recipe.yaml"))
+            raise FinetuneError(
+                f"the recipe differs from the run's at {key} ({was!r} there, {is_!r} now); resume with the same "
+                "recipe and overrides",
+                where=str(path / "recipe.yaml"),
+            )
         return path, True
     if run_dir:
         path = Path(run_dir)
         if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FinetuneError("already exists; pass --overwrite to replace it, or --resume to continue it", where=str(path))
+            raise FinetuneError(
+                "already exists; pass --overwrite to replace it, or --resume to continue it", where=str(path)
+            )
         return path, False
     return Path(root) / f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}", False
 
@@ -105,10 +131,14 @@ def claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> Path:
 def _latest_unfinished(root: Path, name: str) -> Path:
     from finetune.errors import FinetuneError
 
-    candidates = sorted((p for p in root.glob(f"{name}-*") if (p / "recipe.yaml").is_file() and not (p / "metrics.json").is_file()),
-                        key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        (p for p in root.glob(f"{name}-*") if (p / "recipe.yaml").is_file() and not (p / "metrics.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
     if not candidates:
-        raise FinetuneError(f"no unfinished run named '{name}-*' to resume; pass its folder: --resume RUN_DIR", where=str(root))
+        raise FinetuneError(
+            f"no unfinished run named '{name}-*' to resume; pass its folder: --resume RUN_DIR", where=str(root)
+        )
     return candidates[-1]
 
 

@@ -25,9 +25,9 @@ SPLIT_NAMES = ("train", "val", "test")
 class Splits:
     """Query ids per split, plus how they were made.
 
-    Example:
-        >>> splits = make_splits(data, SplitConfig(test_fraction=0.2), seed=42)
-        >>> splits.save("runs/x/splits.json")
+    Example (not run: it needs a model, data or a server)::
+        splits = make_splits(data, SplitConfig(test_fraction=0.2), seed=42)
+        splits.save("runs/x/splits.json")
     """
 
     train: list[str]
@@ -45,7 +45,9 @@ class Splits:
     def load(cls, path: str | Path) -> Splits:
         path = Path(path)
         if not path.is_file():
-            raise FinetuneError("splits file not found; point splits.file at a splits.json from an earlier run", where=str(path))
+            raise FinetuneError(
+                "splits file not found; point splits.file at a splits.json from an earlier run", where=str(path)
+            )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -74,7 +76,12 @@ def make_splits(data: RetrievalData, config: SplitConfig, seed: int) -> Splits:
         splits = Splits.load(config.file)
         where = config.file
         if splits.data_fingerprint and splits.data_fingerprint != data.fingerprint():
-            logger.warning("%s was made from different data (fingerprint %s, now %s)", where, splits.data_fingerprint, data.fingerprint())
+            logger.warning(
+                "%s was made from different data (fingerprint %s, now %s)",
+                where,
+                splits.data_fingerprint,
+                data.fingerprint(),
+            )
     else:
         splits = _fresh_splits(data, config, seed)
         where = "splits"
@@ -128,14 +135,18 @@ def _check(splits: Splits, data: RetrievalData, where: str) -> None:
     for name in SPLIT_NAMES:
         for qid in getattr(splits, name):
             if qid not in data.queries:
-                raise FinetuneError(f"{name} query '{qid}' is not in the data; was the file made for other data?", where=where)
+                raise FinetuneError(
+                    f"{name} query '{qid}' is not in the data; was the file made for other data?", where=where
+                )
             if qid in seen:
                 raise FinetuneError(f"query '{qid}' is in both {seen[qid]} and {name}", where=where)
             seen[qid] = name
     test_texts = {data.queries[q] for q in splits.test}
     leaked = [q for q in splits.train + splits.val if data.queries[q] in test_texts]
     if leaked:
-        raise FinetuneError(f"query '{leaked[0]}' has the same text as a test query; it must not be trained on", where=where)
+        raise FinetuneError(
+            f"query '{leaked[0]}' has the same text as a test query; it must not be trained on", where=where
+        )
     for name in ("train", "test"):
         if not getattr(splits, name):
             raise FinetuneError(f"the {name} split is empty; change splits.test_fraction or add queries", where=where)

@@ -20,9 +20,9 @@ class StepTimer(TrainerCallback):
     checkpointing between steps are not counted. On CUDA it synchronises at both ends, because
     kernels run asynchronously and the host would otherwise time only their launch.
 
-    Example:
-        >>> timer = StepTimer(cuda=True)
-        >>> trainer.add_callback(timer); trainer.train(); timer.summary()["median_s"]
+    Example (not run: it needs a model, data or a server)::
+        timer = StepTimer(cuda=True)
+        trainer.add_callback(timer); trainer.train(); timer.summary()["median_s"]
     """
 
     def __init__(self, cuda: bool):

@@ -46,6 +46,8 @@ def load_layer(folder: str | Path, stem: str, build: Callable[[dict], nn.Module]
         got = state.get(name)
         if got is None or got.shape != tensor.shape:
             shape = "missing" if got is None else tuple(got.shape)
-            raise FinetuneError(f"tensor '{name}' is {shape}, expected {tuple(tensor.shape)} for {config}", where=str(weights_path))
+            raise FinetuneError(
+                f"tensor '{name}' is {shape}, expected {tuple(tensor.shape)} for {config}", where=str(weights_path)
+            )
     module.load_state_dict(state)
     return module

@@ -13,7 +13,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHARS = list(string.ascii_lowercase + string.digits + string.punctuation)
-TOPICS = ["permit", "roof", "window", "tax", "radon", "garage", "kitchen", "paint", "heating", "drain", "fence", "solar"]
+TOPICS = [
+    "permit",
+    "roof",
+    "window",
+    "tax",
+    "radon",
+    "garage",
+    "kitchen",
+    "paint",
+    "heating",
+    "drain",
+    "fence",
+    "solar",
+]
 
 
 def build_tiny_model(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
@@ -27,13 +40,19 @@ def build_tiny_model(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + CHARS + ["##" + c for c in CHARS]
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=128,
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(raw)
     BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(raw)
     transformer = Transformer(str(raw), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension()), Normalize()], device="cpu")
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension()), Normalize()], device="cpu"
+    )
     out = folder / "st"
     model.save(str(out))
     return out
@@ -51,18 +70,23 @@ def tiny_model_wide(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64, seed=1)
 
 
+COLUMNS_PAIRS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
+
+
 def make_pairs(n: int = 60) -> list[dict]:
     """Synthetic question/answer pairs sharing topic words, with ids and a domain per topic."""
     rows = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        rows.append({
-            "id": f"faq-{i:03d}",
-            "question": f"how do i fix the {topic} problem number {i}?",
-            "answer": f"to fix {topic} issue {i}, call a {topic} expert and follow step {i % 7}.",
-            "category": topic,
-            "negative": f"unrelated note {i} about {TOPICS[(i + 3) % len(TOPICS)]}.",
-        })
+        rows.append(
+            {
+                "id": f"faq-{i:03d}",
+                "question": f"how do i fix the {topic} problem number {i}?",
+                "answer": f"to fix {topic} issue {i}, call a {topic} expert and follow step {i % 7}.",
+                "category": topic,
+                "negative": f"unrelated note {i} about {TOPICS[(i + 3) % len(TOPICS)]}.",
+            }
+        )
     return rows
 
 

@@ -67,7 +67,11 @@ class FakeOpenAI:
             time.sleep(self.delay)
         if path.endswith("/embeddings"):
             return self._embeddings(body, auth)
-        passage = body["messages"][-1]["content"].split('"""')[-2] if '"""' in body["messages"][-1]["content"] else body["messages"][-1]["content"]
+        passage = (
+            body["messages"][-1]["content"].split('"""')[-2]
+            if '"""' in body["messages"][-1]["content"]
+            else body["messages"][-1]["content"]
+        )
         n = int(re.search(r"Write (\d+) different questions", body["messages"][-1]["content"]).group(1))
         attempt = self.count(passage)
         status = 200
@@ -91,7 +95,9 @@ class FakeOpenAI:
     def _embeddings(self, body: dict, auth: str | None):
         attempt = self.count("__embeddings__")
         status = 429 if attempt == 1 and self.embedding_429_first else 200
-        self.requests.append({"path": "/v1/embeddings", "passage": None, "status": status, "auth": auth, "n": len(body["input"])})
+        self.requests.append(
+            {"path": "/v1/embeddings", "passage": None, "status": status, "auth": auth, "n": len(body["input"])}
+        )
         if status != 200:
             return status, {"error": {"message": "rate limited"}}, {"Retry-After": "0"}
         dims = body.get("dimensions") or 48
@@ -119,4 +125,7 @@ def _questions(passage: str, n: int) -> list[str]:
 
 
 def _chat(content: str) -> dict:
-    return {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    return {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+    }

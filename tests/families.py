@@ -40,24 +40,47 @@ def char_tokenizer(padding_side: str = "right", eos: str | None = None, cls_sep:
     extra = {"eos_token": eos} if eos else {}
     if cls_sep:
         extra.update(cls_token="[CLS]", sep_token="[SEP]")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side=padding_side, **extra)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", padding_side=padding_side, **extra
+    )
     return fast, len(vocab)
 
 
 def _config(family: str, vocab_size: int, hidden: int):
     import transformers as tf
 
-    small = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden, pad_token_id=0)
+    small = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        pad_token_id=0,
+    )
     if family == "bert_cls":
         return tf.BertConfig(max_position_embeddings=128, **small)
     if family == "modernbert":
-        return tf.ModernBertConfig(max_position_embeddings=128, bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None, **small)
+        return tf.ModernBertConfig(
+            max_position_embeddings=128,
+            bos_token_id=None,
+            eos_token_id=None,
+            cls_token_id=None,
+            sep_token_id=None,
+            **small,
+        )
     if family == "qwen3":
-        return tf.Qwen3Config(num_key_value_heads=1, head_dim=16, max_position_embeddings=128, eos_token_id=2, bos_token_id=None, **small)
+        return tf.Qwen3Config(
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=128, eos_token_id=2, bos_token_id=None, **small
+        )
     if family == "gemma3":
         return tf.Gemma3TextConfig(
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention=True, **small,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            use_bidirectional_attention=True,
+            **small,
         )
     raise ValueError(family)
 
@@ -83,12 +106,21 @@ def build_family_model(family: str, folder: Path, hidden: int = 32, seed: int = 
     dim = transformer.get_embedding_dimension()
     torch.manual_seed(seed + 1)
     modules, prompts = {
-        "bert_cls": lambda: ([Pooling(dim, "cls"), Dense(dim, dim // 2, activation_function=torch.nn.Tanh())], {"query": "query: ", "document": "passage: "}),
+        "bert_cls": lambda: (
+            [Pooling(dim, "cls"), Dense(dim, dim // 2, activation_function=torch.nn.Tanh())],
+            {"query": "query: ", "document": "passage: "},
+        ),
         "modernbert": lambda: ([Pooling(dim, "mean")], {}),
-        "qwen3": lambda: ([Pooling(dim, "lasttoken")], {"query": "Instruct: find the answer\nQuery: ", "document": ""}),
+        "qwen3": lambda: (
+            [Pooling(dim, "lasttoken")],
+            {"query": "Instruct: find the answer\nQuery: ", "document": ""},
+        ),
         "gemma3": lambda: (
-            [Pooling(dim, "mean"), Dense(dim, 2 * dim, bias=False, activation_function=torch.nn.Identity()),
-             Dense(2 * dim, dim, bias=False, activation_function=torch.nn.Identity())],
+            [
+                Pooling(dim, "mean"),
+                Dense(dim, 2 * dim, bias=False, activation_function=torch.nn.Identity()),
+                Dense(2 * dim, dim, bias=False, activation_function=torch.nn.Identity()),
+            ],
             {"query": "task: search result | query: ", "document": "title: none | text: "},
         ),
     }[family]()

@@ -61,7 +61,17 @@ def test_early_stopping_restores_the_best_epoch():
         return next(scores)
 
     config = AdapterTrainConfig(epochs=20, batch_size=16, lr=1e-2, patience=2)
-    history = train_adapter(adapter, queries, docs, pairs, NegativeSampler(docs, relevance_keys(pairs, 48)), LossConfig(), config, 0, validate)
+    history = train_adapter(
+        adapter,
+        queries,
+        docs,
+        pairs,
+        NegativeSampler(docs, relevance_keys(pairs, 48)),
+        LossConfig(),
+        config,
+        0,
+        validate,
+    )
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # stopped after 2 epochs without gain
     assert torch.equal(adapter.delta.weight, snapshots[1])
 
@@ -70,8 +80,16 @@ def test_nan_loss_stops_with_a_clear_error():
     queries, docs, pairs = _toy_problem()
     queries[0] = float("nan")
     with pytest.raises(FinetuneError, match="loss is nan"):
-        train_adapter(build_adapter("linear", 16), queries, docs, pairs, NegativeSampler(docs, relevance_keys(pairs, 48)),
-                      LossConfig(), AdapterTrainConfig(epochs=1, batch_size=48), 0)
+        train_adapter(
+            build_adapter("linear", 16),
+            queries,
+            docs,
+            pairs,
+            NegativeSampler(docs, relevance_keys(pairs, 48)),
+            LossConfig(),
+            AdapterTrainConfig(epochs=1, batch_size=48),
+            0,
+        )
 
 
 def test_random_negatives_are_never_relevant():
@@ -157,7 +175,9 @@ def test_infonce_without_exclusions_equals_sentence_transformers_mnrl():
     g = torch.Generator().manual_seed(0)
     q, pos, neg = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(3))
     ours = infonce_loss(q, torch.cat([pos, neg]), torch.zeros(8, 16, dtype=torch.bool), temperature=0.05)
-    mnrl = MultipleNegativesRankingLoss(model=None, scale=20.0).compute_loss_from_embeddings([q, pos, neg], labels=None)
+    mnrl = MultipleNegativesRankingLoss(model=None, scale=20.0).compute_loss_from_embeddings(
+        [q, pos, neg], labels=None
+    )
     assert torch.allclose(ours, mnrl, atol=1e-6)
 
 

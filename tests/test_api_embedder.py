@@ -5,9 +5,9 @@ import logging
 import math
 
 import pytest
-
 from conftest import adapter_recipe
 from fake_openai import FakeOpenAI
+
 from finetune.errors import FinetuneError
 from finetune.recipe import validate_recipe
 from finetune.run import run_recipe
@@ -17,13 +17,22 @@ COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "cat
 
 
 def _api_recipe(tmp_path, pairs_file, url, **model):
-    model = {"provider": "openai_compatible", "name": "fake-embed", "base_url": url, "dimensions": 32,
-             "api_key_env": "FAKE_EMBED_KEY", "batch_size": 16, **model}
+    model = {
+        "provider": "openai_compatible",
+        "name": "fake-embed",
+        "base_url": url,
+        "dimensions": 32,
+        "api_key_env": "FAKE_EMBED_KEY",
+        "batch_size": 16,
+        **model,
+    }
     raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tmp_path, tmp_path)
     return validate_recipe(dict(raw, model=model))
 
 
-def test_adapter_trains_over_api_embeddings_batched_retried_and_cached_without_leaking_the_key(tmp_path, pairs_file, monkeypatch, caplog, capsys):
+def test_adapter_trains_over_api_embeddings_batched_retried_and_cached_without_leaking_the_key(
+    tmp_path, pairs_file, monkeypatch, caplog, capsys
+):
     monkeypatch.setenv("FAKE_EMBED_KEY", KEY)
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(embedding_429_first=True) as fake:
@@ -31,7 +40,9 @@ def test_adapter_trains_over_api_embeddings_batched_retried_and_cached_without_l
         run_dir = run_recipe(recipe)
         calls = [r for r in fake.requests if r["path"] == "/v1/embeddings"]
         # 60 documents and 60 queries in batches of 16, plus the one rate-limited attempt
-        assert len(calls) == 2 * math.ceil(60 / 16) + 1 and calls[0]["status"] == 429 and max(r["n"] for r in calls) == 16
+        assert (
+            len(calls) == 2 * math.ceil(60 / 16) + 1 and calls[0]["status"] == 429 and max(r["n"] for r in calls) == 16
+        )
         assert {r["auth"] for r in calls} == {f"Bearer {KEY}"}
         again = run_recipe(recipe.model_copy(update={"name": "again"}))
         assert len([r for r in fake.requests if r["path"] == "/v1/embeddings"]) == len(calls)  # all from the cache
@@ -66,4 +77,10 @@ def test_unreachable_endpoint_and_misplaced_key_are_clear(tmp_path, pairs_file):
     with pytest.raises(FinetuneError, match="api_key_env names an environment variable, not the key"):
         _api_recipe(tmp_path, pairs_file, "http://127.0.0.1:9/v1", api_key_env="sk-abc")
     with pytest.raises(FinetuneError, match="QLoRA recipe trains the encoder"):
-        validate_recipe({"kind": "qlora", "data": {"path": str(pairs_file)}, "model": {"provider": "openai_compatible", "base_url": "http://x/v1"}})
+        validate_recipe(
+            {
+                "kind": "qlora",
+                "data": {"path": str(pairs_file)},
+                "model": {"provider": "openai_compatible", "base_url": "http://x/v1"},
+            }
+        )

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import adapter_recipe, make_pairs, write_beir
+
 from finetune.cli import main
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -99,51 +99,170 @@ def _maskless_tokenizer(tmp_path, raw) -> str:
 # (id, how to build the command from (tmp_path, recipe path, raw recipe), expected fragments of the one-line message)
 CASES = [
     ("unknown key", lambda t, r, raw: [r, "train.epoch=3"], ["train.epoch: unknown field (did you mean 'epochs'?)"]),
-    ("unknown section", lambda t, r, raw: [r, "negative.strategy=mined"], ["negative: unknown field (did you mean 'negatives'?)"]),
-    ("unknown kind", lambda t, r, raw: [r, "kind=adaptor"], ["kind: 'adaptor' is not a recipe kind (did you mean 'adapter'?)"]),
-    ("wrong type", lambda t, r, raw: [r, "train.epochs=many"], ["train.epochs: Input should be a valid integer", "'many'"]),
+    (
+        "unknown section",
+        lambda t, r, raw: [r, "negative.strategy=mined"],
+        ["negative: unknown field (did you mean 'negatives'?)"],
+    ),
+    (
+        "unknown kind",
+        lambda t, r, raw: [r, "kind=adaptor"],
+        ["kind: 'adaptor' is not a recipe kind (did you mean 'adapter'?)"],
+    ),
+    (
+        "wrong type",
+        lambda t, r, raw: [r, "train.epochs=many"],
+        ["train.epochs: Input should be a valid integer", "'many'"],
+    ),
     ("missing recipe", lambda t, r, raw: [str(t / "nope.yaml")], ["nope.yaml: file not found"]),
     ("empty recipe", lambda t, r, raw: [_file(t, "empty.yaml", "")], ["empty.yaml: file is empty"]),
-    ("malformed yaml", lambda t, r, raw: [_file(t, "bad.yaml", "kind: adapter\ntrain: [1, 2\n")], ["bad.yaml line", "not valid YAML"]),
-    ("missing data file", lambda t, r, raw: [r, f"data.path={t / 'gone.jsonl'}"], ["gone.jsonl: file not found; check data.path"]),
+    (
+        "malformed yaml",
+        lambda t, r, raw: [_file(t, "bad.yaml", "kind: adapter\ntrain: [1, 2\n")],
+        ["bad.yaml line", "not valid YAML"],
+    ),
+    (
+        "missing data file",
+        lambda t, r, raw: [r, f"data.path={t / 'gone.jsonl'}"],
+        ["gone.jsonl: file not found; check data.path"],
+    ),
     ("empty data file", lambda t, r, raw: [r, f"data.path={_file(t, 'e.jsonl', '')}"], ["e.jsonl: file is empty"]),
-    ("malformed jsonl line", lambda t, r, raw: [r, f"data.path={_file(t, 'm.jsonl', json.dumps(make_pairs(2)[0]) + chr(10) * 2 + '{oops' + chr(10))}"],
-     ["m.jsonl line 3: malformed JSON"]),
-    ("missing column", lambda t, r, raw: [r, "data.columns.query=qestion"], ["no column 'qestion' for the query (did you mean 'question'?)", "data.columns.query"]),
-    ("duplicate ids", lambda t, r, raw: [r, f"data.path={_file(t, 'd.jsonl', ''.join(json.dumps(dict(x, id='same')) + chr(10) for x in make_pairs(2)))}"],
-     ["d.jsonl row 2: duplicate id 'same'"]),
-    ("qrels unknown document", lambda t, r, raw: [r, f"data={_beir(t, 'q1' + chr(9) + 'ghost' + chr(9) + '1' + chr(10))}"],
-     ["train.tsv line", "document 'ghost' is not in corpus.jsonl"]),
-    ("qrels unknown query", lambda t, r, raw: [r, f"data={_beir(t, 'q999' + chr(9) + 'doc1' + chr(9) + '1' + chr(10))}"],
-     ["train.tsv line", "query 'q999' is not in queries.jsonl"]),
-    ("empty split after filtering", lambda t, r, raw: [r, "data.max_queries=1"], ["split is empty; change splits.test_fraction or add queries"]),
-    ("test fraction out of range", lambda t, r, raw: [r, "splits.test_fraction=1.5"], ["splits.test_fraction: Input should be less than 1", "1.5"]),
-    ("fractions leave no training", lambda t, r, raw: [r, "splits.test_fraction=0.6", "splits.val_fraction=0.5"], ["must be < 1 to leave training queries"]),
-    ("splits file of other data", lambda t, r, raw: [r, f"splits.file={_file(t, 's.json', json.dumps({'train': ['x'], 'val': [], 'test': ['y']}))}"],
-     ["s.json: train query 'x' is not in the data"]),
-    ("unknown model", lambda t, r, raw: [r, "model.name=nobody/no-such-model"], ["model.name nobody/no-such-model: model not found"]),
-    ("model folder without a model", lambda t, r, raw: [r, f"model.name={t}"], ["folder has no config.json or modules.json"]),
-    ("adapter weights of the wrong shape", lambda t, r, raw: _wrong_shape_checkpoint(t, r), ["adapter weights do not fit", "resume with the recipe that made them"]),
+    (
+        "malformed jsonl line",
+        lambda t, r, raw: [
+            r,
+            f"data.path={_file(t, 'm.jsonl', json.dumps(make_pairs(2)[0]) + chr(10) * 2 + '{oops' + chr(10))}",
+        ],
+        ["m.jsonl line 3: malformed JSON"],
+    ),
+    (
+        "missing column",
+        lambda t, r, raw: [r, "data.columns.query=qestion"],
+        ["no column 'qestion' for the query (did you mean 'question'?)", "data.columns.query"],
+    ),
+    (
+        "duplicate ids",
+        lambda t, r, raw: [
+            r,
+            f"data.path={_file(t, 'd.jsonl', ''.join(json.dumps(dict(x, id='same')) + chr(10) for x in make_pairs(2)))}",  # noqa: E501
+        ],
+        ["d.jsonl row 2: duplicate id 'same'"],
+    ),
+    (
+        "qrels unknown document",
+        lambda t, r, raw: [r, f"data={_beir(t, 'q1' + chr(9) + 'ghost' + chr(9) + '1' + chr(10))}"],
+        ["train.tsv line", "document 'ghost' is not in corpus.jsonl"],
+    ),
+    (
+        "qrels unknown query",
+        lambda t, r, raw: [r, f"data={_beir(t, 'q999' + chr(9) + 'doc1' + chr(9) + '1' + chr(10))}"],
+        ["train.tsv line", "query 'q999' is not in queries.jsonl"],
+    ),
+    (
+        "empty split after filtering",
+        lambda t, r, raw: [r, "data.max_queries=1"],
+        ["split is empty; change splits.test_fraction or add queries"],
+    ),
+    (
+        "test fraction out of range",
+        lambda t, r, raw: [r, "splits.test_fraction=1.5"],
+        ["splits.test_fraction: Input should be less than 1", "1.5"],
+    ),
+    (
+        "fractions leave no training",
+        lambda t, r, raw: [r, "splits.test_fraction=0.6", "splits.val_fraction=0.5"],
+        ["must be < 1 to leave training queries"],
+    ),
+    (
+        "splits file of other data",
+        lambda t, r, raw: [
+            r,
+            f"splits.file={_file(t, 's.json', json.dumps({'train': ['x'], 'val': [], 'test': ['y']}))}",
+        ],
+        ["s.json: train query 'x' is not in the data"],
+    ),
+    (
+        "unknown model",
+        lambda t, r, raw: [r, "model.name=nobody/no-such-model"],
+        ["model.name nobody/no-such-model: model not found"],
+    ),
+    (
+        "model folder without a model",
+        lambda t, r, raw: [r, f"model.name={t}"],
+        ["folder has no config.json or modules.json"],
+    ),
+    (
+        "adapter weights of the wrong shape",
+        lambda t, r, raw: _wrong_shape_checkpoint(t, r),
+        ["adapter weights do not fit", "resume with the recipe that made them"],
+    ),
     ("damaged checkpoint", lambda t, r, raw: _truncated_checkpoint(t, r), ["state.pt: cannot read the checkpoint"]),
-    ("resume a folder that is no run", lambda t, r, raw: [r, "--resume", str(t / "nothing-here")], ["not a run directory (no recipe.yaml)"]),
-    ("existing run directory", lambda t, r, raw: [r, "--run-dir", str(t)], ["already exists; pass --overwrite to replace it"]),
-    ("unsloth without CUDA", lambda t, r, raw: [_qlora(t, raw, backend="unsloth")], ["backend 'unsloth' needs a CUDA GPU"]),
-    ("4-bit full fine-tuning", lambda t, r, raw: [_qlora(t, raw, method="full")], ["method 'full' trains unquantised weights; set quantization=none"]),
+    (
+        "resume a folder that is no run",
+        lambda t, r, raw: [r, "--resume", str(t / "nothing-here")],
+        ["not a run directory (no recipe.yaml)"],
+    ),
+    (
+        "existing run directory",
+        lambda t, r, raw: [r, "--run-dir", str(t)],
+        ["already exists; pass --overwrite to replace it"],
+    ),
+    (
+        "unsloth without CUDA",
+        lambda t, r, raw: [_qlora(t, raw, backend="unsloth")],
+        ["backend 'unsloth' needs a CUDA GPU"],
+    ),
+    (
+        "4-bit full fine-tuning",
+        lambda t, r, raw: [_qlora(t, raw, method="full")],
+        ["method 'full' trains unquantised weights; set quantization=none"],
+    ),
     ("cuda on a CPU machine", lambda t, r, raw: [r, "device=cuda"], ["device 'cuda' is not available"]),
-    ("given negatives without a column", lambda t, r, raw: [r, "negatives.strategy=given"], ["negatives.strategy: strategy 'given' needs a negative column"]),
-    ("negatives file missing", lambda t, r, raw: [r, "negatives.pool=file", f"negatives.file={t / 'none.txt'}"], ["negatives.file", "none.txt: file not found"]),
-    ("API model without a URL", lambda t, r, raw: [r, "model.provider=openai_compatible"], ["model: provider 'openai_compatible' needs base_url"]),
-    ("checkpoint modules that do not load", lambda t, r, raw: [r, f"model.name={_broken_checkpoint(t, raw)}"],
-     ["broken-model: cannot load the checkpoint's modules", "check its modules.json"]),
-    ("prompt name the checkpoint lacks", lambda t, r, raw: [r, "model.query_prompt_name=instruct"],
-     ["model.query_prompt_name: prompt name 'instruct' is not one of the checkpoint's prompts"]),
-    ("prompt text and name together", lambda t, r, raw: [r, "model.query_prompt=find", "model.query_prompt_name=query"],
-     ["set query_prompt (a text) or query_prompt_name (a saved prompt's name), not both"]),
-    ("LoRA targets that match nothing", lambda t, r, raw: [_qlora(t, raw, lora={"target_modules": ["q_proj"]})],
-     ["lora.target_modules: ['q_proj'] match no linear layer", "named dense, key, query, value"]),
-    ("masked pooling without an attention mask", lambda t, r, raw: [_maskless_tokenizer(t, raw)],
-     ["pooling 'mean' needs the tokenizer's attention_mask", "use pooling=cls"]),
-    ("bad override syntax", lambda t, r, raw: [r, "train..lr=1"], ["override 'train..lr=1' must look like key.sub=value"]),
+    (
+        "given negatives without a column",
+        lambda t, r, raw: [r, "negatives.strategy=given"],
+        ["negatives.strategy: strategy 'given' needs a negative column"],
+    ),
+    (
+        "negatives file missing",
+        lambda t, r, raw: [r, "negatives.pool=file", f"negatives.file={t / 'none.txt'}"],
+        ["negatives.file", "none.txt: file not found"],
+    ),
+    (
+        "API model without a URL",
+        lambda t, r, raw: [r, "model.provider=openai_compatible"],
+        ["model: provider 'openai_compatible' needs base_url"],
+    ),
+    (
+        "checkpoint modules that do not load",
+        lambda t, r, raw: [r, f"model.name={_broken_checkpoint(t, raw)}"],
+        ["broken-model: cannot load the checkpoint's modules", "check its modules.json"],
+    ),
+    (
+        "prompt name the checkpoint lacks",
+        lambda t, r, raw: [r, "model.query_prompt_name=instruct"],
+        ["model.query_prompt_name: prompt name 'instruct' is not one of the checkpoint's prompts"],
+    ),
+    (
+        "prompt text and name together",
+        lambda t, r, raw: [r, "model.query_prompt=find", "model.query_prompt_name=query"],
+        ["set query_prompt (a text) or query_prompt_name (a saved prompt's name), not both"],
+    ),
+    (
+        "LoRA targets that match nothing",
+        lambda t, r, raw: [_qlora(t, raw, lora={"target_modules": ["q_proj"]})],
+        ["lora.target_modules: ['q_proj'] match no linear layer", "named dense, key, query, value"],
+    ),
+    (
+        "masked pooling without an attention mask",
+        lambda t, r, raw: [_maskless_tokenizer(t, raw)],
+        ["pooling 'mean' needs the tokenizer's attention_mask", "use pooling=cls"],
+    ),
+    (
+        "bad override syntax",
+        lambda t, r, raw: [r, "train..lr=1"],
+        ["override 'train..lr=1' must look like key.sub=value"],
+    ),
 ]
 
 
@@ -185,9 +304,25 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(world,
 
 def test_qlora_nan_loss_stops_and_names_the_kept_checkpoint(world, capsys):
     tmp_path, _, raw = world
-    recipe = _qlora(tmp_path, raw, quantization="none",
-                    train={"epochs": 100, "max_steps": 40, "batch_size": 8, "eval_steps": 2, "warmup_ratio": 0.5, "lr": 1e36, "scheduler": "linear"})
+    recipe = _qlora(
+        tmp_path,
+        raw,
+        quantization="none",
+        train={
+            "epochs": 100,
+            "max_steps": 40,
+            "batch_size": 8,
+            "eval_steps": 2,
+            "warmup_ratio": 0.5,
+            "lr": 1e36,
+            "scheduler": "linear",
+        },
+    )
     assert main(["run", recipe, "--run-dir", str(tmp_path / "qnan")]) == 2
     err = _error_line(capsys.readouterr().err)
-    assert "training: loss is nan at step" in err and "the last good checkpoint is kept in" in err and "checkpoint-" in err
+    assert (
+        "training: loss is nan at step" in err
+        and "the last good checkpoint is kept in" in err
+        and "checkpoint-" in err
+    )
     assert not (tmp_path / "qnan" / "metrics.json").exists()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from sentence_transformers import SentenceTransformer
-
 from conftest import adapter_recipe, make_pairs
 from families import FAMILIES, build_family_model
+from sentence_transformers import SentenceTransformer
+
 from finetune.cli import main
 from finetune.data import load_data
 from finetune.errors import FinetuneError
@@ -47,10 +47,19 @@ def family(request, world):
 
 def _qlora_yaml(tmp, model_path, pairs, name, **top) -> str:
     raw = {
-        "kind": "qlora", "name": name,
+        "kind": "qlora",
+        "name": name,
         "model": {"name": str(model_path), "batch_size": 16},
         "data": {"path": str(pairs), "columns": COLUMNS},
-        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 6, "logging_steps": 1, "warmup_ratio": 0.0},
+        "train": {
+            "epochs": 100,
+            "max_steps": 12,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "eval_steps": 6,
+            "logging_steps": 1,
+            "warmup_ratio": 0.0,
+        },
         "output": {"dir": str(tmp / "runs")},
         **top,
     }
@@ -96,7 +105,10 @@ def test_stack_prompts_and_lora_targets_are_the_checkpoints(qlora_run):
     assert [type(m).__name__ for m in plain] == [p.split("(")[0] for p in metrics["model"]["stack"].split(" -> ")]
     assert metrics["model"]["pooling"] == plain[1].pooling_mode
     assert {n.rsplit(".", 1)[-1] for n in metrics["model"]["lora_targets"]} == TABLE_NAMES[fam]
-    assert metrics["prompts"] == {"query": plain.prompts.get("query") or None, "document": plain.prompts.get("document") or None}
+    assert metrics["prompts"] == {
+        "query": plain.prompts.get("query") or None,
+        "document": plain.prompts.get("document") or None,
+    }
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
 
@@ -108,7 +120,9 @@ def test_export_reloads_with_the_stack_and_prompts(qlora_run, world):
     assert [type(m).__name__ for m in exported] == [type(m).__name__ for m in plain]
     assert exported[1].pooling_mode == plain[1].pooling_mode
     saved = json.loads((run_dir / "model" / "config_sentence_transformers.json").read_text())["prompts"]
-    assert saved["query"] == (plain.prompts.get("query") or "") and saved["document"] == (plain.prompts.get("document") or "")
+    assert saved["query"] == (plain.prompts.get("query") or "") and saved["document"] == (
+        plain.prompts.get("document") or ""
+    )
     assert metrics["export"]["max_abs_diff"] <= 1e-4
     # the head was frozen: the exported Dense layers are the checkpoint's own
     for ours, theirs in zip(list(exported.children())[1:], list(plain.children())[1:]):
@@ -138,7 +152,9 @@ def test_adapter_recipe_scores_and_exports_the_plain_checkpoint(family, world):
     assert metrics["base"]["ndcg@10"] == pytest.approx(plain["ndcg@10"], abs=1e-6)
     saved = json.loads((run_dir / "model" / "config_sentence_transformers.json").read_text())["prompts"]
     checkpoint = SentenceTransformer(str(model), device="cpu").prompts
-    assert saved["query"] == (checkpoint.get("query") or "") and saved["document"] == (checkpoint.get("document") or "")
+    assert saved["query"] == (checkpoint.get("query") or "") and saved["document"] == (
+        checkpoint.get("document") or ""
+    )
 
 
 def test_the_old_rebuild_would_have_changed_a_cls_checkpoint(world):
@@ -151,11 +167,15 @@ def test_the_old_rebuild_would_have_changed_a_cls_checkpoint(world):
     tmp, pairs = world
     model = build_family_model("bert_cls", tmp / "cls-only")
     plain = SentenceTransformer(str(model), device="cpu")
-    old = SentenceTransformer(modules=[plain[0], Pooling(plain[0].get_embedding_dimension(), "mean"), Normalize()], device="cpu")
+    old = SentenceTransformer(
+        modules=[plain[0], Pooling(plain[0].get_embedding_dimension(), "mean"), Normalize()], device="cpu"
+    )
     texts = [r["question"] for r in make_pairs(8)]
     want = plain.encode_query(texts, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(old.encode(texts, convert_to_tensor=True)[:, :16], want).min() < 0.99
-    recipe = validate_recipe({"kind": "qlora", "model": {"name": str(model)}, "data": {"path": str(pairs), "columns": COLUMNS}})
+    recipe = validate_recipe(
+        {"kind": "qlora", "model": {"name": str(model)}, "data": {"path": str(pairs), "columns": COLUMNS}}
+    )
     ours, _ = build_encoder(recipe, select_backend(recipe, "cpu"), quantize=False)
     assert torch.allclose(ours.encode_query(texts, convert_to_tensor=True), want, atol=1e-6)
 
@@ -188,13 +208,24 @@ def test_explicit_pooling_overrides_and_is_reported(world, capsys):
 def test_recipe_prompts_override_the_checkpoints_everywhere(world):
     tmp, pairs = world
     model = build_family_model("bert_cls", tmp / "cls-prompts")
-    recipe = _qlora_yaml(tmp, model, pairs, "q-prompts", model={"name": str(model), "batch_size": 16, "query_prompt": "", "document_prompt_name": "query"})
+    recipe = _qlora_yaml(
+        tmp,
+        model,
+        pairs,
+        "q-prompts",
+        model={"name": str(model), "batch_size": 16, "query_prompt": "", "document_prompt_name": "query"},
+    )
     run_dir, metrics = _run(recipe, "train.max_steps=2")
     assert metrics["prompts"] == {"query": None, "document": "query: "}
     data, splits = load_data(load_recipe(recipe).data), Splits.load(run_dir / "splits.json")
     evaluator = build_evaluator(data, splits.test, "test", query_prompt="", corpus_prompt="query: ")
-    assert metrics["base"]["ndcg@10"] == pytest.approx(evaluate(evaluator, SentenceTransformer(str(model), device="cpu"))["ndcg@10"], abs=1e-9)
-    assert json.loads((run_dir / "model" / "config_sentence_transformers.json").read_text())["prompts"] == {"query": "", "document": "query: "}
+    assert metrics["base"]["ndcg@10"] == pytest.approx(
+        evaluate(evaluator, SentenceTransformer(str(model), device="cpu"))["ndcg@10"], abs=1e-9
+    )
+    assert json.loads((run_dir / "model" / "config_sentence_transformers.json").read_text())["prompts"] == {
+        "query": "",
+        "document": "query: ",
+    }
 
 
 def test_train_head_trains_the_dense_layers(world):
@@ -238,7 +269,9 @@ def test_last_token_pooling_picks_the_last_real_token_on_either_padding_side(wor
     model = build_family_model("qwen3", tmp / f"qwen3-{side}")
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps(dict(config, padding_side=side)))
-    recipe = validate_recipe({"kind": "qlora", "model": {"name": str(model)}, "data": {"path": str(pairs), "columns": COLUMNS}})
+    recipe = validate_recipe(
+        {"kind": "qlora", "model": {"name": str(model)}, "data": {"path": str(pairs), "columns": COLUMNS}}
+    )
     ours, _ = build_encoder(recipe, select_backend(recipe, "cpu"), quantize=False)
     assert ours.tokenizer.padding_side == side and ours[1].pooling_mode == "lasttoken"
     features = ours.preprocess(["ab", "a much longer text"])

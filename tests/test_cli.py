@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import adapter_recipe
+
 from finetune.cli import main
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -45,7 +45,10 @@ def test_two_recipes_share_one_splits_file(tmp_path, tiny_model, pairs_file):
     assert main(["run", _recipe(tmp_path, raw), "name=first"]) == 0
     (first,) = (tmp_path / "runs").iterdir()
     shared = str(first / "splits.json")
-    assert main(["run", _recipe(tmp_path, raw), "name=second", "adapter.type=mlp", "seed=7", f"splits.file={shared}"]) == 0
+    assert (
+        main(["run", _recipe(tmp_path, raw), "name=second", "adapter.type=mlp", "seed=7", f"splits.file={shared}"])
+        == 0
+    )
     (second,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("second")]
     a, b = (json.loads((d / "splits.json").read_text()) for d in (first, second))
     assert a["test"] == b["test"] and a["train"] == b["train"]

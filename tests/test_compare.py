@@ -2,8 +2,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import adapter_recipe
+
 from finetune.cli import main
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -15,10 +15,18 @@ def recipe_files(tiny_model, pairs_file, tmp_path):
     adapter = tmp_path / "adapter.yaml"
     adapter.write_text(yaml.safe_dump(adapter_recipe(data, tiny_model, tmp_path, name="ad")))
     qlora = tmp_path / "qlora.yaml"
-    qlora.write_text(yaml.safe_dump({
-        "kind": "qlora", "name": "ql", "model": {"name": str(tiny_model), "batch_size": 16}, "data": data,
-        "train": {"max_steps": 2, "batch_size": 8, "eval_steps": 1000}, "output": {"dir": str(tmp_path / "runs")},
-    }))
+    qlora.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "qlora",
+                "name": "ql",
+                "model": {"name": str(tiny_model), "batch_size": 16},
+                "data": data,
+                "train": {"max_steps": 2, "batch_size": 8, "eval_steps": 1000},
+                "output": {"dir": str(tmp_path / "runs")},
+            }
+        )
+    )
     return adapter, qlora
 
 

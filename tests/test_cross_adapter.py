@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
+from conftest import TOPICS, make_pairs
 from sentence_transformers import SentenceTransformer
 
 from finetune.cross.align import align_projection, mean_alignment_loss
@@ -19,8 +19,6 @@ from finetune.recipe import validate_recipe
 from finetune.run import run_recipe
 from finetune.splits import Splits
 
-from conftest import TOPICS, make_pairs
-
 
 def _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, **sections):
     raw = {
@@ -28,7 +26,10 @@ def _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, **sections):
         "name": "cross",
         "query_model": {"name": str(tiny_model_wide), "batch_size": 16},
         "document_model": {"name": str(tiny_model), "batch_size": 16},
-        "data": {"path": str(pairs_file), "columns": {"query": "question", "positive": "answer", "id": "id", "domain": "category"}},
+        "data": {
+            "path": str(pairs_file),
+            "columns": {"query": "question", "positive": "answer", "id": "id", "domain": "category"},
+        },
         "mode": ["both", "alignment_only", "label_only"],
         "train_ratios": [0.5, 1.0],
         "alignment": {"epochs": 10},
@@ -41,7 +42,9 @@ def _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, **sections):
 
 
 def _embed(folder, texts):
-    return SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    return SentenceTransformer(str(folder), device="cpu").encode(
+        texts, convert_to_tensor=True, normalize_embeddings=True
+    )
 
 
 def test_projection_maps_query_width_to_document_width_normalised():
@@ -104,9 +107,17 @@ def test_label_budgets_are_nested_and_share_the_test_split():
     assert small.unlabelled == full.unlabelled  # alignment may read every non-test query's text at any budget
 
 
-def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_toolkit(pairs_file, tiny_model, tiny_model_wide, tmp_path):
-    recipe = _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, domains={"leave_one_domain_out": True, "min_queries": 4},
-                     negatives={"strategy": "mined", "per_query": 2, "range_max": 5})
+def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_toolkit(
+    pairs_file, tiny_model, tiny_model_wide, tmp_path
+):
+    recipe = _recipe(
+        pairs_file,
+        tiny_model,
+        tiny_model_wide,
+        tmp_path,
+        domains={"leave_one_domain_out": True, "min_queries": 4},
+        negatives={"strategy": "mined", "per_query": 2, "range_max": 5},
+    )
     run_dir = run_recipe(recipe, echo=lambda *_: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["dims"] == {"query_model": 64, "document_model": 32}
@@ -117,7 +128,9 @@ def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_tool
     rows = json.loads((run_dir / "summary.json").read_text())["rows"]
     budget = {(r["model"], r["ratio"]) for r in rows if r["group"] == "budget"}
     for ratio in (0.5, 1.0):
-        assert {(m, ratio) for m in ("small model alone", "large model alone", "both", "alignment_only", "label_only")} <= budget
+        assert {
+            (m, ratio) for m in ("small model alone", "large model alone", "both", "alignment_only", "label_only")
+        } <= budget
     assert len({r["domain"] for r in rows if r["group"] == "lodo"}) == len(TOPICS)
     assert (run_dir / "budget.png").stat().st_size > 0 and "label_only" in (run_dir / "summary.md").read_text()
 
@@ -153,7 +166,9 @@ def test_bad_cross_recipes_fail_with_one_line(pairs_file, tiny_model, tiny_model
         _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, train_ratios=[0.0, 0.5])
     with pytest.raises(FinetuneError, match="mode"):
         _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, mode=["both", "both"])
-    no_domain = _recipe(pairs_file, tiny_model, tiny_model_wide, tmp_path, domains={"per_domain": True, "min_queries": 500})
+    no_domain = _recipe(
+        pairs_file, tiny_model, tiny_model_wide, tmp_path, domains={"per_domain": True, "min_queries": 500}
+    )
     with pytest.raises(FinetuneError, match="min_queries"):
         run_recipe(no_domain, echo=lambda *_: None)
     assert not (tmp_path / "runs").exists()  # checked before a run directory is made

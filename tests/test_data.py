@@ -2,8 +2,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import make_pairs, write_beir
+
 from finetune.config import ColumnsConfig, DataConfig
 from finetune.data import load_data
 from finetune.errors import FinetuneError
@@ -42,7 +42,11 @@ def test_pair_files_of_every_format(tmp_path, suffix):
 
 
 def test_rows_sharing_a_query_become_one_query_with_several_positives(tmp_path):
-    rows = [{"query": "q one", "positive": "a"}, {"query": "q one", "positive": "b"}, {"query": "q two", "positive": "a"}]
+    rows = [
+        {"query": "q one", "positive": "a"},
+        {"query": "q one", "positive": "b"},
+        {"query": "q two", "positive": "a"},
+    ]
     data = load_data(DataConfig(path=str(_write(tmp_path / "p.jsonl", rows))))
     assert len(data.queries) == 2 and len(data.corpus) == 2  # documents de-duplicated by text
     (q1,) = [q for q, t in data.queries.items() if t == "q one"]
@@ -59,7 +63,10 @@ def test_negative_column_adds_documents_and_negatives(tmp_path):
 
 def test_missing_column_names_it_and_suggests(tmp_path):
     path = _write(tmp_path / "p.jsonl", make_pairs(4))
-    with pytest.raises(FinetuneError, match=r"no column 'questions' for the query \(did you mean 'question'\?\); set data.columns.query"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"no column 'questions' for the query \(did you mean 'question'\?\); set data.columns.query",
+    ):
         load_data(DataConfig(path=str(path), columns=dict(COLUMNS, query="questions")))
 
 

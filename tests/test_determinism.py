@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import adapter_recipe
+
 from finetune.cli import main
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -21,7 +21,12 @@ def _twice(tmp_path, raw: dict) -> tuple[dict, dict, dict, dict]:
 
 
 def test_adapter_same_seed_same_splits_and_metrics(tmp_path, tiny_model, pairs_file):
-    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path, negatives={"strategy": "mined", "per_query": 2})
+    raw = adapter_recipe(
+        {"path": str(pairs_file), "columns": COLUMNS},
+        tiny_model,
+        tmp_path,
+        negatives={"strategy": "mined", "per_query": 2},
+    )
     raw["adapter"] = {"type": "mlp", "hidden_dim": 64, "dropout": 0.1}  # dropout draws from the global RNG too
     split_a, split_b, a, b = _twice(tmp_path, raw)
     assert split_a == split_b
@@ -30,7 +35,8 @@ def test_adapter_same_seed_same_splits_and_metrics(tmp_path, tiny_model, pairs_f
 
 def test_qlora_same_seed_same_splits_and_metrics(tmp_path, tiny_model, pairs_file):
     raw = {
-        "kind": "qlora", "name": "q",
+        "kind": "qlora",
+        "name": "q",
         "model": {"name": str(tiny_model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
         "lora": {"dropout": 0.1},
@@ -39,7 +45,9 @@ def test_qlora_same_seed_same_splits_and_metrics(tmp_path, tiny_model, pairs_fil
     }
     split_a, split_b, a, b = _twice(tmp_path, raw)
     assert split_a == split_b
-    assert a["tuned"] == pytest.approx(b["tuned"], abs=1e-6) and a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert a["tuned"] == pytest.approx(b["tuned"], abs=1e-6) and a["train_loss"] == pytest.approx(
+        b["train_loss"], abs=1e-6
+    )
 
 
 def test_a_different_seed_gives_different_splits(tmp_path, tiny_model, pairs_file):

@@ -10,11 +10,13 @@ from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 def _known_case():
     """3 queries, 4 documents; the relevant document ranks 1st, 2nd and 3rd respectively."""
     docs = torch.eye(4)
-    queries = torch.tensor([
-        [1.0, 0.5, 0.2, 0.0],   # q0 -> d0 first
-        [0.9, 0.5, 0.0, 0.0],   # q1 -> d1 second (d0 first)
-        [0.9, 0.5, 0.3, 0.0],   # q2 -> d2 third
-    ])
+    queries = torch.tensor(
+        [
+            [1.0, 0.5, 0.2, 0.0],  # q0 -> d0 first
+            [0.9, 0.5, 0.0, 0.0],  # q1 -> d1 second (d0 first)
+            [0.9, 0.5, 0.3, 0.0],  # q2 -> d2 third
+        ]
+    )
     data = RetrievalData(
         queries={"q0": "a", "q1": "b", "q2": "c"},
         corpus={"d0": "w", "d1": "x", "d2": "y", "d3": "z"},
@@ -53,7 +55,9 @@ def test_corpus_embeddings_are_reused_not_reencoded():
 def test_query_transform_changes_the_ranking():
     data, lookup, docs = _known_case()
     to_truth = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
-    fixed = EmbeddingLookup(["a", "b", "c"], lookup._queries[1], ["w", "x", "y", "z"], docs, query_transform=lambda q: to_truth)
+    fixed = EmbeddingLookup(
+        ["a", "b", "c"], lookup._queries[1], ["w", "x", "y", "z"], docs, query_transform=lambda q: to_truth
+    )
     assert evaluate(build_evaluator(data, ["q0", "q1", "q2"]), fixed)["ndcg@10"] == pytest.approx(1.0)
 
 

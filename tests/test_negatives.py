@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import adapter_recipe
+
 from finetune.config import NegativesConfig
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
@@ -24,17 +24,25 @@ def _toy() -> tuple[RetrievalData, EmbeddingLookup]:
     corpus = {f"d{i}": f"document about topic {i}" for i in range(4)}
     corpus["d4"] = corpus["d0"].upper()  # a near-duplicate of the positive's text (same after lowercasing)
     docs = torch.cat([docs, docs[:1] * 0.999 + torch.tensor([[0.0, 0.04]])])
-    data = RetrievalData({"q0": "which topic is zero", "q1": "which topic is three"}, corpus, {"q0": {"d0"}, "q1": {"d3"}})
+    data = RetrievalData(
+        {"q0": "which topic is zero", "q1": "which topic is three"}, corpus, {"q0": {"d0"}, "q1": {"d3"}}
+    )
     query_emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [-0.8, 0.6]]), dim=-1)
-    lookup = EmbeddingLookup(list(data.queries.values()), query_emb, list(corpus.values()), torch.nn.functional.normalize(docs, dim=-1))
+    lookup = EmbeddingLookup(
+        list(data.queries.values()), query_emb, list(corpus.values()), torch.nn.functional.normalize(docs, dim=-1)
+    )
     return data, lookup
 
 
 def test_mined_negatives_are_the_highest_ranked_non_positives_and_skip_near_duplicates():
     data, lookup = _toy()
-    top = find_negatives(data, ["q0"], NegativesConfig(strategy="mined", per_query=2, relative_margin=None), model=lookup)
+    top = find_negatives(
+        data, ["q0"], NegativesConfig(strategy="mined", per_query=2, relative_margin=None), model=lookup
+    )
     assert top.by_query["q0"] == ["d4", "d1"]  # d4 is closer than d1 but is not a positive
-    skipped = find_negatives(data, ["q0"], NegativesConfig(strategy="mined", per_query=2, relative_margin=0.05), model=lookup)
+    skipped = find_negatives(
+        data, ["q0"], NegativesConfig(strategy="mined", per_query=2, relative_margin=0.05), model=lookup
+    )
     assert skipped.by_query["q0"] == ["d1", "d2"]  # within 5% of the positive's score: dropped
     assert skipped.stats["filled_random"] == 0
 
@@ -51,7 +59,9 @@ def test_bm25_negatives_rank_by_shared_words_and_skip_positives_and_their_text()
     mined = find_negatives(data, ["q"], NegativesConfig(strategy="bm25", per_query=1))
     assert mined.by_query["q"] == ["hard"]
     topped_up = find_negatives(data, ["q"], NegativesConfig(strategy="bm25", per_query=3), seed=1)
-    assert topped_up.by_query["q"][0] == "hard" and topped_up.stats["filled_random"] == 2  # only one other doc shares words
+    assert (
+        topped_up.by_query["q"][0] == "hard" and topped_up.stats["filled_random"] == 2
+    )  # only one other doc shares words
     assert not {"pos"} & set(topped_up.by_query["q"]) and len(set(topped_up.by_query["q"])) == 3
 
 
@@ -68,7 +78,12 @@ def test_range_must_leave_room_for_the_negatives():
 
 @pytest.mark.parametrize("strategy", ["mined", "bm25", "none"])
 def test_adapter_recipe_trains_with_each_strategy(strategy, tmp_path, tiny_model, pairs_file):
-    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path, negatives={"strategy": strategy, **({"per_query": 2} if strategy != "none" else {})})
+    raw = adapter_recipe(
+        {"path": str(pairs_file), "columns": COLUMNS},
+        tiny_model,
+        tmp_path,
+        negatives={"strategy": strategy, **({"per_query": 2} if strategy != "none" else {})},
+    )
     run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["negatives"]["strategy"] == strategy and metrics["tuned"]["ndcg@10"] > 0
@@ -77,7 +92,9 @@ def test_adapter_recipe_trains_with_each_strategy(strategy, tmp_path, tiny_model
 
 
 def test_triplet_loss_without_negatives_is_refused(tmp_path, tiny_model, pairs_file):
-    raw = adapter_recipe({"path": str(pairs_file)}, tiny_model, tmp_path, negatives={"strategy": "none"}, loss={"type": "triplet"})
+    raw = adapter_recipe(
+        {"path": str(pairs_file)}, tiny_model, tmp_path, negatives={"strategy": "none"}, loss={"type": "triplet"}
+    )
     with pytest.raises(FinetuneError, match="triplet' needs negatives"):
         validate_recipe(raw)
 
@@ -88,7 +105,9 @@ def test_qlora_dataset_gets_mined_negative_columns_and_trains(tmp_path, tiny_mod
     from finetune.splits import make_splits
 
     raw = {
-        "kind": "qlora", "name": "q", "quantization": "none",
+        "kind": "qlora",
+        "name": "q",
+        "quantization": "none",
         "model": {"name": str(tiny_model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
         "negatives": {"strategy": "mined", "per_query": 2, "relative_margin": None},
@@ -103,11 +122,20 @@ def test_qlora_dataset_gets_mined_negative_columns_and_trains(tmp_path, tiny_mod
     assert dataset.column_names == ["anchor", "positive", "negative_1", "negative_2"]
     relevant_texts = {data.queries[q]: {data.corpus[d] for d in data.relevant[q]} for q in splits.train}
     for row in dataset:
-        assert row["negative_1"] not in relevant_texts[row["anchor"]] and row["negative_2"] not in relevant_texts[row["anchor"]]
+        assert (
+            row["negative_1"] not in relevant_texts[row["anchor"]]
+            and row["negative_2"] not in relevant_texts[row["anchor"]]
+        )
     # mined with the unquantised base model: the first negative is the best-ranked non-positive
     q = splits.train[0]
-    scores = run.reference.similarity(run.reference.encode_query([data.queries[q]]), run.reference.encode_document(list(data.corpus.values())))[0]
-    ranked = [d for d in (list(data.corpus)[i] for i in scores.argsort(descending=True).tolist()) if d not in data.relevant[q]]
+    scores = run.reference.similarity(
+        run.reference.encode_query([data.queries[q]]), run.reference.encode_document(list(data.corpus.values()))
+    )[0]
+    ranked = [
+        d
+        for d in (list(data.corpus)[i] for i in scores.argsort(descending=True).tolist())
+        if d not in data.relevant[q]
+    ]
     assert run.negatives.by_query[q] == ranked[:2]
     metrics = run.fit(tmp_path / "run")
     assert metrics["negatives"]["strategy"] == "mined" and metrics["train_steps"] == 2

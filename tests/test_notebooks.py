@@ -18,7 +18,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("FINETUNE_NOTEBOOK_OUTPUT", str(tmp_path / "runs"))
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
 
     runs = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()]
     assert runs, "the notebook wrote no finished run"

@@ -19,7 +19,15 @@ def _recipe(model, pairs_file, tmp_path, **top):
         "name": "q",
         "model": {"name": str(model), "batch_size": 16},
         "data": {"path": str(pairs_file), "columns": COLUMNS},
-        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
+        "train": {
+            "epochs": 100,
+            "max_steps": 12,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "eval_steps": 4,
+            "logging_steps": 1,
+            "warmup_ratio": 0.0,
+        },
         "output": {"dir": str(tmp_path / "runs")},
     }
     raw.update(top)
@@ -32,7 +40,10 @@ def test_backend_selection_without_cuda_or_unsloth(tiny_model, pairs_file, tmp_p
     assert (choice.backend, choice.quantization, choice.compute_dtype) == ("peft", "nf4", torch.float32)
     assert select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=True).backend == "unsloth"
     assert select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=False).backend == "peft"
-    assert select_backend(_recipe(tiny_model, pairs_file, tmp_path, method="full", quantization="none"), "cpu").backend == "full"
+    assert (
+        select_backend(_recipe(tiny_model, pairs_file, tmp_path, method="full", quantization="none"), "cpu").backend
+        == "full"
+    )
 
 
 def test_explicit_unsloth_that_cannot_run_is_an_error(tiny_model, pairs_file, tmp_path):
@@ -43,11 +54,14 @@ def test_explicit_unsloth_that_cannot_run_is_an_error(tiny_model, pairs_file, tm
         select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=False)
 
 
-@pytest.mark.parametrize("top,message", [
-    ({"method": "full"}, "set quantization=none"),
-    ({"method": "full", "quantization": "none", "backend": "unsloth"}, "backend 'unsloth' is for LoRA"),
-    ({"quantization": "int3"}, "quantization"),
-])
+@pytest.mark.parametrize(
+    "top,message",
+    [
+        ({"method": "full"}, "set quantization=none"),
+        ({"method": "full", "quantization": "none", "backend": "unsloth"}, "backend 'unsloth' is for LoRA"),
+        ({"quantization": "int3"}, "quantization"),
+    ],
+)
 def test_impossible_combinations(tiny_model, pairs_file, tmp_path, top, message):
     with pytest.raises(FinetuneError, match=message):
         _recipe(tiny_model, pairs_file, tmp_path, **top)
@@ -73,7 +87,10 @@ def test_only_lora_parameters_get_gradients(tiny_model, pairs_file, tmp_path):
     recipe = _recipe(tiny_model, pairs_file, tmp_path)
     model = build_encoder(recipe, select_backend(recipe, "cpu"))[0]
     model.train()
-    features = [model.preprocess(["how do i fix the roof", "radon problem"]), model.preprocess(["roof expert", "radon expert"])]
+    features = [
+        model.preprocess(["how do i fix the roof", "radon problem"]),
+        model.preprocess(["roof expert", "radon expert"]),
+    ]
     MultipleNegativesRankingLoss(model)(features, labels=None).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
@@ -86,6 +103,7 @@ def test_only_lora_parameters_get_gradients(tiny_model, pairs_file, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     from conftest import make_pairs
+
     from finetune.qlora.runner import QLoRARun
 
     tmp = tmp_path_factory.mktemp("qlora")
@@ -116,7 +134,10 @@ def test_saved_adapter_reloads_to_the_same_embeddings(trained, tiny_model):
     run, _, run_dir, texts = trained
     before = run.model.encode(texts, convert_to_tensor=True)
     fresh = build_encoder(run.recipe, run.choice)[0]
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(run_dir / "lora" / "adapter_model.safetensors")).items()}
+    state = {
+        k.removeprefix("base_model.model."): v
+        for k, v in load_file(str(run_dir / "lora" / "adapter_model.safetensors")).items()
+    }
     set_peft_model_state_dict(fresh[0].auto_model, state)
     assert torch.allclose(fresh.encode(texts, convert_to_tensor=True), before, atol=1e-5)
 
@@ -128,20 +149,26 @@ def test_merged_model_loads_in_plain_sentence_transformers(trained, tiny_model):
     merged = SentenceTransformer(str(run_dir / "model"), device="cpu")
     unmerged = build_encoder(run.recipe, run.choice, quantize=False)[0]
     unmerged[0].auto_model = PeftModel.from_pretrained(unmerged[0].auto_model, str(run_dir / "lora"))
-    assert torch.allclose(merged.encode(texts, convert_to_tensor=True), unmerged.encode(texts, convert_to_tensor=True), atol=1e-5)
+    assert torch.allclose(
+        merged.encode(texts, convert_to_tensor=True), unmerged.encode(texts, convert_to_tensor=True), atol=1e-5
+    )
     # 4-bit + LoRA and its full-precision merge differ only by the quantisation error
-    cos = torch.nn.functional.cosine_similarity(merged.encode(texts, convert_to_tensor=True), run.model.encode(texts, convert_to_tensor=True))
+    cos = torch.nn.functional.cosine_similarity(
+        merged.encode(texts, convert_to_tensor=True), run.model.encode(texts, convert_to_tensor=True)
+    )
     assert cos.min() > 0.95
 
 
 def test_adapter_and_qlora_recipes_score_identical_test_queries(tiny_model, pairs_file, tmp_path):
     import yaml
-
     from conftest import adapter_recipe
+
     from finetune.cli import main
 
     adapter = tmp_path / "adapter.yaml"
-    adapter.write_text(yaml.safe_dump(adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)))
+    adapter.write_text(
+        yaml.safe_dump(adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path))
+    )
     assert main(["run", str(adapter), "name=a"]) == 0
     (first,) = (tmp_path / "runs").iterdir()
     qlora = tmp_path / "qlora.yaml"

@@ -33,13 +33,28 @@ CASES = [
 def _fit(tiny_model, pairs_file, tmp_path, backend, method, quantization):
     from finetune.qlora.runner import QLoRARun
 
-    recipe = validate_recipe({
-        "kind": "qlora", "name": "gpu", "device": "cuda", "backend": backend, "method": method, "quantization": quantization,
-        "model": {"name": str(tiny_model), "batch_size": 16},
-        "data": {"path": str(pairs_file), "columns": COLUMNS},
-        "train": {"epochs": 100, "max_steps": 12, "batch_size": 8, "lr": 5e-3, "eval_steps": 4, "logging_steps": 1, "warmup_ratio": 0.0},
-        "output": {"dir": str(tmp_path / "runs")},
-    })
+    recipe = validate_recipe(
+        {
+            "kind": "qlora",
+            "name": "gpu",
+            "device": "cuda",
+            "backend": backend,
+            "method": method,
+            "quantization": quantization,
+            "model": {"name": str(tiny_model), "batch_size": 16},
+            "data": {"path": str(pairs_file), "columns": COLUMNS},
+            "train": {
+                "epochs": 100,
+                "max_steps": 12,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "eval_steps": 4,
+                "logging_steps": 1,
+                "warmup_ratio": 0.0,
+            },
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+    )
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)
     run = QLoRARun(recipe, data, splits, "cuda")
@@ -65,7 +80,10 @@ def test_training_on_cuda(tiny_model, pairs_file, tmp_path, backend, method, qua
 
         assert sum(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules()) >= 12
     elif method == "lora":  # 16-bit LoRA: the frozen base is stored in 16 bits, the adapters train in fp32
-        assert {p.dtype for n, p in run.model.named_parameters() if "encoder" in n and "lora_" not in n} <= {torch.bfloat16, torch.float16}
+        assert {p.dtype for n, p in run.model.named_parameters() if "encoder" in n and "lora_" not in n} <= {
+            torch.bfloat16,
+            torch.float16,
+        }
 
     merged = SentenceTransformer(str(run_dir / "model"), device="cuda")
     cos = torch.nn.functional.cosine_similarity(
@@ -79,9 +97,12 @@ def test_training_on_cuda(tiny_model, pairs_file, tmp_path, backend, method, qua
 def test_base_reference_is_the_same_for_every_backend(tiny_model, pairs_file, tmp_path):
     """``base`` is scored with the full-precision encoder, whichever backend then trains."""
     from conftest import make_pairs
+
     from finetune.qlora.backend import select_backend
 
-    recipe = validate_recipe({"kind": "qlora", "model": {"name": str(tiny_model)}, "data": {"path": str(pairs_file), "columns": COLUMNS}})
+    recipe = validate_recipe(
+        {"kind": "qlora", "model": {"name": str(tiny_model)}, "data": {"path": str(pairs_file), "columns": COLUMNS}}
+    )
     texts = [r["question"] for r in make_pairs(20)]
     peft = select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=False)
     unsloth = select_backend(recipe, "cuda", cuda_available=True, unsloth_installed=True)
@@ -95,7 +116,10 @@ def test_base_reference_is_the_same_for_every_backend(tiny_model, pairs_file, tm
 FAMILY_CASES = [
     (family, backend)
     for family in ("bert_cls", "modernbert", "qwen3", "gemma3")
-    for backend in ("peft", pytest.param("unsloth", marks=pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")))
+    for backend in (
+        "peft",
+        pytest.param("unsloth", marks=pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")),
+    )
 ]
 
 
@@ -112,7 +136,9 @@ def test_checkpoint_families_keep_their_stack_on_cuda(family, backend, tmp_path)
     plain = SentenceTransformer(str(model), device="cuda")
     assert result["backend"].startswith(f"backend {backend}, device cuda, quantization nf4")
     assert result["model"]["stack"].split(" -> ")[0].startswith("Transformer") and result["model"]["lora_targets"]
-    assert [type(m).__name__ for m in SentenceTransformer(str(run_dir / "model"), device="cuda")] == [type(m).__name__ for m in plain]
+    assert [type(m).__name__ for m in SentenceTransformer(str(run_dir / "model"), device="cuda")] == [
+        type(m).__name__ for m in plain
+    ]
     assert result["fidelity"]["min_cosine"] >= 0.9999 and result["export"]["max_abs_diff"] <= 1e-3
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])

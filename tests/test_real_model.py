@@ -6,7 +6,13 @@ from finetune.cli import main
 
 
 def test_adapter_recipe_on_the_faq_beats_the_base_model(tmp_path, capsys):
-    args = ["run", "recipes/adapter.yaml", f"output.dir={tmp_path}/runs", f"cache.dir={tmp_path}/cache", "train.epochs=10"]
+    args = [
+        "run",
+        "recipes/adapter.yaml",
+        f"output.dir={tmp_path}/runs",
+        f"cache.dir={tmp_path}/cache",
+        "train.epochs=10",
+    ]
     assert main(args) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -24,7 +24,9 @@ def test_every_shipped_recipe_validates_and_says_how_to_run_it(path):
 
 
 def test_overrides_set_nested_values_with_yaml_types():
-    raw = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=0.01", "train.patience=null", "seed=7", "splits.group_by_domain=true"])
+    raw = apply_overrides(
+        {"train": {"lr": 0.1}}, ["train.lr=0.01", "train.patience=null", "seed=7", "splits.group_by_domain=true"]
+    )
     assert raw == {"train": {"lr": 0.01, "patience": None}, "seed": 7, "splits": {"group_by_domain": True}}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import adapter_recipe, make_pairs
+
 from finetune.cli import main
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -28,8 +28,12 @@ def _write(tmp_path: Path, raw: dict, n_pairs: int) -> str:
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None and not ready():
@@ -49,7 +53,9 @@ def _epoch(state: Path) -> int:
 
 
 def test_adapter_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, tiny_model):
-    raw = adapter_recipe(None, tiny_model, tmp_path, train={"epochs": 40, "batch_size": 2, "patience": None, "lr": 1e-3})
+    raw = adapter_recipe(
+        None, tiny_model, tmp_path, train={"epochs": 40, "batch_size": 2, "patience": None, "lr": 1e-3}
+    )
     recipe = _write(tmp_path, raw, 300)
     killed = tmp_path / "killed"
     _kill_when(["run", recipe, "--run-dir", str(killed)], lambda: _epoch(killed / "checkpoint" / "state.pt") >= 3)
@@ -66,15 +72,31 @@ def test_adapter_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, t
 
 def test_qlora_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, tiny_model):
     raw = {
-        "kind": "qlora", "name": "q", "quantization": "none",
+        "kind": "qlora",
+        "name": "q",
+        "quantization": "none",
         "model": {"name": str(tiny_model), "batch_size": 16},
-        "train": {"epochs": 100, "max_steps": 150, "batch_size": 4, "lr": 2e-3, "eval_steps": 10, "logging_steps": 10, "warmup_ratio": 0.1},
+        "train": {
+            "epochs": 100,
+            "max_steps": 150,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "eval_steps": 10,
+            "logging_steps": 10,
+            "warmup_ratio": 0.1,
+        },
         "output": {"dir": str(tmp_path / "runs")},
     }
     recipe = _write(tmp_path, raw, 100)
     runs = tmp_path / "runs"
-    done = lambda: any((p / "trainer_state.json").is_file() for p in runs.glob("q-*/checkpoints/checkpoint-*")  # noqa: E731
-                       if int(p.name.split("-")[1]) >= 30)
+
+    def done():
+        return any(
+            (p / "trainer_state.json").is_file()
+            for p in runs.glob("q-*/checkpoints/checkpoint-*")
+            if int(p.name.split("-")[1]) >= 30
+        )
+
     _kill_when(["run", recipe], done)
     (killed,) = runs.glob("q-*")
     assert not (killed / "metrics.json").exists()
@@ -94,7 +116,9 @@ def test_resume_refuses_a_different_recipe_and_a_finished_run(tmp_path, tiny_mod
     recipe = _write(tmp_path, raw, 40)
     run_dir = tmp_path / "r"
     (run_dir).mkdir()
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dict(yaml.safe_load(Path(recipe).read_text()), kind="adapter")))
+    (run_dir / "recipe.yaml").write_text(
+        yaml.safe_dump(dict(yaml.safe_load(Path(recipe).read_text()), kind="adapter"))
+    )
     assert main(["run", recipe, "--resume", str(run_dir), "train.lr=0.1"]) == 2
     err = capsys.readouterr().err
     assert "the recipe differs from the run's at" in err and err.count("\n") == 1

@@ -5,8 +5,8 @@ import socket
 from pathlib import Path
 
 import yaml
-
 from conftest import adapter_recipe
+
 from finetune.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_openai import FakeOpenAI
+
 from finetune.cli import main
 from finetune.synth.chunking import load_chunks, split_text
 from finetune.synth.questions import keep, parse_questions
@@ -26,7 +26,9 @@ def _docs(folder: Path, markers: dict[int, str] | None = None, n: int = 8) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        body = f"# {topic.title()} guide {i}\n\nThe {topic} rules for house number {i}: inspect the {topic} yearly. {(markers or {}).get(i, '')}\n"
+        marker = (markers or {}).get(i, "")
+        rules = f"The {topic} rules for house number {i}: inspect the {topic} yearly. {marker}"
+        body = f"# {topic.title()} guide {i}\n\n{rules}\n"
         (folder / f"{i:02d}-{topic}.md").write_text(body)
     return folder
 
@@ -51,14 +53,17 @@ def test_load_chunks_from_a_folder_and_from_jsonl(tmp_path):
         load_chunks(jsonl)
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ('["Where?", "Why is it so?"]', ["Where?", "Why is it so?"]),
-    ('Sure!\n```json\n{"questions": ["Where?"]}\n```\nBye', ["Where?"]),
-    ('[{"question": "How much?"}]', ["How much?"]),
-    ("Here:\n1. How big is it?\n2) Who pays?\n- Is it legal?", ["How big is it?", "Who pays?", "Is it legal?"]),
-    ("I cannot help with that.", None),
-    ('{"questions": []}', None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ('["Where?", "Why is it so?"]', ["Where?", "Why is it so?"]),
+        ('Sure!\n```json\n{"questions": ["Where?"]}\n```\nBye', ["Where?"]),
+        ('[{"question": "How much?"}]', ["How much?"]),
+        ("Here:\n1. How big is it?\n2) Who pays?\n- Is it legal?", ["How big is it?", "Who pays?", "Is it legal?"]),
+        ("I cannot help with that.", None),
+        ('{"questions": []}', None),
+    ],
+)
 def test_parse_questions(answer, expected):
     assert parse_questions(answer) == expected
 
@@ -71,11 +76,29 @@ def test_questions_that_copy_the_chunk_are_dropped():
 
 
 def _synth_args(docs, out, url, *extra):
-    return ["synth", "--chunks", str(docs), "--out", str(out), "--base-url", url, "--model", "fake-llm",
-            "--api-key-env", "FAKE_KEY", "--per-chunk", "3", "--timeout", "0.5", *extra]
+    return [
+        "synth",
+        "--chunks",
+        str(docs),
+        "--out",
+        str(out),
+        "--base-url",
+        url,
+        "--model",
+        "fake-llm",
+        "--api-key-env",
+        "FAKE_KEY",
+        "--per-chunk",
+        "3",
+        "--timeout",
+        "0.5",
+        *extra,
+    ]
 
 
-def test_synth_survives_429_500_slow_and_garbled_answers_and_the_recipe_trains_on_it(tmp_path, tiny_model, monkeypatch, capsys):
+def test_synth_survives_429_500_slow_and_garbled_answers_and_the_recipe_trains_on_it(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
     monkeypatch.setenv("FAKE_KEY", KEY)
     markers = {1: "[429]", 2: "[500]", 3: "[slow]", 4: "[garbled]", 5: "[fenced]"}
     docs, out = _docs(tmp_path / "docs", markers), tmp_path / "pairs.jsonl"
@@ -93,11 +116,22 @@ def test_synth_survives_429_500_slow_and_garbled_answers_and_the_recipe_trains_o
     assert statuses["1"] == [429, 200] and statuses["2"] == [500, 200] and statuses["0"] == [200]
     assert len(statuses["3"]) == 2 and len(statuses["4"]) == 2  # timed out once; no questions once
     assert {r["auth"] for r in fake.requests} == {f"Bearer {KEY}"}
-    assert KEY not in out.read_text() and KEY not in (tmp_path / "pairs.jsonl.progress.jsonl").read_text() and KEY not in report
+    assert (
+        KEY not in out.read_text()
+        and KEY not in (tmp_path / "pairs.jsonl.progress.jsonl").read_text()
+        and KEY not in report
+    )
 
     # the adapter recipe reads the pairs file as it is: only the data path (and, here, the tiny model) change
-    run = ["run", "recipes/adapter.yaml", f"data={out}", f"model.name={tiny_model}", f"output.dir={tmp_path / 'runs'}",
-           f"cache.dir={tmp_path / 'cache'}", "train.epochs=2"]
+    run = [
+        "run",
+        "recipes/adapter.yaml",
+        f"data={out}",
+        f"model.name={tiny_model}",
+        f"output.dir={tmp_path / 'runs'}",
+        f"cache.dir={tmp_path / 'cache'}",
+        "train.epochs=2",
+    ]
     assert main(run) == 0
     metrics = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert metrics["n_corpus"] == 8 and sum(metrics["splits"].values()) == 24
@@ -112,7 +146,9 @@ def test_a_chunk_that_always_fails_is_reported_and_retried_alone_next_time(tmp_p
         assert len(out.read_text().splitlines()) == 9  # the three good chunks are written anyway
         before = len(fake.requests)
         assert main(_synth_args(docs, out, fake.base_url, "--max-retries", "0")) == 1
-        assert {re.search(r"guide (\d+)", r["passage"]).group(1) for r in fake.requests[before:]} == {"2"}  # only the failed one again
+        assert {re.search(r"guide (\d+)", r["passage"]).group(1) for r in fake.requests[before:]} == {
+            "2"
+        }  # only the failed one again
         assert main(_synth_args(docs, out, fake.base_url, "--per-chunk", "4")) == 2  # other settings: refuse to mix
         assert "other settings (per_chunk 3, now 4)" in capsys.readouterr().err
 
@@ -122,8 +158,12 @@ def test_killed_synth_resumes_without_losing_or_repeating_a_finished_chunk(tmp_p
     progress = tmp_path / "pairs.jsonl.progress.jsonl"
     with FakeOpenAI(delay=0.15) as fake:
         env = dict(os.environ, FAKE_KEY=KEY)
-        proc = subprocess.Popen([sys.executable, "-m", "finetune", *_synth_args(docs, out, fake.base_url, "--concurrency", "2")],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune", *_synth_args(docs, out, fake.base_url, "--concurrency", "2")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 60
         while time.time() < deadline and (not progress.exists() or progress.read_text().count('"chunk"') < 6):
             time.sleep(0.05)

@@ -27,17 +27,23 @@ def load_training_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, or not ours: never fall back to unsafe loading
-        raise FinetuneError(f"cannot read the checkpoint ({type(exc).__name__}); delete it to restart training from the beginning", where=str(path)) from None
+        raise FinetuneError(
+            f"cannot read the checkpoint ({type(exc).__name__}); delete it to restart training from the beginning",
+            where=str(path),
+        ) from None
 
 
-def restore(state: dict, adapter, optimizer, schedule, generator: torch.Generator, where: Path | str = "checkpoint") -> None:
+def restore(
+    state: dict, adapter, optimizer, schedule, generator: torch.Generator, where: Path | str = "checkpoint"
+) -> None:
     """Put a saved state back into live objects; a shape mismatch names the file and the fix."""
     mine = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in state["adapter"].items()}
     if mine != theirs:
         key = next((k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)))
         raise FinetuneError(
-            f"adapter weights do not fit this recipe's adapter ({key}: {theirs.get(key)} saved, {mine.get(key)} expected); resume with the recipe that made them",
+            f"adapter weights do not fit this recipe's adapter ({key}: {theirs.get(key)} saved, {mine.get(key)} "
+            "expected); resume with the recipe that made them",
             where=str(where),
         )
     adapter.load_state_dict(state["adapter"])

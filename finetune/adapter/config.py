@@ -22,7 +22,9 @@ class AdapterConfig(Section):
 
 
 class LossConfig(Section):
-    """``triplet``: margin loss on L2 distance (p=2). ``mnrl``: InfoNCE over in-batch negatives and the recipe's ``negatives``."""
+    """``triplet``: margin loss on L2 distance (p=2). ``mnrl``: InfoNCE over in-batch negatives and the recipe's
+    ``negatives``.
+    """
 
     type: Literal["triplet", "mnrl"] = "mnrl"
     margin: float = Field(0.2, gt=0.0)
@@ -30,7 +32,9 @@ class LossConfig(Section):
 
 
 class AdapterTrainConfig(Section):
-    """Optimisation: AdamW with linear warmup then linear decay, gradient clipping, early stopping on validation NDCG@10."""
+    """Optimisation: AdamW with linear warmup then linear decay, gradient clipping, early stopping on validation
+    NDCG@10.
+    """
 
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -63,5 +67,8 @@ class AdapterRecipe(RecipeBase):
     @model_validator(mode="after")
     def _triplet_needs_negatives(self):
         if self.loss.type == "triplet" and self.negatives.strategy == "none":
-            raise ValueError("loss.type 'triplet' needs negatives; set negatives.strategy (random, mined, bm25, given) or loss.type=mnrl")
+            raise ValueError(
+                "loss.type 'triplet' needs negatives; set negatives.strategy (random, mined, bm25, given) or "
+                "loss.type=mnrl"
+            )
         return self

@@ -27,7 +27,12 @@ def adapter_as_modules(adapter: nn.Module) -> list[nn.Module]:
 
     if isinstance(adapter, LinearAdapter):
         w, b = adapter.weight.detach().cpu(), adapter.delta.bias.detach().cpu()
-        return [Dense(adapter.dim, adapter.dim, activation_function=nn.Identity(), init_weight=w.clone(), init_bias=b.clone()), Normalize()]
+        return [
+            Dense(
+                adapter.dim, adapter.dim, activation_function=nn.Identity(), init_weight=w.clone(), init_bias=b.clone()
+            ),
+            Normalize(),
+        ]
     if isinstance(adapter, MLPAdapter):
         d, h = adapter.dim, adapter.hidden_dim
         eye = torch.eye(d)
@@ -52,10 +57,10 @@ def export_adapter_model(base_model, adapter: nn.Module, folder: str | Path, que
         folder: Where to save; load it later with ``SentenceTransformer(folder)``.
         query_prompt: Stored as the model's ``query`` prompt, so ``encode_query`` applies it.
 
-    Example:
-        >>> model = SentenceTransformer("runs/adapter-.../model")
-        >>> q = model.encode_query(["how do I get a building permit?"])   # adapted
-        >>> d = model.encode_document(["A bygglov is ..."])                 # base model
+    Example (not run: it needs a model, data or a server)::
+        model = SentenceTransformer("runs/adapter-.../model")
+        q = model.encode_query(["how do I get a building permit?"])   # adapted
+        d = model.encode_document(["A bygglov is ..."])                 # base model
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Router

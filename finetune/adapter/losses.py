@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def triplet_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_loss(
+    queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float
+) -> torch.Tensor:
     """Triplet margin loss with L2 distance (p=2), each query against each of its negatives.
 
     Args:
@@ -21,7 +23,9 @@ def triplet_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torc
     return F.triplet_margin_loss(anchor, positive, negatives.reshape(-1, queries.shape[-1]), margin=margin, p=2)
 
 
-def infonce_loss(queries: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce_loss(
+    queries: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE (MultipleNegativesRankingLoss): query ``i``'s positive is candidate ``i``.
 
     Args:

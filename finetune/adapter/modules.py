@@ -45,7 +45,9 @@ class LinearAdapter(nn.Module):
 
 
 class MLPAdapter(nn.Module):
-    """Residual MLP ``normalize(q + W2 relu(W1 q + b1) + b2)``; ``W2``, ``b2`` start at zero, so it starts as the identity."""
+    """Residual MLP ``normalize(q + W2 relu(W1 q + b1) + b2)``; ``W2``, ``b2`` start at zero, so it starts as the
+    identity.
+    """
 
     def __init__(self, dim: int, hidden_dim: int = 2048, dropout: float = 0.0):
         super().__init__()
@@ -83,6 +85,8 @@ def save_adapter(adapter: nn.Module, folder: str | Path) -> None:
 def load_adapter(folder: str | Path) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter`; the weights' shapes are checked against its config."""
     return load_layer(
-        folder, "adapter", lambda c: build_adapter(c["type"], c["dim"], c.get("hidden_dim", 2048)),
+        folder,
+        "adapter",
+        lambda c: build_adapter(c["type"], c["dim"], c.get("hidden_dim", 2048)),
         "point at a folder written by save_adapter (a run directory)",
     )

@@ -20,7 +20,9 @@ def relevant_pairs(data, query_ids, row_of_text: dict[str, int], row_of_doc: dic
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def negatives_table(negatives: dict[str, list[str]], data, row_of_text: dict[str, int], row_of_doc: dict[str, int]) -> torch.Tensor:
+def negatives_table(
+    negatives: dict[str, list[str]], data, row_of_text: dict[str, int], row_of_doc: dict[str, int]
+) -> torch.Tensor:
     """``[Q, G]`` document rows named as negatives per query row, ``-1`` padded.
 
     Args:
@@ -29,7 +31,9 @@ def negatives_table(negatives: dict[str, list[str]], data, row_of_text: dict[str
     width = max(len(v) for v in negatives.values())
     table = torch.full((len(row_of_text), width), -1, dtype=torch.long)
     for qid, docs in negatives.items():
-        table[row_of_text[data.queries[qid]], : len(docs)] = torch.tensor([row_of_doc[d] for d in docs], dtype=torch.long)
+        table[row_of_text[data.queries[qid]], : len(docs)] = torch.tensor(
+            [row_of_doc[d] for d in docs], dtype=torch.long
+        )
     return table
 
 
@@ -52,10 +56,10 @@ class NegativeSampler:
             takes its column; otherwise each slot draws one of the row's at random. Empty slots
             fall back to random corpus documents.
 
-    Example:
-        >>> sampler = NegativeSampler(doc_emb, relevance_keys(pairs, len(doc_emb)), per_query=2)
-        >>> emb, rows = sampler.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
-        >>> emb.shape
+    Example (not run: it needs a model, data or a server)::
+        sampler = NegativeSampler(doc_emb, relevance_keys(pairs, len(doc_emb)), per_query=2)
+        emb, rows = sampler.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+        emb.shape
         torch.Size([2, 2, 384])
     """
 
@@ -114,7 +118,9 @@ class NegativeSampler:
             allowed[mine] = False
             choices = torch.nonzero(allowed).flatten()
             if len(choices) == 0:
-                raise FinetuneError(f"query row {q} is relevant to every document; no negative can be drawn", where="negatives")
+                raise FinetuneError(
+                    f"query row {q} is relevant to every document; no negative can be drawn", where="negatives"
+                )
             rows[i, j] = choices[torch.randint(len(choices), (1,), generator=generator)]
         return rows
 

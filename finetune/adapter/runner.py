@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.adapter.config import AdapterRecipe
 from finetune.adapter.checkpoint import load_training_state
+from finetune.adapter.config import AdapterRecipe
 from finetune.adapter.export import export_adapter_model
 from finetune.adapter.modules import build_adapter, save_adapter
 from finetune.adapter.negatives import build_sampler, relevant_pairs
@@ -39,7 +39,15 @@ class AdapterRun:
 
     resumable = True
 
-    def __init__(self, recipe: AdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache, echo=print):
+    def __init__(
+        self,
+        recipe: AdapterRecipe,
+        data: RetrievalData,
+        splits: Splits,
+        device: str,
+        cache: EmbeddingCache,
+        echo=print,
+    ):
         self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
         encoder = load_frozen_encoder(recipe.model, device)
         self.model, self.model_source, self.prompts = encoder.model, encoder.source, encoder.prompts
@@ -49,15 +57,29 @@ class AdapterRun:
         self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
         t0 = time.perf_counter()
-        encode = dict(model=self.model, identity=encoder.identity, batch_size=recipe.model.batch_size, devices=recipe.model.encode_devices)
-        self.documents = cache.encode(texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=self.prompts.document, **encode)
+        encode = dict(
+            model=self.model,
+            identity=encoder.identity,
+            batch_size=recipe.model.batch_size,
+            devices=recipe.model.encode_devices,
+        )
+        self.documents = cache.encode(
+            texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=self.prompts.document, **encode
+        )
         self.queries = cache.encode(texts=self.query_texts, task="query", prompt=self.prompts.query, **encode)
         self.encode_seconds = time.perf_counter() - t0
         pool = self._negative_pool(cache, encode)
         # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
         self.sampler, self.negatives_stats = build_sampler(
-            data, recipe.negatives, self.documents.to(device), self._row_of_text, self._row_of_doc,
-            splits.train, self.lookup(), recipe.seed, pool=None if pool is None else pool.to(device),
+            data,
+            recipe.negatives,
+            self.documents.to(device),
+            self._row_of_text,
+            self._row_of_doc,
+            splits.train,
+            self.lookup(),
+            recipe.seed,
+            pool=None if pool is None else pool.to(device),
         )
 
     def _negative_pool(self, cache: EmbeddingCache, encode: dict) -> torch.Tensor | None:
@@ -73,7 +95,9 @@ class AdapterRun:
             texts = [str(r.get("text", "")).strip() for r in read_rows(path)]
             texts = [t for t in texts if t]
         if not texts:
-            raise FinetuneError("no texts found (one per line, or rows with a 'text' field)", where=f"negatives.file {path}")
+            raise FinetuneError(
+                "no texts found (one per line, or rows with a 'text' field)", where=f"negatives.file {path}"
+            )
         return cache.encode(texts=texts, task="document", **encode)
 
     def lookup(self, adapter=None) -> EmbeddingLookup:
@@ -100,7 +124,9 @@ class AdapterRun:
         base = evaluate(test, self.lookup(), corpus_embeddings=self.documents)
         eval_seconds = time.perf_counter() - t0
 
-        adapter = build_adapter(recipe.adapter.type, self.documents.shape[1], recipe.adapter.hidden_dim, recipe.adapter.dropout).to(self.device)
+        adapter = build_adapter(
+            recipe.adapter.type, self.documents.shape[1], recipe.adapter.hidden_dim, recipe.adapter.dropout
+        ).to(self.device)
         validate = None
         if self.splits.val:
             val = build_evaluator(self.data, self.splits.val, "val")
@@ -110,9 +136,17 @@ class AdapterRun:
         state = load_training_state(checkpoint) if resume and checkpoint.is_file() else None
         t0 = time.perf_counter()
         history = train_adapter(
-            adapter, self.queries.to(self.device), self.documents.to(self.device), train_pairs,
-            self.sampler, recipe.loss, recipe.train, recipe.seed, validate,
-            checkpoint=checkpoint, resume_from=state,
+            adapter,
+            self.queries.to(self.device),
+            self.documents.to(self.device),
+            train_pairs,
+            self.sampler,
+            recipe.loss,
+            recipe.train,
+            recipe.seed,
+            validate,
+            checkpoint=checkpoint,
+            resume_from=state,
         )
         train_seconds = time.perf_counter() - t0
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)

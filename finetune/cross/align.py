@@ -23,7 +23,9 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor, kind: str = "c
 
 
 @torch.no_grad()
-def mean_alignment_loss(projection: torch.nn.Module, source: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> float:
+def mean_alignment_loss(
+    projection: torch.nn.Module, source: torch.Tensor, target: torch.Tensor, kind: str = "cosine"
+) -> float:
     """The alignment loss of ``projection`` over all of ``source``/``target``."""
     projection.eval()
     return float(alignment_loss(projection(source), target, kind))
@@ -57,7 +59,9 @@ def align_projection(
             rows = order[start : start + config.batch_size]
             loss = alignment_loss(projection(source[rows]), target[rows], config.loss)
             if not torch.isfinite(loss):
-                raise FinetuneError(f"alignment loss is {loss.item()} at epoch {epoch}; lower alignment.lr", where="alignment")
+                raise FinetuneError(
+                    f"alignment loss is {loss.item()} at epoch {epoch}; lower alignment.lr", where="alignment"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

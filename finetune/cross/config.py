@@ -34,7 +34,9 @@ class AlignmentConfig(Section):
     relevance label."""
 
     loss: Literal["cosine", "mse"] = "cosine"
-    use_queries: bool = Field(True, description="add the text of train and val queries (unlabelled) to the corpus documents")
+    use_queries: bool = Field(
+        True, description="add the text of train and val queries (unlabelled) to the corpus documents"
+    )
     epochs: int = Field(40, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0.0)
@@ -45,9 +47,13 @@ class DomainsConfig(Section):
     """Domain experiments, for data with a domain column (the FAQ's ``category``)."""
 
     leave_one_domain_out: bool = Field(False, description="train on all other domains, test on each held-out one")
-    per_domain: bool = Field(False, description="train one adapter per domain; test in-domain and on the other domains")
+    per_domain: bool = Field(
+        False, description="train one adapter per domain; test in-domain and on the other domains"
+    )
     min_queries: int = Field(8, gt=1, description="domains with fewer queries are skipped")
-    test_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="per_domain: share of a domain's queries held out for its test")
+    test_fraction: float = Field(
+        0.3, gt=0.0, lt=1.0, description="per_domain: share of a domain's queries held out for its test"
+    )
 
 
 class CrossAdapterRecipe(RecipeCore):
@@ -66,7 +72,9 @@ class CrossAdapterRecipe(RecipeCore):
     document_model: ModelConfig = ModelConfig()
     projection: ProjectionConfig = ProjectionConfig()
     mode: Mode | list[Mode] = Field("both", description="one mode, or a list to run each (the first is exported)")
-    train_ratios: list[float] = Field([1.0], description="fractions of the labelled train (and val) queries; each runs on the same test split")
+    train_ratios: list[float] = Field(
+        [1.0], description="fractions of the labelled train (and val) queries; each runs on the same test split"
+    )
     alignment: AlignmentConfig = AlignmentConfig()
     loss: LossConfig = LossConfig()
     negatives: NegativesConfig = NegativesConfig()
@@ -84,7 +92,10 @@ class CrossAdapterRecipe(RecipeCore):
     @model_validator(mode="after")
     def _local_models(self):
         if self.query_model.provider != "local" or self.document_model.provider != "local":
-            raise ValueError("cross_adapter exports a local Router model and needs local encoders; for an API model use kind: adapter")
+            raise ValueError(
+                "cross_adapter exports a local Router model and needs local encoders; for an API model use kind: "
+                "adapter"
+            )
         return self
 
     @model_validator(mode="after")

@@ -53,8 +53,13 @@ def budget_experiments(splits: Splits, ratios: list[float], seed: int) -> list[E
     unlabelled = splits.train + splits.val
     return [
         Experiment(
-            f"ratio={r:g}", "budget", train[: max(1, math.ceil(r * len(train)))], val[: math.ceil(r * len(val))],
-            {"test": splits.test}, unlabelled, ratio=r,
+            f"ratio={r:g}",
+            "budget",
+            train[: max(1, math.ceil(r * len(train)))],
+            val[: math.ceil(r * len(val))],
+            {"test": splits.test},
+            unlabelled,
+            ratio=r,
         )
         for r in ratios
     ]
@@ -62,7 +67,9 @@ def budget_experiments(splits: Splits, ratios: list[float], seed: int) -> list[E
 
 def _domains(data: RetrievalData, min_queries: int, where: str) -> dict[str, list[str]]:
     if not data.domains:
-        raise FinetuneError("domain experiments need a domain column; set data.columns.domain (the FAQ has 'category')", where=where)
+        raise FinetuneError(
+            "domain experiments need a domain column; set data.columns.domain (the FAQ has 'category')", where=where
+        )
     by_domain: dict[str, list[str]] = {}
     for qid in data.queries:
         if qid in data.domains:
@@ -94,7 +101,9 @@ def leave_one_domain_out(data: RetrievalData, min_queries: int, val_fraction: fl
     for domain, held_out in domains.items():
         rest = _without_texts(data, [q for q in data.queries if data.domains.get(q) != domain], held_out)
         val, train = _split(rest, val_fraction, rng) if val_fraction > 0 else ([], rest)
-        out.append(Experiment(f"lodo:{domain}", "lodo", train, val, {"held-out domain": held_out}, rest, domain=domain))
+        out.append(
+            Experiment(f"lodo:{domain}", "lodo", train, val, {"held-out domain": held_out}, rest, domain=domain)
+        )
     return out
 
 
@@ -107,7 +116,15 @@ def per_domain(data: RetrievalData, min_queries: int, test_fraction: float, seed
         test, train = _split(ids, test_fraction, rng)
         train = _without_texts(data, train, test)
         others = _without_texts(data, [q for q in data.queries if data.domains.get(q) != domain], train)
-        out.append(Experiment(
-            f"domain:{domain}", "per_domain", train, [], {"in-domain": test, "other domains": others}, train, domain=domain,
-        ))
+        out.append(
+            Experiment(
+                f"domain:{domain}",
+                "per_domain",
+                train,
+                [],
+                {"in-domain": test, "other domains": others},
+                train,
+                domain=domain,
+            )
+        )
     return out

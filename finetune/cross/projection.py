@@ -55,10 +55,15 @@ class Projection(nn.Module):
         dense = []
         for i, layer in enumerate(linears):
             last = i == len(linears) - 1
-            dense.append(Dense(
-                layer.in_features, layer.out_features, activation_function=nn.Identity() if last else nn.ReLU(),
-                init_weight=layer.weight.detach().cpu().clone(), init_bias=layer.bias.detach().cpu().clone(),
-            ))
+            dense.append(
+                Dense(
+                    layer.in_features,
+                    layer.out_features,
+                    activation_function=nn.Identity() if last else nn.ReLU(),
+                    init_weight=layer.weight.detach().cpu().clone(),
+                    init_bias=layer.bias.detach().cpu().clone(),
+                )
+            )
         return [*dense, Normalize()]
 
 
@@ -70,12 +75,16 @@ def save_projection(projection: Projection, folder: str | Path) -> None:
 def load_projection(folder: str | Path) -> Projection:
     """Load a projection saved by :func:`save_projection`; shapes are checked against its config."""
     return load_layer(
-        folder, "projection", lambda c: Projection(c["d_in"], c["d_out"], c["type"], c.get("hidden_dim", 1024)),
+        folder,
+        "projection",
+        lambda c: Projection(c["d_in"], c["d_out"], c["type"], c.get("hidden_dim", 1024)),
         "point at the projection folder of a cross_adapter run",
     )
 
 
-def export_router_model(query_model, document_model, projection: Projection, folder: str | Path, query_prompt=None, document_prompt=None):
+def export_router_model(
+    query_model, document_model, projection: Projection, folder: str | Path, query_prompt=None, document_prompt=None
+):
     """Save one ``SentenceTransformer`` whose query route is ``query_model`` + ``projection`` and whose
     document route is ``document_model``; return the saved model.
 
@@ -87,9 +96,9 @@ def export_router_model(query_model, document_model, projection: Projection, fol
         query_prompt: Stored as the model's ``query`` prompt, so ``encode_query`` applies it.
         document_prompt: Stored as the ``document`` prompt.
 
-    Example:
-        >>> model = SentenceTransformer("runs/cross-adapter-faq-.../model")
-        >>> model.encode_query(["how do I get a building permit?"]).shape   # mpnet + projection
+    Example (not run: it needs a model, data or a server)::
+        model = SentenceTransformer("runs/cross-adapter-faq-.../model")
+        model.encode_query(["how do I get a building permit?"]).shape   # mpnet + projection
         (1, 384)
     """
     from sentence_transformers import SentenceTransformer

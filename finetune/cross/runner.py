@@ -23,9 +23,8 @@ from finetune.cross.experiments import Experiment, budget_experiments, leave_one
 from finetune.cross.projection import Projection, export_router_model, save_projection
 from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
-from finetune.errors import FinetuneError
-from finetune.kinds import KINDS
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
+from finetune.kinds import KINDS
 from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
 
@@ -46,7 +45,15 @@ class CrossAdapterRun:
 
     resumable = False  # each cell trains in seconds: a stopped run starts again
 
-    def __init__(self, recipe: CrossAdapterRecipe, data: RetrievalData, splits: Splits, device: str, cache: EmbeddingCache, echo=print):
+    def __init__(
+        self,
+        recipe: CrossAdapterRecipe,
+        data: RetrievalData,
+        splits: Splits,
+        device: str,
+        cache: EmbeddingCache,
+        echo=print,
+    ):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.experiments = self._experiments()
         self.query_texts = list(dict.fromkeys(data.queries.values()))
@@ -56,8 +63,12 @@ class CrossAdapterRun:
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
 
         t0 = time.perf_counter()
-        self.small, self.small_queries, self.small_docs, small_src, small_prompts = self._embed(recipe.document_model, cache)
-        self.large, self.large_queries, self.large_docs, large_src, large_prompts = self._embed(recipe.query_model, cache)
+        self.small, self.small_queries, self.small_docs, small_src, small_prompts = self._embed(
+            recipe.document_model, cache
+        )
+        self.large, self.large_queries, self.large_docs, large_src, large_prompts = self._embed(
+            recipe.query_model, cache
+        )
         # the exported Router applies one query prompt (the large model's) and one document prompt (the small one's)
         self.export_prompts = {"query": large_prompts.query, "document": small_prompts.document}
         self.encode_seconds = time.perf_counter() - t0
@@ -78,7 +89,9 @@ class CrossAdapterRun:
 
     def _embed(self, config, cache: EmbeddingCache):
         encoder = load_frozen_encoder(config, self.device)
-        encode = dict(model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices)
+        encode = dict(
+            model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices
+        )
         queries = cache.encode(texts=self.query_texts, task="query", prompt=encoder.prompts.query, **encode)
         docs = cache.encode(texts=self.doc_texts, task="document", prompt=encoder.prompts.document, **encode)
         self.echo(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
@@ -89,7 +102,9 @@ class CrossAdapterRun:
         transform = None if projection is None else (lambda q: projection(q.to(self.device)).cpu())
         return EmbeddingLookup(self.query_texts, queries, self.doc_texts, documents, transform)
 
-    def score(self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, name: str = "test") -> dict:
+    def score(
+        self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, name: str = "test"
+    ) -> dict:
         """The shared evaluator's metrics for query ``ids`` against the whole corpus."""
         evaluator = build_evaluator(self.data, ids, name)
         return evaluate(evaluator, self.lookup(queries, documents, projection), corpus_embeddings=documents)
@@ -128,8 +143,14 @@ class CrossAdapterRun:
         # mined negatives: what the existing small-model index ranks highest. Every query gets its
         # own (from its own labels only), since leave-one-domain-out trains on queries of any split.
         sampler, _ = build_sampler(
-            self.data, self.recipe.negatives, self.small_docs.to(self.device), self._row_of_text, self._row_of_doc,
-            list(self.data.queries), self.lookup(self.small_queries, self.small_docs), self.recipe.seed,
+            self.data,
+            self.recipe.negatives,
+            self.small_docs.to(self.device),
+            self._row_of_text,
+            self._row_of_doc,
+            list(self.data.queries),
+            self.lookup(self.small_queries, self.small_docs),
+            self.recipe.seed,
         )
         return sampler
 
@@ -139,16 +160,31 @@ class CrossAdapterRun:
         if mode in ("alignment_only", "both"):
             state, history = self.align(experiment.unlabelled)
             projection.load_state_dict(state)
-            info["alignment_loss"] = {"before": history[0]["loss"], "after": history[-1]["loss"], "epochs": len(history) - 1}
+            info["alignment_loss"] = {
+                "before": history[0]["loss"],
+                "after": history[-1]["loss"],
+                "epochs": len(history) - 1,
+            }
         if mode in ("label_only", "both"):
             validate = None
             if experiment.val:
                 val = build_evaluator(self.data, experiment.val, "val")
-                validate = lambda p: evaluate(val, self.lookup(self.large_queries, self.small_docs, p), corpus_embeddings=self.small_docs)["ndcg@10"]  # noqa: E731
+
+                def validate(p):
+                    lookup = self.lookup(self.large_queries, self.small_docs, p)
+                    return evaluate(val, lookup, corpus_embeddings=self.small_docs)["ndcg@10"]
+
             pairs = relevant_pairs(self.data, experiment.train, self._row_of_text, self._row_of_doc)
             info["history"] = train_adapter(
-                projection, self.large_queries.to(self.device), self.small_docs.to(self.device), pairs,
-                sampler, self.recipe.loss, self.recipe.train, self.recipe.seed, validate,
+                projection,
+                self.large_queries.to(self.device),
+                self.small_docs.to(self.device),
+                pairs,
+                sampler,
+                self.recipe.loss,
+                self.recipe.train,
+                self.recipe.seed,
+                validate,
             )
         projection.eval()
         return projection, info
@@ -168,25 +204,66 @@ class CrossAdapterRun:
             base = {"group": exp.group, "experiment": exp.name, "ratio": exp.ratio, "domain": exp.domain}
             for test_name, ids in exp.tests.items():
                 for label, metrics in self.zero_shot(ids).items():
-                    rows.append({**base, "test_set": test_name, "n_test": len(ids), "model": label, "train_queries": 0, **_pick(metrics)})
+                    rows.append(
+                        {
+                            **base,
+                            "test_set": test_name,
+                            "n_test": len(ids),
+                            "model": label,
+                            "train_queries": 0,
+                            **_pick(metrics),
+                        }
+                    )
             for mode in modes:
                 projection, info = self.train(mode, exp, sampler)
                 labelled = 0 if mode == "alignment_only" else len(exp.train)
-                scores = {name: self.score(ids, self.large_queries, self.small_docs, projection) for name, ids in exp.tests.items()}
+                scores = {
+                    name: self.score(ids, self.large_queries, self.small_docs, projection)
+                    for name, ids in exp.tests.items()
+                }
                 for test_name, metrics in scores.items():
-                    rows.append({**base, "test_set": test_name, "n_test": len(exp.tests[test_name]), "model": mode, "train_queries": labelled, **_pick(metrics)})
+                    rows.append(
+                        {
+                            **base,
+                            "test_set": test_name,
+                            "n_test": len(exp.tests[test_name]),
+                            "model": mode,
+                            "train_queries": labelled,
+                            **_pick(metrics),
+                        }
+                    )
                 if exp is export_exp and mode == modes[0]:
                     exported = (projection.cpu(), info, scores["test"])
-                logger.info("%s %s: %s", exp.name, mode, {r["test_set"]: round(r["ndcg@10"], 4) for r in rows[-len(exp.tests):]})
+                logger.info(
+                    "%s %s: %s",
+                    exp.name,
+                    mode,
+                    {r["test_set"]: round(r["ndcg@10"], 4) for r in rows[-len(exp.tests) :]},
+                )
         train_seconds = time.perf_counter() - t0
 
-        write_json(run_dir / "meta.json", {"recipe": recipe.model_dump(mode="json"), "experiments": [vars(e) for e in self.experiments]})
-        write_summary(run_dir, rows, {"query_model": recipe.query_model.name, "document_model": recipe.document_model.name, "dims": list(self.dims)})
+        write_json(
+            run_dir / "meta.json",
+            {"recipe": recipe.model_dump(mode="json"), "experiments": [vars(e) for e in self.experiments]},
+        )
+        write_summary(
+            run_dir,
+            rows,
+            {
+                "query_model": recipe.query_model.name,
+                "document_model": recipe.document_model.name,
+                "dims": list(self.dims),
+            },
+        )
         projection, info, tuned = exported
         save_projection(projection, run_dir / "projection")
         model = export_router_model(
-            self.large, self.small, projection, run_dir / "model",
-            query_prompt=self.export_prompts["query"], document_prompt=self.export_prompts["document"],
+            self.large,
+            self.small,
+            projection,
+            run_dir / "model",
+            query_prompt=self.export_prompts["query"],
+            document_prompt=self.export_prompts["document"],
         )
         zero = self.zero_shot(export_exp.tests["test"])
         return {
@@ -213,7 +290,9 @@ class CrossAdapterRun:
             "document": float((self.small_docs[:16] - docs).abs().max()),
         }
         if max(drift.values()) > 1e-3:
-            raise RuntimeError(f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})")
+            raise RuntimeError(
+                f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})"
+            )
         return drift
 
 

@@ -24,7 +24,8 @@ def budget_table(rows: list[dict]) -> str:
     cell = {(r["model"], r["ratio"]): r for r in budget}
     n_test = budget[0]["n_test"]
     lines = [
-        f"Test NDCG@10 ({n_test} queries, identical for every cell); columns are the fraction of labelled train queries "
+        f"Test NDCG@10 ({n_test} queries, identical for every cell); columns are the fraction of labelled train "
+        "queries "
         "(labelled queries used in brackets).",
         "",
         "| model / mode | " + " | ".join(f"{r:g}" for r in ratios) + " |",
@@ -43,7 +44,9 @@ def _fmt(row: dict | None) -> str:
 
 
 def domain_table(rows: list[dict], group: str) -> str:
-    """Mean NDCG@10 across domains per model/mode and test set, and in how many domains a mode beats the small model."""
+    """Mean NDCG@10 across domains per model/mode and test set, and in how many domains a mode beats the small
+    model.
+    """
     mine = [r for r in rows if r["group"] == group]
     if not mine:
         return ""
@@ -51,7 +54,8 @@ def domain_table(rows: list[dict], group: str) -> str:
     domains = sorted({r["domain"] for r in mine})
     title = "Leave one domain out" if group == "lodo" else "One adapter per domain"
     lines = [
-        f"{title}: {len(domains)} domains; mean NDCG@10 over domains (unweighted), and the domains where the row beats the small model alone.",
+        f"{title}: {len(domains)} domains; mean NDCG@10 over domains (unweighted), and the domains where the row "
+        "beats the small model alone.",
         "",
         "| model / mode | " + " | ".join(f"{t} mean | {t} wins" for t in test_sets) + " |",
         "|---|" + "---|---|" * len(test_sets),
@@ -62,7 +66,10 @@ def domain_table(rows: list[dict], group: str) -> str:
         for t in test_sets:
             scores = {r["domain"]: r["ndcg@10"] for r in mine if r["model"] == model and r["test_set"] == t}
             wins = sum(scores[d] > small[(d, t)] + 1e-9 for d in scores)
-            cells.append(f"{sum(scores.values()) / len(scores):.4f} | {'' if model == 'small model alone' else f'{wins}/{len(scores)}'}")
+            cells.append(
+                f"{sum(scores.values()) / len(scores):.4f} | "
+                f"{'' if model == 'small model alone' else f'{wins}/{len(scores)}'}"
+            )
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -79,7 +86,13 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> None:
     for model in _order(budget):
         points = sorted((r["ratio"], r["ndcg@10"]) for r in budget if r["model"] == model)
         if model.endswith("alone") or "," in model:
-            ax.axhline(points[0][1], linestyle="--", linewidth=1, color="gray" if "small" in model else "black", label=f"{model} ({points[0][1]:.3f})")
+            ax.axhline(
+                points[0][1],
+                linestyle="--",
+                linewidth=1,
+                color="gray" if "small" in model else "black",
+                label=f"{model} ({points[0][1]:.3f})",
+            )
         else:
             ax.plot(*zip(*points), marker="o", label=model)
     ax.set_xlabel("fraction of labelled train queries")

@@ -35,7 +35,9 @@ class RetrievalData:
         """Raise a :class:`FinetuneError` when the data cannot be trained or scored on."""
         where = self.source or "data"
         if not self.queries:
-            raise FinetuneError("no queries with a relevant document; check the file and the column names", where=where)
+            raise FinetuneError(
+                "no queries with a relevant document; check the file and the column names", where=where
+            )
         if not self.corpus:
             raise FinetuneError("the corpus is empty", where=where)
         for qid, docs in self.relevant.items():
@@ -43,7 +45,9 @@ class RetrievalData:
                 raise FinetuneError(f"relevance names query '{qid}', which is not among the queries", where=where)
             missing = docs - self.corpus.keys()
             if missing:
-                raise FinetuneError(f"query '{qid}' is marked relevant to unknown document '{sorted(missing)[0]}'", where=where)
+                raise FinetuneError(
+                    f"query '{qid}' is marked relevant to unknown document '{sorted(missing)[0]}'", where=where
+                )
         for qid, docs in self.negatives.items():
             missing = set(docs) - self.corpus.keys()
             if missing:

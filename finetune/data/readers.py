@@ -58,7 +58,9 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise FinetuneError(f"malformed JSON ({exc.msg}); fix or delete that line", where=f"{path} line {lineno}") from None
+                raise FinetuneError(
+                    f"malformed JSON ({exc.msg}); fix or delete that line", where=f"{path} line {lineno}"
+                ) from None
             if not isinstance(row, dict):
                 raise FinetuneError("each line must be a JSON object", where=f"{path} line {lineno}")
             yield row

@@ -42,7 +42,10 @@ def load_faq() -> RetrievalData:
     try:
         import zaragoza_construction_faq as faq
     except ImportError:
-        raise FinetuneError("the builtin FAQ needs its package; pip install zaragoza-construction-faq", where="data.name construction-faq") from None
+        raise FinetuneError(
+            "the builtin FAQ needs its package; pip install zaragoza-construction-faq",
+            where="data.name construction-faq",
+        ) from None
     path = Path(faq.__file__).parent / "data" / "faq-en.jsonl"
     data = pairs_to_data(list(iter_jsonl(path)), FAQ_COLUMNS, where=str(path))
     data.source = "construction-faq"
@@ -145,7 +148,9 @@ def load_beir(path: str | Path) -> RetrievalData:
             relevant.setdefault(qid, set()).add(did)
             if use_split and split in ("train", "val", "test"):
                 if predefined.setdefault(qid, split) != split:
-                    raise FinetuneError(f"query '{qid}' is in two qrels splits ({predefined[qid]}, {split})", where=str(f))
+                    raise FinetuneError(
+                        f"query '{qid}' is in two qrels splits ({predefined[qid]}, {split})", where=str(f)
+                    )
     queries = {qid: all_queries[qid] for qid in all_queries if qid in relevant}
     return RetrievalData(queries, corpus, relevant, predefined=predefined, source=str(root))
 
@@ -177,7 +182,9 @@ def load_hf(config: DataConfig) -> RetrievalData:
         else:
             ds = datasets.load_dataset(config.name, split=config.split or "train")
     except Exception as exc:
-        raise FinetuneError(f"could not load the dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", where=where) from None
+        raise FinetuneError(
+            f"could not load the dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", where=where
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         split = config.split or "train"
         if split not in ds:

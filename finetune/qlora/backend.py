@@ -22,6 +22,7 @@ from finetune.qlora.targets import auto_targets, requested_targets, summarise
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BackendChoice:
     """What will actually run; printed as one line before training."""
@@ -32,15 +33,19 @@ class BackendChoice:
     compute_dtype: torch.dtype
 
     def describe(self) -> str:
-        return f"backend {self.backend}, device {self.device}, quantization {self.quantization}, compute dtype {str(self.compute_dtype).removeprefix('torch.')}"
+        dtype = str(self.compute_dtype).removeprefix("torch.")
+        return f"backend {self.backend}, device {self.device}, quantization {self.quantization}, compute dtype {dtype}"
 
 
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def select_backend(recipe: QLoRARecipe, device: str, cuda_available: bool | None = None, unsloth_installed: bool | None = None) -> BackendChoice:
-    """Decide the backend for ``recipe`` on ``device``; an explicit request that cannot run is an error, not a fallback.
+def select_backend(
+    recipe: QLoRARecipe, device: str, cuda_available: bool | None = None, unsloth_installed: bool | None = None
+) -> BackendChoice:
+    """Decide the backend for ``recipe`` on ``device``; an explicit request that cannot run is an error, not
+    a fallback.
 
     Args:
         recipe: The validated recipe.
@@ -53,9 +58,16 @@ def select_backend(recipe: QLoRARecipe, device: str, cuda_available: bool | None
         backend = "full"
     elif recipe.backend == "unsloth":
         if not cuda:
-            raise FinetuneError("backend 'unsloth' needs a CUDA GPU and this machine has none; use backend=peft or backend=auto", where="recipe: backend")
+            raise FinetuneError(
+                "backend 'unsloth' needs a CUDA GPU and this machine has none; use backend=peft or backend=auto",
+                where="recipe: backend",
+            )
         if not has_unsloth:
-            raise FinetuneError("backend 'unsloth' is not installed; pip install -e '.[unsloth]' on a GPU machine, or use backend=peft", where="recipe: backend")
+            raise FinetuneError(
+                "backend 'unsloth' is not installed; pip install -e '.[unsloth]' on a GPU machine, or use "
+                "backend=peft",
+                where="recipe: backend",
+            )
         backend = "unsloth"
     elif recipe.backend == "auto" and cuda and has_unsloth:
         backend = "unsloth"
@@ -65,9 +77,15 @@ def select_backend(recipe: QLoRARecipe, device: str, cuda_available: bool | None
         raise FinetuneError("LoRA needs peft; pip install -e '.[qlora]'", where="recipe: method")
     if recipe.quantization == "nf4":
         if not _installed("bitsandbytes"):
-            raise FinetuneError("4-bit NF4 needs bitsandbytes; pip install -e '.[qlora]', or set quantization=none", where="recipe: quantization")
+            raise FinetuneError(
+                "4-bit NF4 needs bitsandbytes; pip install -e '.[qlora]', or set quantization=none",
+                where="recipe: quantization",
+            )
         if device == "mps":
-            raise FinetuneError("bitsandbytes 4-bit does not run on mps; use quantization=none or device=cpu", where="recipe: quantization")
+            raise FinetuneError(
+                "bitsandbytes 4-bit does not run on mps; use quantization=none or device=cpu",
+                where="recipe: quantization",
+            )
     return BackendChoice(backend, device, recipe.quantization, _compute_dtype(recipe.compute_dtype, device))
 
 
@@ -129,7 +147,9 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
     elif quantize and recipe.method == "lora":
         model_kwargs["dtype"] = choice.compute_dtype  # 16-bit LoRA on GPUs: the frozen base in bf16/fp16
     quantized = "quantization_config" in model_kwargs
-    model, _, _ = load_sentence_transformer(recipe.model, device=None if quantized else choice.device, model_kwargs=model_kwargs)
+    model, _, _ = load_sentence_transformer(
+        recipe.model, device=None if quantized else choice.device, model_kwargs=model_kwargs
+    )
     if recipe.pooling != "auto":
         override_pooling(model, recipe.pooling)
     if quantized:

@@ -25,14 +25,19 @@ class LoraSection(Section):
     target_modules: Literal["auto"] | list[str] = "auto"
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
-    train_head: bool = Field(False, description="also train the Dense/other modules after the transformer (frozen by default)")
+    train_head: bool = Field(
+        False, description="also train the Dense/other modules after the transformer (frozen by default)"
+    )
 
 
 class QLoRATrainConfig(Section):
     """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
 
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="stop after at most N optimizer steps (or at the end of the epochs, if sooner); -1 = the epochs")
+    max_steps: int = Field(
+        -1,
+        description="stop after at most N optimizer steps (or at the end of the epochs, if sooner); -1 = the epochs",
+    )
     batch_size: int = Field(32, gt=1, description="MNRL uses the rest of the batch as negatives")
     lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -54,8 +59,8 @@ class QLoRARecipe(RecipeBase):
     ``method: lora`` trains LoRA adapters (on a 4-bit base when ``quantization: nf4``: QLoRA);
     ``method: full`` trains every weight, unquantised, as the quality and cost reference.
 
-    Example:
-        >>> recipe = load_recipe("recipes/qlora.yaml", ["method=full", "quantization=none"])
+    Example (not run: it needs a model, data or a server)::
+        recipe = load_recipe("recipes/qlora.yaml", ["method=full", "quantization=none"])
     """
 
     kind: Literal["qlora"] = "qlora"
@@ -75,9 +80,14 @@ class QLoRARecipe(RecipeBase):
     @model_validator(mode="after")
     def _combinations(self):
         if self.method == "full" and self.quantization != "none":
-            raise ValueError("method 'full' trains unquantised weights; set quantization=none (or method=lora for QLoRA)")
+            raise ValueError(
+                "method 'full' trains unquantised weights; set quantization=none (or method=lora for QLoRA)"
+            )
         if self.method == "full" and self.backend == "unsloth":
             raise ValueError("backend 'unsloth' is for LoRA; use backend=peft or auto with method=full")
         if self.model.provider != "local":
-            raise ValueError("model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; use kind: adapter")
+            raise ValueError(
+                "model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; "
+                "use kind: adapter"
+            )
         return self

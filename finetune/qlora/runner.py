@@ -65,7 +65,11 @@ class QLoRARun:
         """Build the training model; before that, prove the recipe's stack is the checkpoint's."""
         queries, documents = self._sample()
         check_pooling_inputs(self.reference, queries)
-        exact = self.recipe.quantization == "none" and self.choice.compute_dtype == torch.float32 and self.choice.backend != "unsloth"
+        exact = (
+            self.recipe.quantization == "none"
+            and self.choice.compute_dtype == torch.float32
+            and self.choice.backend != "unsloth"
+        )
         if not exact:  # the 4-bit/16-bit model differs by rounding: check the full-precision build instead
             built, _ = build_encoder(self.recipe, self.choice, quantize=False)
             fidelity = check_fidelity(built, self.reference, queries, documents, self.pooling_overridden)
@@ -73,9 +77,15 @@ class QLoRARun:
         self.model, self.lora_targets = build_encoder(self.recipe, self.choice)
         if exact:  # at step 0 LoRA adds nothing, so the training model itself must match
             fidelity = check_fidelity(self.model, self.reference, queries, documents, self.pooling_overridden)
-        ours, theirs = [type(m).__name__ for m in self.model.children()], [type(m).__name__ for m in self.reference.children()]
+        ours, theirs = (
+            [type(m).__name__ for m in self.model.children()],
+            [type(m).__name__ for m in self.reference.children()],
+        )
         if ours != theirs:
-            raise FinetuneError(f"the training model's modules {' -> '.join(ours)} are not the checkpoint's {' -> '.join(theirs)}", where="fidelity check")
+            raise FinetuneError(
+                f"the training model's modules {' -> '.join(ours)} are not the checkpoint's {' -> '.join(theirs)}",
+                where="fidelity check",
+            )
         if not self.pooling_overridden:  # how far 4-bit (or 16-bit) rounding moves the embeddings, for the record
             cos = cosine_to(self.reference, self.model, queries, documents)
             fidelity.update(training_model_min_cosine=float(cos.min()), training_model_mean_cosine=float(cos.mean()))
@@ -88,9 +98,14 @@ class QLoRARun:
             pooling = f"{r.pooling} (recipe; the checkpoint's is {self.checkpoint_pooling}, and the base row keeps it)"
         head = "trained" if r.method == "full" or r.lora.train_head else "frozen"
         targets = f"; LoRA on {summarise(self.lora_targets)}" if self.lora_targets else ""
-        self.echo(f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
-              f"({100 * self.trainable / self.total:.2f}%){targets}")
-        self.echo(f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head {head}; {self.prompts.describe()}")
+        self.echo(
+            f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
+            f"({100 * self.trainable / self.total:.2f}%){targets}"
+        )
+        self.echo(
+            f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head "
+            f"{head}; {self.prompts.describe()}"
+        )
 
     def _negatives(self):
         from finetune.mining import find_negatives
@@ -99,8 +114,14 @@ class QLoRARun:
         if config.strategy == "none":
             return None
         return find_negatives(
-            self.data, self.splits.train, config, model=self.reference, seed=self.recipe.seed,
-            batch_size=model.batch_size, query_prompt=self.prompts.query, document_prompt=self.prompts.document,
+            self.data,
+            self.splits.train,
+            config,
+            model=self.reference,
+            seed=self.recipe.seed,
+            batch_size=model.batch_size,
+            query_prompt=self.prompts.query,
+            document_prompt=self.prompts.document,
         )
 
     def _train_dataset(self):
@@ -157,7 +178,8 @@ class QLoRARun:
             tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
             max_grad_norm=t.max_grad_norm,
             batch_sampler=BatchSamplers.NO_DUPLICATES,
-            prompts=self.prompts.for_columns(columns) or None,  # the query prompt on anchors, the document prompt on the rest
+            prompts=self.prompts.for_columns(columns)
+            or None,  # the query prompt on anchors, the document prompt on the rest
             eval_strategy="steps" if has_val else "no",
             eval_steps=t.eval_steps,
             save_strategy="steps",
@@ -198,11 +220,21 @@ class QLoRARun:
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
         tuned_trained = evaluate(test, self.model)
-        logger.info("rank %d/%d: steps %d, as-trained test ndcg@10 %.6f, lora sha256 %s", distributed.rank(),
-                    distributed.world_size(), result.global_step, tuned_trained["ndcg@10"], self._trainable_digest())
-        if distributed.world_size() > 1:  # ranks that trained in step agree on these; the multi-process test reads them
-            print(f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
-                  f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}")
+        logger.info(
+            "rank %d/%d: steps %d, as-trained test ndcg@10 %.6f, lora sha256 %s",
+            distributed.rank(),
+            distributed.world_size(),
+            result.global_step,
+            tuned_trained["ndcg@10"],
+            self._trainable_digest(),
+        )
+        if (
+            distributed.world_size() > 1
+        ):  # ranks that trained in step agree on these; the multi-process test reads them
+            print(
+                f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
+                f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}"
+            )
         if not distributed.is_main():
             return {"base": base, "tuned": tuned_trained}
         merged, export = self._save(run_dir)
@@ -245,7 +277,9 @@ class QLoRARun:
 
     def _evaluator(self, ids: list[str], name: str):
         """The shared evaluator over ``ids``, with the run's query and document prompts."""
-        return build_evaluator(self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document)
+        return build_evaluator(
+            self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document
+        )
 
     def _train(self, run_dir: Path, resume: bool):
         """Train with MNRL (the no-duplicates sampler; validation NDCG@10 every ``eval_steps``)."""
@@ -267,13 +301,19 @@ class QLoRARun:
             torch.cuda.reset_peak_memory_stats()
         start = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume:
-            self.echo(f"resuming from {start}" if start else "no checkpoint was saved before the run stopped: training from the start")
+            self.echo(
+                f"resuming from {start}"
+                if start
+                else "no checkpoint was saved before the run stopped: training from the start"
+            )
         try:
             result = trainer.train(resume_from_checkpoint=str(start) if start else None)
         except NonFiniteLoss as exc:
             last = latest_checkpoint(run_dir / "checkpoints")
             kept = f"the last good checkpoint is kept in {last}" if last else "no checkpoint was saved yet"
-            raise FinetuneError(f"{exc}; training stopped and {kept}; lower train.lr or check the data", where="training") from None
+            raise FinetuneError(
+                f"{exc}; training stopped and {kept}; lower train.lr or check the data", where="training"
+            ) from None
         return trainer, result, int(start.name.split("-")[-1]) if start else None, timer
 
     def _restore_best(self, trainer) -> None:
@@ -282,7 +322,12 @@ class QLoRARun:
         if self.recipe.method != "lora" or not self.recipe.train.load_best_model_at_end or not best:
             return
         load_lora_checkpoint(self.model, best)
-        logger.info("restored the best checkpoint %s (%s %.4f)", best, trainer.args.metric_for_best_model, trainer.state.best_metric)
+        logger.info(
+            "restored the best checkpoint %s (%s %.4f)",
+            best,
+            trainer.args.metric_for_best_model,
+            trainer.state.best_metric,
+        )
 
     def _trainable_digest(self) -> str:
         """A hash of the trained weights: equal on every rank when data-parallel training kept them in step."""
@@ -319,12 +364,23 @@ class QLoRARun:
         """``SentenceTransformer(folder)``, with only its saved prompts, must give the merged model's embeddings."""
         from sentence_transformers import SentenceTransformer
 
-        queries, documents = [self.data.queries[q] for q in self.splits.test[:16]], [self.data.corpus[d] for d in list(self.data.corpus)[:16]]
+        queries, documents = (
+            [self.data.queries[q] for q in self.splits.test[:16]],
+            [self.data.corpus[d] for d in list(self.data.corpus)[:16]],
+        )
         reloaded = SentenceTransformer(str(folder), device=str(merged.device))
         drift = 0.0
         for texts, task in ((queries, "query"), (documents, "document")):
-            ours = (merged.encode_query if task == "query" else merged.encode_document)(texts, convert_to_tensor=True).float().cpu()
-            theirs = (reloaded.encode_query if task == "query" else reloaded.encode_document)(texts, convert_to_tensor=True).float().cpu()
+            ours = (
+                (merged.encode_query if task == "query" else merged.encode_document)(texts, convert_to_tensor=True)
+                .float()
+                .cpu()
+            )
+            theirs = (
+                (reloaded.encode_query if task == "query" else reloaded.encode_document)(texts, convert_to_tensor=True)
+                .float()
+                .cpu()
+            )
             drift = max(drift, float((ours - theirs).abs().max()))
         if drift > 1e-4:
             raise RuntimeError(f"the exported model's embeddings differ from the merged model's by {drift:.2e}")

@@ -51,7 +51,9 @@ def override_pooling(model, mode: str) -> str | None:
         return None
     pooling = Pooling(model[0].get_embedding_dimension(), pooling_mode=mode)
     if i is None:
-        raise FinetuneError(f"the checkpoint has no Pooling module to set to '{mode}'; use pooling=auto", where="recipe: pooling")
+        raise FinetuneError(
+            f"the checkpoint has no Pooling module to set to '{mode}'; use pooling=auto", where="recipe: pooling"
+        )
     model._modules[str(i)] = pooling
     return saved
 
@@ -79,7 +81,8 @@ def check_pooling_inputs(model, sample: list[str]) -> None:
     features = model.preprocess(sample[:2] or ["a", "ab"])
     if "attention_mask" not in features:
         raise FinetuneError(
-            f"pooling '{mode}' needs the tokenizer's attention_mask, and this checkpoint's tokenizer returns none; use pooling=cls",
+            f"pooling '{mode}' needs the tokenizer's attention_mask, and this checkpoint's tokenizer returns none; "
+            "use pooling=cls",
             where="recipe: pooling",
         )
 
@@ -95,7 +98,11 @@ def cosine_to(reference, model, queries: list[str], documents: list[str]) -> tor
     rows = []
     for texts, task in ((queries, "query"), (documents, "document")):
         if texts:
-            rows.append(torch.nn.functional.cosine_similarity(_embeddings(model, texts, task), _embeddings(reference, texts, task), dim=-1))
+            rows.append(
+                torch.nn.functional.cosine_similarity(
+                    _embeddings(model, texts, task), _embeddings(reference, texts, task), dim=-1
+                )
+            )
     return torch.cat(rows)
 
 
@@ -120,7 +127,9 @@ def first_difference(built, reference, texts: list[str], stop_at: int | None = N
     return None
 
 
-def check_fidelity(built, reference, queries: list[str], documents: list[str], pooling_overridden: bool = False) -> dict:
+def check_fidelity(
+    built, reference, queries: list[str], documents: list[str], pooling_overridden: bool = False
+) -> dict:
     """The stack the recipe built must embed like plain ``SentenceTransformer(path)`` (cosine >= 0.9999).
 
     Args:
@@ -140,9 +149,18 @@ def check_fidelity(built, reference, queries: list[str], documents: list[str], p
         problem = first_difference(built, reference, (queries + documents)[:8], stop_at=stop)
         if problem:
             raise FinetuneError(f"{problem}; the recipe's model is not the checkpoint", where="fidelity check")
-        return {"min_cosine": None, "texts": len(queries) + len(documents), "compared": "modules before the overridden pooling"}
+        return {
+            "min_cosine": None,
+            "texts": len(queries) + len(documents),
+            "compared": "modules before the overridden pooling",
+        }
     cos = cosine_to(reference, built, queries, documents)
     if float(cos.min()) < FIDELITY_MIN_COSINE:
-        problem = first_difference(built, reference, (queries + documents)[:8]) or "the embeddings differ, but no single module does"
-        raise FinetuneError(f"{problem} (min cosine {float(cos.min()):.6f} < {FIDELITY_MIN_COSINE})", where="fidelity check")
+        problem = (
+            first_difference(built, reference, (queries + documents)[:8])
+            or "the embeddings differ, but no single module does"
+        )
+        raise FinetuneError(
+            f"{problem} (min cosine {float(cos.min()):.6f} < {FIDELITY_MIN_COSINE})", where="fidelity check"
+        )
     return {"min_cosine": float(cos.min()), "texts": len(cos), "compared": "embeddings, prompts applied"}

@@ -32,7 +32,11 @@ EXCLUDED = re.compile(r"(^|\.)(pooler|classifier|lm_head|score|qa_outputs)(\.|$)
 
 def linear_names(model: torch.nn.Module) -> list[str]:
     """Full names of the ``nn.Linear`` (and 4-bit ``Linear4bit``) layers in ``model``, heads excluded."""
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and not EXCLUDED.search(name)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not EXCLUDED.search(name)
+    ]
 
 
 def auto_targets(model: torch.nn.Module, model_type: str | None) -> tuple[list[str], str]:
@@ -59,7 +63,10 @@ def auto_targets(model: torch.nn.Module, model_type: str | None) -> tuple[list[s
         if names:
             return names, f"{model_type} table"
     if not candidates:
-        raise FinetuneError(f"model_type '{model_type}' has no linear layers to adapt; set lora.target_modules", where="recipe: lora.target_modules")
+        raise FinetuneError(
+            f"model_type '{model_type}' has no linear layers to adapt; set lora.target_modules",
+            where="recipe: lora.target_modules",
+        )
     return candidates, "all-linear fallback"
 
 

@@ -54,16 +54,19 @@ class FinetuneTrainer(SentenceTransformerTrainer):
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete ``checkpoint-N`` in ``folder`` (its ``trainer_state.json`` is written last)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+    done = [
+        p
+        for p in folder.glob("checkpoint-*")
+        if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()
+    ]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def load_lora_checkpoint(model, checkpoint: str | Path) -> None:
     """Load a checkpoint's LoRA weights into ``model`` (a SentenceTransformer whose encoder carries LoRA)."""
+    from peft import PeftModel
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
-
-    from peft import PeftModel
 
     target = model[0].auto_model
     state = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
@@ -72,4 +75,7 @@ def load_lora_checkpoint(model, checkpoint: str | Path) -> None:
     result = set_peft_model_state_dict(target, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {checkpoint} does not fit the model: missing {missing[:2]}, unexpected {result.unexpected_keys[:2]}")
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not fit the model: missing {missing[:2]}, unexpected "
+            f"{result.unexpected_keys[:2]}"
+        )

@@ -95,7 +95,9 @@ def load_chunks(path: str | Path, size: int = 1500, overlap: int = 200) -> list[
         return chunks
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES) if path.is_dir() else [path]
     if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES:
-        raise FinetuneError(f"unknown file type '{path.suffix}'; use .jsonl chunks or {', '.join(TEXT_SUFFIXES)}", where=str(path))
+        raise FinetuneError(
+            f"unknown file type '{path.suffix}'; use .jsonl chunks or {', '.join(TEXT_SUFFIXES)}", where=str(path)
+        )
     chunks = []
     for f in files:
         name = str(f.relative_to(path)) if path.is_dir() else f.name

@@ -61,7 +61,9 @@ def progress_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".progress.jsonl")
 
 
-def synthesize(chunks: list[Chunk], out: str | Path, settings: SynthSettings, show_progress: bool = True) -> SynthReport:
+def synthesize(
+    chunks: list[Chunk], out: str | Path, settings: SynthSettings, show_progress: bool = True
+) -> SynthReport:
     """Generate questions for ``chunks`` and write ``out`` as JSONL rows ``{query, positive, chunk_id, source}``.
 
     Args:
@@ -74,12 +76,17 @@ def synthesize(chunks: list[Chunk], out: str | Path, settings: SynthSettings, sh
         A :class:`SynthReport`. Chunks that failed after every retry are listed in ``failed``;
         running again retries only those.
 
-    Example:
-        >>> report = synthesize(load_chunks("docs/"), "pairs.jsonl", SynthSettings(base_url="http://127.0.0.1:11434/v1", model="llama3.2"))
+    Example (not run: it needs a model, data or a server)::
+        settings = SynthSettings(base_url="http://127.0.0.1:11434/v1", model="llama3.2")
+        report = synthesize(load_chunks("docs/"), "pairs.jsonl", settings)
     """
     template = load_template(settings.prompt)
-    header = {"model": settings.model, "base_url": settings.base_url, "per_chunk": settings.per_chunk,
-              "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
+    header = {
+        "model": settings.model,
+        "base_url": settings.base_url,
+        "per_chunk": settings.per_chunk,
+        "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+    }
     resume = progress_path(out)
     finished = _read_progress(resume, header)
     wanted = {c.id: _digest(c.text) for c in chunks}
@@ -119,7 +126,9 @@ def synthesize(chunks: list[Chunk], out: str | Path, settings: SynthSettings, sh
     return report
 
 
-def _ask(client: OpenAIClient, template: str, chunk: Chunk, settings: SynthSettings) -> tuple[list[str], dict[str, int]]:
+def _ask(
+    client: OpenAIClient, template: str, chunk: Chunk, settings: SynthSettings
+) -> tuple[list[str], dict[str, int]]:
     """One chunk's kept questions and the count of dropped ones by reason."""
     payload = {
         "model": settings.model,
@@ -136,7 +145,10 @@ def _ask(client: OpenAIClient, template: str, chunk: Chunk, settings: SynthSetti
         if questions:
             break
     else:
-        raise FinetuneError(f"no parsable questions in {settings.parse_retries + 1} answers; check the model and the prompt template", where=f"chunk {chunk.id}")
+        raise FinetuneError(
+            f"no parsable questions in {settings.parse_retries + 1} answers; check the model and the prompt template",
+            where=f"chunk {chunk.id}",
+        )
     kept, dropped, seen = [], {}, set()
     for q in questions:
         reason = keep(q, chunk.text) or ("duplicate" if normalise(q) in seen else None)
@@ -188,7 +200,8 @@ def _read_progress(path: Path, header: dict) -> dict[str, dict]:
         if changed:
             k = changed[0]
             raise FinetuneError(
-                f"was started with other settings ({k} {before.get(k)!r}, now {header[k]!r}); use the same settings to resume, or delete it to start over",
+                f"was started with other settings ({k} {before.get(k)!r}, now {header[k]!r}); use the same settings "
+                "to resume, or delete it to start over",
                 where=str(path),
             )
     return {r["chunk"]: r for r in records if "chunk" in r}
@@ -208,6 +221,7 @@ def describe(report: SynthReport) -> str:
     """One paragraph for the terminal."""
     dropped = ", ".join(f"{n} {why}" for why, n in sorted(report.dropped.items())) or "none"
     return (
-        f"{report.chunks} chunks: {report.done_before} done earlier, {report.done_now} now, {len(report.failed)} failed; "
+        f"{report.chunks} chunks: {report.done_before} done earlier, {report.done_now} now, {len(report.failed)} "
+        "failed; "
         f"{report.pairs} pairs written; dropped questions: {dropped}; {report.retries} retried request(s)"
     )

@@ -78,7 +78,9 @@ def normalise(question: str) -> str:
 
 
 def keep(question: str, chunk: str, min_chars: int = 8, max_chars: int = 400) -> str | None:
-    """Why ``question`` is dropped (too short/long, or copies a run of words from the chunk), or ``None`` to keep it."""
+    """Why ``question`` is dropped (too short/long, or copies a run of words from the chunk), or ``None`` to keep
+    it.
+    """
     if not min_chars <= len(question) <= max_chars:
         return "length"
     words, chunk_norm = normalise(question).split(), f" {normalise(chunk)} "

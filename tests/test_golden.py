@@ -1,0 +1,51 @@
+"""Golden metrics: the tiny-model adapter and QLoRA runs give pinned numbers, so a silent change of results fails.
+
+The numbers were produced by these same runs (torch 2.13.0 CPU, sentence-transformers 6.2.0, peft 0.21.2,
+bitsandbytes 0.50.2). A deliberate change of behaviour updates them in the same commit, saying why;
+an accidental one (a changed default, split, loss, prompt or pooling) shows up here first.
+"""
+
+import json
+
+import pytest
+from conftest import COLUMNS_PAIRS, adapter_recipe
+
+from finetune.recipe import validate_recipe
+from finetune.run import run_recipe
+
+GOLDEN = {  # test NDCG@10; the tiny model is random, so tuned need not beat base here
+    "adapter": {"base": 0.4611, "tuned": 0.4515},
+    "qlora": {"base": 0.4611, "tuned": 0.4559},
+}
+
+
+def _metrics(raw) -> dict:
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["adapter", "qlora"])
+def test_tiny_runs_reproduce_their_pinned_metrics(kind, tiny_model, pairs_file, tmp_path):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    if kind == "adapter":
+        # no validation split: the last epoch is kept, so every training step shows in the number
+        raw = adapter_recipe(data, tiny_model, tmp_path, splits={"val_fraction": 0.0})
+        raw["train"].update(epochs=5)
+    else:
+        raw = {
+            "kind": "qlora",
+            "model": {"name": str(tiny_model), "batch_size": 16},
+            "data": data,
+            "train": {
+                "epochs": 100,
+                "max_steps": 8,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "eval_steps": 4,
+                "warmup_ratio": 0.0,
+            },
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+    metrics = _metrics(raw)
+    got = {row: round(metrics[row]["ndcg@10"], 4) for row in ("base", "tuned")}
+    assert got == pytest.approx(GOLDEN[kind], abs=2e-4)
