@@ -65,7 +65,7 @@ def test_two_gloo_processes_train_in_step_and_only_rank_0_writes(tmp_path, tiny_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = dict(
-        re.findall(r"rank (\d)/2: (steps \d+, as-trained test ndcg@10 [\d.]+, lora sha256 \w+)", result.stdout)
+        re.findall(r"rank (\d)/2: (steps \d+, as-trained test ndcg@10 [\d.]+, lora sha256 \w+)", result.stderr)
     )
     assert set(ranks) == {"0", "1"} and ranks["0"] == ranks["1"]  # same steps, same scores, identical weights
     (run_dir,) = (tmp_path / "runs").iterdir()  # one run directory, written by rank 0

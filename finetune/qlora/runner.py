@@ -220,6 +220,7 @@ class QLoRARun:
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
         tuned_trained = evaluate(test, self.model)
+        # every rank logs this line; ranks that trained in step agree on it (the multi-process test reads it)
         logger.info(
             "rank %d/%d: steps %d, as-trained test ndcg@10 %.6f, lora sha256 %s",
             distributed.rank(),
@@ -228,13 +229,6 @@ class QLoRARun:
             tuned_trained["ndcg@10"],
             self._trainable_digest(),
         )
-        if (
-            distributed.world_size() > 1
-        ):  # ranks that trained in step agree on these; the multi-process test reads them
-            print(
-                f"rank {distributed.rank()}/{distributed.world_size()}: steps {result.global_step}, "
-                f"as-trained test ndcg@10 {tuned_trained['ndcg@10']:.6f}, lora sha256 {self._trainable_digest()}"
-            )
         if not distributed.is_main():
             return {"base": base, "tuned": tuned_trained}
         merged, export = self._save(run_dir)
