@@ -14,6 +14,8 @@ from pathlib import Path
 from finetune.atomic import atomic_path, write_json, write_text
 from finetune.errors import FinetuneError
 from finetune.recipe import load_recipe
+from finetune.report import read_per_query
+from finetune.significance import mean_interval, paired_difference
 
 METRICS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
@@ -110,21 +112,64 @@ def _label(metrics: dict) -> str:
     return metrics["recipe"]
 
 
+def _per_query(run_dir: Path) -> dict | None:
+    """The run's ``per_query.jsonl`` (older runs have none), checked against its own test queries."""
+    path = run_dir / "per_query.jsonl"
+    if not path.is_file():
+        return None
+    test = set(json.loads((run_dir / "splits.json").read_text())["test"])
+    try:
+        scores = read_per_query(path)
+    except (ValueError, KeyError):
+        raise FinetuneError("not a per-query file of this toolkit (unreadable rows)", where=str(path)) from None
+    for model in ("base", "tuned"):
+        if set(scores.get(model, {})) != test:
+            raise FinetuneError(
+                f"its {model} rows are not the run's test queries (splits.json); was it edited or copied from another "
+                "run? Delete it to compare without intervals",
+                where=str(path),
+            )
+    return scores
+
+
+def _interval(scores: dict | None, model: str) -> dict:
+    """95% intervals of a row's mean per metric, from its per-query scores (empty without them)."""
+    if scores is None:
+        return {}
+    return {k: mean_interval([v[k] for v in scores[model].values()]) for k in METRICS}
+
+
 def comparison_rows(runs: list[Path]) -> list[dict]:
-    """One row per distinct base model, then one per run: metrics and costs from each ``metrics.json``."""
+    """One row per distinct base model, then one per run: metrics and costs from each ``metrics.json``.
+
+    Runs with per-query scores also get 95% intervals (``ci``) and the paired difference of
+    NDCG@10 to their own base (``vs_base``).
+    """
     rows, bases = [], {}
     for run_dir in runs:
         m = json.loads((run_dir / "metrics.json").read_text())
+        scores = _per_query(run_dir)
         model = _recipe_model(run_dir)
         base_key = (model, tuple(round(m["base"][k], 6) for k in METRICS))
         if base_key not in bases:
-            bases[base_key] = {"name": f"base ({model})", "run": None, **{k: m["base"][k] for k in METRICS}}
+            bases[base_key] = {
+                "name": f"base ({model})",
+                "run": None,
+                **{k: m["base"][k] for k in METRICS},
+                "ci": _interval(scores, "base"),
+            }
         seconds = m.get("seconds", {})
+        vs_base = None
+        if scores is not None:
+            base, tuned = ({q: v["ndcg@10"] for q, v in scores[x].items()} for x in ("base", "tuned"))
+            vs_base = paired_difference(base, tuned)
         rows.append(
             {
                 "name": _label(m),
                 "run": str(run_dir),
                 **{k: m["tuned"][k] for k in METRICS},
+                "ci": _interval(scores, "tuned"),
+                "vs_base": vs_base,
                 "train_seconds": seconds.get("train"),
                 "encode_seconds": seconds.get("encode"),
                 "peak_rss_mb": m.get("peak_rss_mb"),
@@ -160,20 +205,42 @@ def markdown_table(rows: list[dict], n_test: int, n_corpus: int) -> str:
     lines = [
         f"Test split: {n_test} queries against {n_corpus} documents, identical for every row.",
         "",
-        "| model | NDCG@10 | MRR@10 | accuracy@1 | recall@10 | train time | peak memory | trainable params | "
-        "documents re-embedded |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | NDCG@10 | MRR@10 | accuracy@1 | recall@10 | Δ NDCG@10 vs base [95% CI] | train time "
+        "| peak memory | trainable params | documents re-embedded |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         recomputed = r.get("document_embeddings_recomputed")
         lines.append(
             f"| {r['name']} | "
             + " | ".join(f"{r[k]:.4f}" for k in METRICS)
+            + f" | {_versus(r.get('vs_base'))}"
             + f" | {_train_time(r)}"
             + f" | {memory(r)} | {num(r.get('trainable_parameters'), ',')}"
             + f" | {'' if recomputed is None else 'yes' if recomputed else 'no'} |"
         )
+    lines.append("")
+    lines.append(
+        "Δ: paired over the test queries, 95% bootstrap interval, sign-flip p; * where the interval excludes 0."
+    )
     return "\n".join(lines) + "\n"
+
+
+def _versus(d: dict | None) -> str:
+    if d is None:
+        return ""
+    mark = " *" if d["significant"] else ""
+    return f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] p {d['p_value']:.3f}{mark}"
+
+
+def best_two(rows: list[dict]) -> dict | None:
+    """The paired NDCG@10 difference of the two best trained rows (by NDCG@10), when both have per-query scores."""
+    trained = sorted((r for r in rows if r["run"] and r.get("vs_base")), key=lambda r: -r["ndcg@10"])
+    if len(trained) < 2:
+        return None
+    first, second = trained[:2]
+    a, b = ({q: v["ndcg@10"] for q, v in _per_query(Path(r["run"]))["tuned"].items()} for r in (second, first))
+    return {"better": first["name"], "other": second["name"], **paired_difference(a, b)}
 
 
 def _train_time(row: dict) -> str:
@@ -201,7 +268,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(rows)
     x = np.arange(len(METRICS))
     for i, r in enumerate(rows):
-        bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, [r[k] for k in METRICS], width, label=r["name"])
+        ci = r.get("ci") or {}
+        yerr = (
+            [[r[k] - ci[k][0] for k in METRICS], [ci[k][1] - r[k] for k in METRICS]] if ci else None
+        )  # the row's 95% bootstrap interval over test queries
+        offset = (i - (len(rows) - 1) / 2) * width
+        bars = ax.bar(x + offset, [r[k] for k in METRICS], width, yerr=yerr, capsize=2, label=r["name"])
         ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
     ax.set_xticks(x, METRICS)
     ax.set_ylim(0, 1.08)
@@ -219,11 +291,23 @@ def write_comparison(runs: list[Path], out_dir: Path) -> str:
     first = json.loads((runs[0] / "metrics.json").read_text())
     n_test, n_corpus = first["splits"]["test"], first.get("n_corpus")
     table = markdown_table(rows, n_test, n_corpus)
+    top = best_two(rows)
+    if top:
+        table += (
+            f"\nBest two: {top['better']} - {top['other']}: NDCG@10 {_versus(top)} "
+            f"({'the interval excludes 0' if top['significant'] else 'not distinguishable at 95%'}).\n"
+        )
     out_dir = Path(out_dir)
     write_text(out_dir / "comparison.md", table)
     write_json(
         out_dir / "comparison.json",
-        {"splits": str(runs[0] / "splits.json"), "n_test": n_test, "n_corpus": n_corpus, "rows": rows},
+        {
+            "splits": str(runs[0] / "splits.json"),
+            "n_test": n_test,
+            "n_corpus": n_corpus,
+            "rows": rows,
+            "best_two": top,
+        },
     )
     plot(rows, out_dir / "comparison.png", f"test split: {n_test} queries, {n_corpus} documents")
     return table

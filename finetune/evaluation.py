@@ -19,6 +19,40 @@ from finetune.data.dataset import RetrievalData
 HEADLINE = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@5", "accuracy@10", "recall@10")
 
 
+class PerQueryEvaluator(InformationRetrievalEvaluator):
+    """sentence-transformers' evaluator that also keeps each query's NDCG@10, reciprocal rank@10, hit@1 and recall@10.
+
+    The per-query values are read off the very ranking the parent scores (its ``top_hits``,
+    sorted the same way, ties broken by corpus id), so their means are the parent's figures
+    (``tests/test_evaluation.py`` checks it). After each call, ``per_query`` maps query id to
+    ``{"ndcg@10", "mrr@10", "accuracy@1", "recall@10"}``.
+    """
+
+    per_query: dict[str, dict[str, float]] = {}
+
+    def compute_metrics(self, queries_result_list: list[object]):
+        per_query = {}
+        for itr, query_id in enumerate(self.queries_ids):
+            top = sorted(queries_result_list[itr], key=lambda x: (-x["score"], x["corpus_id"]))[:10]
+            relevant = self.relevant_docs[query_id]
+            hits = [1 if h["corpus_id"] in relevant else 0 for h in top]
+            first = next((rank for rank, hit in enumerate(hits) if hit), None)
+            per_query[query_id] = {
+                "ndcg@10": self.compute_dcg_at_k(hits, 10) / self.compute_dcg_at_k([1] * len(relevant), 10),
+                "mrr@10": 0.0 if first is None else 1.0 / (first + 1),
+                "accuracy@1": float(bool(hits[:1] and hits[0])),
+                "recall@10": sum(hits) / len(relevant),
+            }
+        self.per_query = per_query
+        return super().compute_metrics(queries_result_list)
+
+
+class Scores(dict):
+    """Metric name -> value (what :func:`evaluate` returns), with the per-query values in ``per_query``."""
+
+    per_query: dict[str, dict[str, float]] = {}
+
+
 def build_evaluator(
     data: RetrievalData,
     query_ids: Sequence[str],
@@ -26,7 +60,7 @@ def build_evaluator(
     query_prompt: str | None = None,
     batch_size: int = 64,
     corpus_prompt: str | None = None,
-) -> InformationRetrievalEvaluator:
+) -> PerQueryEvaluator:
     """An evaluator over ``query_ids`` against the whole corpus.
 
     Args:
@@ -40,7 +74,7 @@ def build_evaluator(
     Returns:
         An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@100.
     """
-    return InformationRetrievalEvaluator(
+    return PerQueryEvaluator(
         queries={q: data.queries[q] for q in query_ids},
         corpus=data.corpus,
         relevant_docs={q: data.relevant[q] for q in query_ids},
@@ -57,10 +91,11 @@ def build_evaluator(
     )
 
 
-def evaluate(
-    evaluator: InformationRetrievalEvaluator, model, corpus_embeddings: torch.Tensor | None = None
-) -> dict[str, float]:
+def evaluate(evaluator: InformationRetrievalEvaluator, model, corpus_embeddings: torch.Tensor | None = None) -> Scores:
     """Score ``model`` and return ``{"ndcg@10": ..., "mrr@10": ..., ...}`` (score-function prefix removed).
+
+    With a :class:`PerQueryEvaluator` (what :func:`build_evaluator` makes), the result's
+    ``per_query`` holds each query's values from the same ranking.
 
     Args:
         evaluator: From :func:`build_evaluator`.
@@ -71,7 +106,9 @@ def evaluate(
         raise ValueError(f"corpus_embeddings has {len(corpus_embeddings)} rows for {len(evaluator.corpus)} documents")
     raw = evaluator(model, corpus_embeddings=corpus_embeddings)
     prefix = f"{evaluator.name}_{model.similarity_fn_name}_" if evaluator.name else f"{model.similarity_fn_name}_"
-    return {key.removeprefix(prefix): float(value) for key, value in raw.items()}
+    scores = Scores({key.removeprefix(prefix): float(value) for key, value in raw.items()})
+    scores.per_query = dict(getattr(evaluator, "per_query", {}))
+    return scores
 
 
 class _NoModelCard:

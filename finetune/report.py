@@ -1,7 +1,11 @@
-"""The before/after table printed at the end of a run."""
+"""The before/after table printed at the end of a run, and the per-query scores beside it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from finetune.atomic import write_text
 from finetune.evaluation import HEADLINE
 
 
@@ -24,3 +28,22 @@ def metrics_table(rows: dict[str, dict[str, float]], metrics: tuple[str, ...] = 
         delta = f"{values[-1] - values[0]:>+9.4f}" if len(names) > 1 and None not in (values[0], values[-1]) else ""
         lines.append(f"{m:<12}{cells}{delta}")
     return "\n".join(lines)
+
+
+def write_per_query(path: Path, per_query: dict[str, dict[str, dict[str, float]]]) -> None:
+    """``per_query.jsonl``: one row per test query and model, ``{"query_id", "model", "ndcg@10", ...}``."""
+    rows = [
+        {"query_id": q, "model": model, **values}
+        for model, scores in per_query.items()
+        for q, values in sorted(scores.items())
+    ]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_per_query(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """The inverse of :func:`write_per_query`: model -> query id -> metric values."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        out.setdefault(row.pop("model"), {})[row.pop("query_id")] = row
+    return out

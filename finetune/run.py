@@ -18,8 +18,10 @@ from finetune.errors import FinetuneError
 from finetune.kinds import KINDS
 from finetune.models import pick_device
 from finetune.recipe import Recipe, dump_recipe
-from finetune.report import metrics_table
+from finetune.report import metrics_table, write_per_query
 from finetune.rundir import claim_run_dir, prepare_run_dir, write_run_header
+from finetune.significance import compare_rows
+from finetune.significance import describe as describe_significance
 from finetune.splits import Splits, make_splits
 from finetune.timing import peak_rss_mb
 
@@ -93,6 +95,7 @@ def run_recipe(
         write_run_header(run_dir, recipe_yaml, splits, command)
     t0 = time.perf_counter()
     result = job.fit(run_dir, resume=resuming)
+    per_query = result.pop("per_query", None)
     result = {
         "recipe": recipe.name,
         "kind": recipe.kind,
@@ -107,9 +110,14 @@ def run_recipe(
         result["world_size"] = distributed.world_size()
     if not main:
         return run_dir
+    if per_query:
+        write_per_query(run_dir / "per_query.jsonl", per_query)
+        result["significance"] = compare_rows(per_query, seed=recipe.seed)
     write_json(run_dir / "metrics.json", result)  # written last: a run directory without it is unfinished
     say(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
     say(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
+    if per_query:
+        say(describe_significance(result["significance"]))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
         say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
     say(f"\nrun directory: {run_dir}")

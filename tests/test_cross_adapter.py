@@ -132,6 +132,11 @@ def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_tool
             (m, ratio) for m in ("small model alone", "large model alone", "both", "alignment_only", "label_only")
         } <= budget
     assert len({r["domain"] for r in rows if r["group"] == "lodo"}) == len(TOPICS)
+    small = {(r["experiment"], r["test_set"]): r for r in rows if r["model"] == "small model alone"}
+    for r in (r for r in rows if r["model"] in ("both", "alignment_only", "label_only")):  # paired to the small model
+        vs, ref = r["vs_small"], small[(r["experiment"], r["test_set"])]
+        assert vs["difference"] == pytest.approx(r["ndcg@10"] - ref["ndcg@10"], abs=1e-9) and vs["n"] == r["n_test"]
+    assert (run_dir / "per_query.jsonl").is_file() and "significance" in metrics
     assert (run_dir / "budget.png").stat().st_size > 0 and "label_only" in (run_dir / "summary.md").read_text()
 
     meta = json.loads((run_dir / "meta.json").read_text())

@@ -160,6 +160,7 @@ class AdapterRun:
         return {
             "base": base,
             "tuned": tuned,
+            "per_query": {"base": base.per_query, "tuned": tuned.per_query},  # written by run_recipe
             "history": history,
             "train_pairs": len(train_pairs),
             "resumed_from_epoch": state["epoch"] if state else None,

@@ -26,6 +26,7 @@ from finetune.data.dataset import RetrievalData
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.kinds import KINDS
 from finetune.models import load_frozen_encoder
+from finetune.significance import paired_difference
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ class CrossAdapterRun:
                     for name, ids in exp.tests.items()
                 }
                 for test_name, metrics in scores.items():
+                    small = self.zero_shot(exp.tests[test_name])["small model alone"]
                     rows.append(
                         {
                             **base,
@@ -230,6 +232,7 @@ class CrossAdapterRun:
                             "model": mode,
                             "train_queries": labelled,
                             **_pick(metrics),
+                            "vs_small": _versus(small, metrics, self.recipe.seed),
                         }
                     )
                 if exp is export_exp and mode == modes[0]:
@@ -270,6 +273,10 @@ class CrossAdapterRun:
             "base": zero["small model alone"],
             "large_model_alone": zero["large model alone"],
             "tuned": tuned,
+            "per_query": {
+                "base": zero["small model alone"].per_query,
+                "tuned": tuned.per_query,
+            },  # written by run_recipe
             "exported": {"mode": modes[0], "ratio": export_exp.ratio, "train_queries": len(export_exp.train), **info},
             "dims": {"query_model": self.dims[0], "document_model": self.dims[1]},
             "trainable_parameters": sum(p.numel() for p in projection.parameters()),
@@ -294,6 +301,12 @@ class CrossAdapterRun:
                 f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})"
             )
         return drift
+
+
+def _versus(small, mode, seed: int) -> dict:
+    """Paired NDCG@10 difference of a mode to the small model alone, on the same test queries."""
+    ndcg = [{q: v["ndcg@10"] for q, v in scores.per_query.items()} for scores in (small, mode)]
+    return paired_difference(*ndcg, seed=seed)
 
 
 def _pick(metrics: dict) -> dict:

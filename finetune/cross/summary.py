@@ -25,8 +25,8 @@ def budget_table(rows: list[dict]) -> str:
     n_test = budget[0]["n_test"]
     lines = [
         f"Test NDCG@10 ({n_test} queries, identical for every cell); columns are the fraction of labelled train "
-        "queries "
-        "(labelled queries used in brackets).",
+        "queries (labelled queries used in brackets); + or - where the paired 95% interval of the difference to the "
+        "small model alone excludes 0.",
         "",
         "| model / mode | " + " | ".join(f"{r:g}" for r in ratios) + " |",
         "|---|" + "---|" * len(ratios),
@@ -40,7 +40,9 @@ def budget_table(rows: list[dict]) -> str:
 def _fmt(row: dict | None) -> str:
     if row is None:
         return ""
-    return f"{row['ndcg@10']:.4f}" + (f" ({row['train_queries']})" if row["train_queries"] else "")
+    vs = row.get("vs_small")
+    mark = "" if not vs or not vs["significant"] else " +" if vs["difference"] > 0 else " -"
+    return f"{row['ndcg@10']:.4f}" + (f" ({row['train_queries']})" if row["train_queries"] else "") + mark
 
 
 def domain_table(rows: list[dict], group: str) -> str:

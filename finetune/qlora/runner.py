@@ -237,6 +237,7 @@ class QLoRARun:
         return {
             "base": base,
             "tuned": tuned,
+            "per_query": {"base": base.per_query, "tuned": tuned.per_query},  # written by run_recipe
             "tuned_as_trained": tuned_trained,
             "backend": self.choice.describe(),
             "method": self.recipe.method,
