@@ -130,6 +130,28 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def qlora_recipe(data, model_path: Path, tmp_path: Path, steps: int = 12, **sections) -> dict:
+    """A raw QLoRA recipe for tests: tiny model, ``steps`` optimizer steps (the epochs never bind first)."""
+    raw = {
+        "kind": "qlora",
+        "name": "q",
+        "model": {"name": str(model_path), "batch_size": 16},
+        "data": data,
+        "train": {
+            "epochs": 100,
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "eval_steps": 4,
+            "logging_steps": 1,
+            "warmup_ratio": 0.0,
+        },
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    raw.update(sections)
+    return raw
+
+
 def adapter_recipe(data, model: Path, tmp_path: Path, **sections) -> dict:
     """A raw adapter recipe for tests: tiny model, short schedule, outputs and cache under tmp_path."""
     raw = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import adapter_recipe, make_pairs
+from conftest import adapter_recipe, make_pairs, qlora_recipe
 from families import FAMILIES, build_family_model
 from sentence_transformers import SentenceTransformer
 
@@ -46,23 +46,8 @@ def family(request, world):
 
 
 def _qlora_yaml(tmp, model_path, pairs, name, **top) -> str:
-    raw = {
-        "kind": "qlora",
-        "name": name,
-        "model": {"name": str(model_path), "batch_size": 16},
-        "data": {"path": str(pairs), "columns": COLUMNS},
-        "train": {
-            "epochs": 100,
-            "max_steps": 12,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "eval_steps": 6,
-            "logging_steps": 1,
-            "warmup_ratio": 0.0,
-        },
-        "output": {"dir": str(tmp / "runs")},
-        **top,
-    }
+    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS}, model_path, tmp, name=name, **top)
+    raw["train"]["eval_steps"] = 6
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)

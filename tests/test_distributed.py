@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import make_pairs
+from conftest import make_pairs, qlora_recipe
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id"}
 
@@ -19,22 +19,14 @@ def test_two_gloo_processes_train_in_step_and_only_rank_0_writes(tmp_path, tiny_
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
-            {
-                "kind": "qlora",
-                "name": "dist",
-                "quantization": "nf4",
-                "model": {"name": str(tiny_model), "batch_size": 16},
-                "data": {"path": str(pairs), "columns": COLUMNS},
-                "train": {
-                    "epochs": 100,
-                    "max_steps": 6,
-                    "batch_size": 8,
-                    "eval_steps": 3,
-                    "warmup_ratio": 0.0,
-                    "lr": 5e-3,
-                },
-                "output": {"dir": str(tmp_path / "runs")},
-            }
+            qlora_recipe(
+                {"path": str(pairs), "columns": COLUMNS},
+                tiny_model,
+                tmp_path,
+                steps=6,
+                name="dist",
+                quantization="nf4",
+            )
         )
     )
     with socket.socket() as s:  # a free port for the rendezvous

@@ -8,7 +8,7 @@ an accidental one (a changed default, split, loss, prompt or pooling) shows up h
 import json
 
 import pytest
-from conftest import COLUMNS_PAIRS, adapter_recipe
+from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_recipe
 
 from finetune.recipe import validate_recipe
 from finetune.run import run_recipe
@@ -32,20 +32,7 @@ def test_tiny_runs_reproduce_their_pinned_metrics(kind, tiny_model, pairs_file, 
         raw = adapter_recipe(data, tiny_model, tmp_path, splits={"val_fraction": 0.0})
         raw["train"].update(epochs=5)
     else:
-        raw = {
-            "kind": "qlora",
-            "model": {"name": str(tiny_model), "batch_size": 16},
-            "data": data,
-            "train": {
-                "epochs": 100,
-                "max_steps": 8,
-                "batch_size": 8,
-                "lr": 5e-3,
-                "eval_steps": 4,
-                "warmup_ratio": 0.0,
-            },
-            "output": {"dir": str(tmp_path / "runs")},
-        }
+        raw = qlora_recipe(data, tiny_model, tmp_path, steps=8)
     metrics = _metrics(raw)
     got = {row: round(metrics[row]["ndcg@10"], 4) for row in ("base", "tuned")}
     assert got == pytest.approx(GOLDEN[kind], abs=2e-4)

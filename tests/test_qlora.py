@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import qlora_recipe
 from sentence_transformers import SentenceTransformer
 
 from finetune.data import load_data
@@ -14,22 +15,7 @@ COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "cat
 
 
 def _recipe(model, pairs_file, tmp_path, **top):
-    raw = {
-        "kind": "qlora",
-        "name": "q",
-        "model": {"name": str(model), "batch_size": 16},
-        "data": {"path": str(pairs_file), "columns": COLUMNS},
-        "train": {
-            "epochs": 100,
-            "max_steps": 12,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "eval_steps": 4,
-            "logging_steps": 1,
-            "warmup_ratio": 0.0,
-        },
-        "output": {"dir": str(tmp_path / "runs")},
-    }
+    raw = qlora_recipe({"path": str(pairs_file), "columns": COLUMNS}, model, tmp_path)
     raw.update(top)
     return validate_recipe(raw)
 

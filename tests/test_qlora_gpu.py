@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import qlora_recipe
 from sentence_transformers import SentenceTransformer
 
 from finetune.data import load_data
@@ -34,26 +35,16 @@ def _fit(tiny_model, pairs_file, tmp_path, backend, method, quantization):
     from finetune.qlora.runner import QLoRARun
 
     recipe = validate_recipe(
-        {
-            "kind": "qlora",
-            "name": "gpu",
-            "device": "cuda",
-            "backend": backend,
-            "method": method,
-            "quantization": quantization,
-            "model": {"name": str(tiny_model), "batch_size": 16},
-            "data": {"path": str(pairs_file), "columns": COLUMNS},
-            "train": {
-                "epochs": 100,
-                "max_steps": 12,
-                "batch_size": 8,
-                "lr": 5e-3,
-                "eval_steps": 4,
-                "logging_steps": 1,
-                "warmup_ratio": 0.0,
-            },
-            "output": {"dir": str(tmp_path / "runs")},
-        }
+        qlora_recipe(
+            {"path": str(pairs_file), "columns": COLUMNS},
+            tiny_model,
+            tmp_path,
+            name="gpu",
+            device="cuda",
+            backend=backend,
+            method=method,
+            quantization=quantization,
+        )
     )
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)
