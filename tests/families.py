@@ -46,7 +46,7 @@ def char_tokenizer(padding_side: str = "right", eos: str | None = None, cls_sep:
     return fast, len(vocab)
 
 
-def _config(family: str, vocab_size: int, hidden: int):
+def _config(family: str, vocab_size: int, hidden: int, shape: dict | None = None):
     import transformers as tf
 
     small = dict(
@@ -57,36 +57,52 @@ def _config(family: str, vocab_size: int, hidden: int):
         intermediate_size=2 * hidden,
         pad_token_id=0,
     )
-    if family == "bert_cls":
-        return tf.BertConfig(max_position_embeddings=128, **small)
-    if family == "modernbert":
-        return tf.ModernBertConfig(
-            max_position_embeddings=128,
-            bos_token_id=None,
-            eos_token_id=None,
-            cls_token_id=None,
-            sep_token_id=None,
-            **small,
-        )
-    if family == "qwen3":
-        return tf.Qwen3Config(
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=128, eos_token_id=2, bos_token_id=None, **small
-        )
-    if family == "gemma3":
-        return tf.Gemma3TextConfig(
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=128,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
-            use_bidirectional_attention=True,
-            **small,
-        )
-    raise ValueError(family)
+    cls, extra = {
+        "bert_cls": (tf.BertConfig, dict(max_position_embeddings=128)),
+        "modernbert": (
+            tf.ModernBertConfig,
+            dict(max_position_embeddings=128, **{f"{t}_token_id": None for t in ("bos", "eos", "cls", "sep")}),
+        ),
+        "qwen3": (
+            tf.Qwen3Config,
+            dict(num_key_value_heads=1, head_dim=16, max_position_embeddings=128, eos_token_id=2, bos_token_id=None),
+        ),
+        "gemma3": (
+            tf.Gemma3TextConfig,
+            dict(
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=128,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"],
+                use_bidirectional_attention=True,
+            ),
+        ),
+    }[family]
+    kwargs = {**small, **extra, **(shape or {})}
+    if shape and "num_hidden_layers" in shape:
+        kwargs.pop("layer_types", None)  # the config derives them for the new depth
+    return cls(**kwargs)
 
 
-def build_family_model(family: str, folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """Save a tiny random checkpoint of ``family`` (one of :data:`FAMILIES`) under ``folder/st`` and return it."""
+# Qwen3-Embedding-0.6B's shape (random weights: cost does not depend on their values)
+QWEN3_0_6B = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151669,
+    max_position_embeddings=32768,
+)
+
+
+def build_family_model(family: str, folder: Path, hidden: int = 32, seed: int = 0, shape: dict | None = None) -> Path:
+    """Save a random checkpoint of ``family`` (one of :data:`FAMILIES`) under ``folder/st`` and return it.
+
+    Tiny (2 layers, ``hidden`` wide) unless ``shape`` gives other config values, e.g. :data:`QWEN3_0_6B`.
+    """
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
@@ -100,7 +116,7 @@ def build_family_model(family: str, folder: Path, hidden: int = 32, seed: int = 
     }[family]()
     torch.manual_seed(seed)
     raw = folder / "hf"
-    AutoModel.from_config(_config(family, vocab_size, hidden)).save_pretrained(raw)
+    AutoModel.from_config(_config(family, vocab_size, hidden, shape)).save_pretrained(raw)
     tokenizer.save_pretrained(raw)
     transformer = Transformer(str(raw), max_seq_length=96)
     dim = transformer.get_embedding_dimension()

@@ -133,3 +133,18 @@ def test_checkpoint_families_keep_their_stack_on_cuda(family, backend, tmp_path)
     assert result["fidelity"]["min_cosine"] >= 0.9999 and result["export"]["max_abs_diff"] <= 1e-3
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_a_qwen3_0_6b_shaped_embedder_trains_in_4bit(tmp_path):
+    """Full Qwen3-Embedding-0.6B shape, random weights, last-token pooling: a few nf4 LoRA steps on the GPU."""
+    from conftest import make_pairs
+    from families import QWEN3_0_6B, build_family_model
+
+    model = build_family_model("qwen3", tmp_path / "qwen3-0.6b", shape=QWEN3_0_6B)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs()))
+    run, result, run_dir, _ = _fit(model, pairs, tmp_path, "peft", "lora", "nf4")
+    assert result["total_parameters"] > 5e8 and result["model"]["pooling"] == "lasttoken"
+    losses = [h["loss"] for h in result["log_history"] if "loss" in h]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    print(f"qwen3-0.6b shape: peak GPU {result['peak_gpu_mb']:.0f} MiB, step {result['step_time']}")
