@@ -230,7 +230,8 @@ def _versus(d: dict | None) -> str:
     if d is None:
         return ""
     mark = " *" if d["significant"] else ""
-    return f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] p {d['p_value']:.3f}{mark}"
+    p = "p < 0.001" if d["p_value"] < 0.001 else f"p {d['p_value']:.3f}"
+    return f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] {p}{mark}"
 
 
 def best_two(rows: list[dict]) -> dict | None:
