@@ -15,7 +15,7 @@ from finetune.atomic import atomic_path, write_json, write_text
 from finetune.errors import FinetuneError
 from finetune.recipe import load_recipe
 from finetune.report import read_per_query
-from finetune.significance import mean_interval, paired_difference
+from finetune.significance import mean_interval, paired_metric
 
 METRICS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
@@ -139,16 +139,21 @@ def _interval(scores: dict | None, model: str) -> dict:
     return {k: mean_interval([v[k] for v in scores[model].values()]) for k in METRICS}
 
 
-def comparison_rows(runs: list[Path]) -> list[dict]:
+def comparison_rows(runs: list[Path], per_query: dict[str, dict | None] | None = None) -> list[dict]:
     """One row per distinct base model, then one per run: metrics and costs from each ``metrics.json``.
 
     Runs with per-query scores also get 95% intervals (``ci``) and the paired difference of
     NDCG@10 to their own base (``vs_base``).
+
+    Args:
+        runs: Finished run directories.
+        per_query: Run directory (as a string) -> its checked per-query scores; read here when not given.
     """
+    per_query = per_query if per_query is not None else {str(r): _per_query(r) for r in runs}
     rows, bases = [], {}
     for run_dir in runs:
         m = json.loads((run_dir / "metrics.json").read_text())
-        scores = _per_query(run_dir)
+        scores = per_query[str(run_dir)]
         model = _recipe_model(run_dir)
         base_key = (model, tuple(round(m["base"][k], 6) for k in METRICS))
         if base_key not in bases:
@@ -159,17 +164,13 @@ def comparison_rows(runs: list[Path]) -> list[dict]:
                 "ci": _interval(scores, "base"),
             }
         seconds = m.get("seconds", {})
-        vs_base = None
-        if scores is not None:
-            base, tuned = ({q: v["ndcg@10"] for q, v in scores[x].items()} for x in ("base", "tuned"))
-            vs_base = paired_difference(base, tuned)
         rows.append(
             {
                 "name": _label(m),
                 "run": str(run_dir),
                 **{k: m["tuned"][k] for k in METRICS},
                 "ci": _interval(scores, "tuned"),
-                "vs_base": vs_base,
+                "vs_base": None if scores is None else paired_metric(scores["base"], scores["tuned"]),
                 "train_seconds": seconds.get("train"),
                 "encode_seconds": seconds.get("encode"),
                 "peak_rss_mb": m.get("peak_rss_mb"),
@@ -234,14 +235,14 @@ def _versus(d: dict | None) -> str:
     return f"{d['difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] {p}{mark}"
 
 
-def best_two(rows: list[dict]) -> dict | None:
+def best_two(rows: list[dict], per_query: dict[str, dict | None]) -> dict | None:
     """The paired NDCG@10 difference of the two best trained rows (by NDCG@10), when both have per-query scores."""
     trained = sorted((r for r in rows if r["run"] and r.get("vs_base")), key=lambda r: -r["ndcg@10"])
     if len(trained) < 2:
         return None
     first, second = trained[:2]
-    a, b = ({q: v["ndcg@10"] for q, v in _per_query(Path(r["run"]))["tuned"].items()} for r in (second, first))
-    return {"better": first["name"], "other": second["name"], **paired_difference(a, b)}
+    difference = paired_metric(per_query[second["run"]]["tuned"], per_query[first["run"]]["tuned"])
+    return {"better": first["name"], "other": second["name"], **difference}
 
 
 def _train_time(row: dict) -> str:
@@ -288,11 +289,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_comparison(runs: list[Path], out_dir: Path) -> str:
     """Write ``comparison.md``, ``comparison.json`` and ``comparison.png`` to ``out_dir``; return the table."""
-    rows = comparison_rows(runs)
+    per_query = {str(r): _per_query(r) for r in runs}  # each file read and checked once
+    rows = comparison_rows(runs, per_query)
     first = json.loads((runs[0] / "metrics.json").read_text())
     n_test, n_corpus = first["splits"]["test"], first.get("n_corpus")
     table = markdown_table(rows, n_test, n_corpus)
-    top = best_two(rows)
+    top = best_two(rows, per_query)
     if top:
         table += (
             f"\nBest two: {top['better']} - {top['other']}: NDCG@10 {_versus(top)} "

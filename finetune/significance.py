@@ -75,18 +75,20 @@ def mean_interval(values: list[float], resamples: int = RESAMPLES, seed: int = 0
     return float(low), float(high)
 
 
+def paired_metric(base: dict, tuned: dict, metric: str = "ndcg@10", resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """:func:`paired_difference` of one metric between two per-query score sets (query id -> {metric: value})."""
+    return paired_difference(
+        {q: v[metric] for q, v in base.items()}, {q: v[metric] for q, v in tuned.items()}, resamples, seed
+    )
+
+
 def compare_rows(per_query: dict[str, dict[str, dict[str, float]]], seed: int = 0, resamples: int = RESAMPLES) -> dict:
     """For each metric of :data:`PER_QUERY`, ``paired_difference(base, tuned)``.
 
     Args:
         per_query: ``{"base": {qid: {metric: value}}, "tuned": {...}}``.
     """
-    out = {}
-    for metric in PER_QUERY:
-        base = {q: v[metric] for q, v in per_query["base"].items()}
-        tuned = {q: v[metric] for q, v in per_query["tuned"].items()}
-        out[metric] = paired_difference(base, tuned, resamples, seed)
-    return out
+    return {m: paired_metric(per_query["base"], per_query["tuned"], m, resamples, seed) for m in PER_QUERY}
 
 
 def describe(stats: dict) -> str:

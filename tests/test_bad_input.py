@@ -72,28 +72,34 @@ def _qlora(tmp_path, raw, **top) -> str:
     return _file(tmp_path, "qlora.yaml", yaml.safe_dump(q))
 
 
-def _broken_checkpoint(tmp_path, raw) -> str:
-    """A copy of the tiny model whose modules.json names a module folder that is not there."""
+def _model_copy(tmp_path, raw, name: str, file: str, edit) -> str:
+    """A copy of the tiny model in ``tmp_path/name`` whose JSON ``file`` is changed by ``edit`` (in place)."""
     import shutil
 
-    folder = tmp_path / "broken-model"
+    folder = tmp_path / name
     shutil.copytree(raw["model"]["name"], folder)
-    modules = json.loads((folder / "modules.json").read_text())
-    modules[1]["path"] = "2_NoSuchPooling"
-    (folder / "modules.json").write_text(json.dumps(modules))
+    content = json.loads((folder / file).read_text())
+    edit(content)
+    (folder / file).write_text(json.dumps(content))
     return str(folder)
 
 
-def _maskless_tokenizer(tmp_path, raw) -> str:
-    """A copy of the tiny model whose tokenizer returns no attention mask (so mean pooling would average padding)."""
-    import shutil
+def _broken_checkpoint(tmp_path, raw) -> str:
+    """A copy of the tiny model whose modules.json names a module folder that is not there."""
+    return _model_copy(tmp_path, raw, "broken-model", "modules.json", lambda m: m[1].update(path="2_NoSuchPooling"))
 
-    folder = tmp_path / "maskless-model"
-    shutil.copytree(raw["model"]["name"], folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["model_input_names"] = ["input_ids", "token_type_ids"]
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return _qlora(tmp_path, dict(raw, model={"name": str(folder)}))
+
+def _maskless_tokenizer(tmp_path, raw) -> str:
+    """A QLoRA recipe on a copy of the tiny model whose tokenizer returns no attention mask (mean pooling would
+    average padding)."""
+    folder = _model_copy(
+        tmp_path,
+        raw,
+        "maskless-model",
+        "tokenizer_config.json",
+        lambda c: c.update(model_input_names=["input_ids", "token_type_ids"]),
+    )
+    return _qlora(tmp_path, dict(raw, model={"name": folder}))
 
 
 # (id, how to build the command from (tmp_path, recipe path, raw recipe), expected fragments of the one-line message)

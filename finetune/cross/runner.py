@@ -25,8 +25,8 @@ from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.kinds import KINDS
-from finetune.models import load_frozen_encoder
-from finetune.significance import paired_difference
+from finetune.models import FrozenEncoder, load_frozen_encoder
+from finetune.significance import paired_metric
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
@@ -64,16 +64,13 @@ class CrossAdapterRun:
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
 
         t0 = time.perf_counter()
-        self.small, self.small_queries, self.small_docs, small_src, small_prompts = self._embed(
-            recipe.document_model, cache
-        )
-        self.large, self.large_queries, self.large_docs, large_src, large_prompts = self._embed(
-            recipe.query_model, cache
-        )
+        small, self.small_queries, self.small_docs = self._embed(recipe.document_model, cache)
+        large, self.large_queries, self.large_docs = self._embed(recipe.query_model, cache)
+        self.small, self.large = small.model, large.model
         # the exported Router applies one query prompt (the large model's) and one document prompt (the small one's)
-        self.export_prompts = {"query": large_prompts.query, "document": small_prompts.document}
+        self.export_prompts = {"query": large.prompts.query, "document": small.prompts.document}
         self.encode_seconds = time.perf_counter() - t0
-        self.model_source = {"query_model": large_src, "document_model": small_src}
+        self.model_source = {"query_model": large.source, "document_model": small.source}
         self.dims = (self.large_queries.shape[1], self.small_docs.shape[1])
         self._aligned: dict[frozenset, tuple[dict, list]] = {}
         self._zero_shot: dict[tuple, dict] = {}
@@ -88,7 +85,8 @@ class CrossAdapterRun:
             out += per_domain(self.data, r.domains.min_queries, r.domains.test_fraction, r.seed)
         return out
 
-    def _embed(self, config, cache: EmbeddingCache):
+    def _embed(self, config, cache: EmbeddingCache) -> tuple[FrozenEncoder, torch.Tensor, torch.Tensor]:
+        """Load one encoder and its (cached) query and document embeddings."""
         encoder = load_frozen_encoder(config, self.device)
         encode = dict(
             model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices
@@ -96,7 +94,7 @@ class CrossAdapterRun:
         queries = cache.encode(texts=self.query_texts, task="query", prompt=encoder.prompts.query, **encode)
         docs = cache.encode(texts=self.doc_texts, task="document", prompt=encoder.prompts.document, **encode)
         self.echo(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
-        return encoder.model, queries, docs, encoder.source, encoder.prompts
+        return encoder, queries, docs
 
     def lookup(self, queries: torch.Tensor, documents: torch.Tensor, projection=None) -> EmbeddingLookup:
         """Cached embeddings as a model for the evaluator; queries go through ``projection`` if given."""
@@ -232,7 +230,8 @@ class CrossAdapterRun:
                             "model": mode,
                             "train_queries": labelled,
                             **_pick(metrics),
-                            "vs_small": _versus(small, metrics, self.recipe.seed),
+                            # paired NDCG@10 difference to the small model alone on the same test queries
+                            "vs_small": paired_metric(small.per_query, metrics.per_query, seed=self.recipe.seed),
                         }
                     )
                 if exp is export_exp and mode == modes[0]:
@@ -301,12 +300,6 @@ class CrossAdapterRun:
                 f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})"
             )
         return drift
-
-
-def _versus(small, mode, seed: int) -> dict:
-    """Paired NDCG@10 difference of a mode to the small model alone, on the same test queries."""
-    ndcg = [{q: v["ndcg@10"] for q, v in scores.per_query.items()} for scores in (small, mode)]
-    return paired_difference(*ndcg, seed=seed)
 
 
 def _pick(metrics: dict) -> dict:

@@ -6,6 +6,7 @@ without a GPU (and must be imported before transformers), and bitsandbytes is op
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -114,7 +115,7 @@ def _compute_dtype(requested: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = True):
+def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = True, reference=None):
     """The checkpoint's own ``SentenceTransformer`` stack, 4-bit or 16-bit when the choice says so, LoRA added.
 
     Everything ``SentenceTransformer(path)`` loads is kept: pooling, Dense layers, Normalize and
@@ -125,6 +126,8 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
         recipe: For the model, pooling, LoRA settings.
         choice: From :func:`select_backend`.
         quantize: False builds the full-precision base (for merging and the fidelity check).
+        reference: The checkpoint as ``load_sentence_transformer`` loaded it, when the caller
+            has it: unsloth's stack copies its head modules and prompts instead of loading it again.
 
     Returns:
         ``(model, lora_targets)``: the model, and the adapted layers' full names (empty without LoRA).
@@ -132,7 +135,7 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
     from finetune.models import load_sentence_transformer
 
     if choice.backend == "unsloth" and quantize:
-        return _build_unsloth(recipe, choice)
+        return _build_unsloth(recipe, choice, reference)
     model_kwargs = {}
     if quantize and choice.quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -206,7 +209,7 @@ def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
     return targets
 
 
-def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice):
+def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice, reference=None):
     """unsloth's fast encoder, carrying the checkpoint's own head modules and prompts.
 
     ``FastSentenceTransformer`` rebuilds the stack itself (it reads the pooling mode and drops
@@ -215,7 +218,6 @@ def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice):
     from unsloth import FastSentenceTransformer
 
     from finetune.models import load_sentence_transformer, resolve_model
-    from finetune.prompts import apply_prompts
 
     path = resolve_model(recipe.model.name).path
     nf4 = choice.quantization == "nf4"
@@ -227,12 +229,13 @@ def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice):
         dtype=choice.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code,
     )
-    plain, _, prompts = load_sentence_transformer(recipe.model, device="cpu")
+    if reference is None:
+        reference, _, _ = load_sentence_transformer(recipe.model, device="cpu")
     for name in list(model._modules)[1:]:
         del model._modules[name]
-    for i, module in enumerate(list(plain.children())[1:], start=1):
-        model._modules[str(i)] = module.to(choice.device)
-    apply_prompts(model, prompts)
+    for i, module in enumerate(list(reference.children())[1:], start=1):  # copies: the reference is still scored
+        model._modules[str(i)] = copy.deepcopy(module).to(choice.device)
+    model.prompts = dict(reference.prompts)  # already the run's resolved prompts (finetune.prompts.apply_prompts)
     if recipe.pooling != "auto":
         override_pooling(model, recipe.pooling)
     targets = lora_targets(model, recipe)

@@ -16,7 +16,7 @@ from finetune.evaluation import build_evaluator, evaluate
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
-from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, pooling_mode
+from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
 from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
 from finetune.splits import Splits
@@ -47,7 +47,6 @@ class QLoRARun:
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.choice = select_backend(recipe, device)
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
-        self.path = resolved.path
         self.checkpoint_pooling = pooling_mode(self.reference)
         self.pooling_overridden = recipe.pooling != "auto" and recipe.pooling != self.checkpoint_pooling
         self.fidelity = self._check_stack()
@@ -74,7 +73,7 @@ class QLoRARun:
             built, _ = build_encoder(self.recipe, self.choice, quantize=False)
             fidelity = check_fidelity(built, self.reference, queries, documents, self.pooling_overridden)
             del built
-        self.model, self.lora_targets = build_encoder(self.recipe, self.choice)
+        self.model, self.lora_targets = build_encoder(self.recipe, self.choice, reference=self.reference)
         if exact:  # at step 0 LoRA adds nothing, so the training model itself must match
             fidelity = check_fidelity(self.model, self.reference, queries, documents, self.pooling_overridden)
         ours, theirs = (
@@ -178,8 +177,8 @@ class QLoRARun:
             tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
             max_grad_norm=t.max_grad_norm,
             batch_sampler=BatchSamplers.NO_DUPLICATES,
-            prompts=self.prompts.for_columns(columns)
-            or None,  # the query prompt on anchors, the document prompt on the rest
+            # the query prompt on anchors, the document prompt on positives and negatives
+            prompts=self.prompts.for_columns(columns) or None,
             eval_strategy="steps" if has_val else "no",
             eval_steps=t.eval_steps,
             save_strategy="steps",
@@ -364,19 +363,7 @@ class QLoRARun:
             [self.data.corpus[d] for d in list(self.data.corpus)[:16]],
         )
         reloaded = SentenceTransformer(str(folder), device=str(merged.device))
-        drift = 0.0
-        for texts, task in ((queries, "query"), (documents, "document")):
-            ours = (
-                (merged.encode_query if task == "query" else merged.encode_document)(texts, convert_to_tensor=True)
-                .float()
-                .cpu()
-            )
-            theirs = (
-                (reloaded.encode_query if task == "query" else reloaded.encode_document)(texts, convert_to_tensor=True)
-                .float()
-                .cpu()
-            )
-            drift = max(drift, float((ours - theirs).abs().max()))
+        drift = float((embed(merged, queries, documents) - embed(reloaded, queries, documents)).abs().max())
         if drift > 1e-4:
             raise RuntimeError(f"the exported model's embeddings differ from the merged model's by {drift:.2e}")
         # the merged full-precision model against the 4-bit (or 16-bit) model it was trained as

@@ -88,22 +88,20 @@ def check_pooling_inputs(model, sample: list[str]) -> None:
 
 
 @torch.no_grad()
-def _embeddings(model, texts: list[str], task: str) -> torch.Tensor:
-    encode = model.encode_query if task == "query" else model.encode_document
-    return encode(texts, convert_to_tensor=True, batch_size=16).float().cpu()
+def embed(model, queries: list[str], documents: list[str]) -> torch.Tensor:
+    """``encode_query(queries)`` stacked over ``encode_document(documents)``, prompts applied; float32 on CPU."""
+    parts = [
+        encode(texts, convert_to_tensor=True, batch_size=16).float().cpu()
+        for texts, encode in ((queries, model.encode_query), (documents, model.encode_document))
+        if texts
+    ]
+    return torch.cat(parts)
 
 
 def cosine_to(reference, model, queries: list[str], documents: list[str]) -> torch.Tensor:
     """Row-wise cosine between ``model``'s and ``reference``'s embeddings of the same texts (prompts applied)."""
-    rows = []
-    for texts, task in ((queries, "query"), (documents, "document")):
-        if texts:
-            rows.append(
-                torch.nn.functional.cosine_similarity(
-                    _embeddings(model, texts, task), _embeddings(reference, texts, task), dim=-1
-                )
-            )
-    return torch.cat(rows)
+    ours, theirs = embed(model, queries, documents), embed(reference, queries, documents)
+    return torch.nn.functional.cosine_similarity(ours, theirs)
 
 
 @torch.no_grad()
