@@ -47,8 +47,8 @@ def _lora(r) -> bool:
     return r.method == "lora"
 
 
-def _modes(r) -> set[str]:
-    return set(r.modes())
+def _aligns(r) -> bool:
+    return bool(set(r.modes()) & {"alignment_only", "both"})
 
 
 def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
@@ -67,7 +67,8 @@ def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
             ("max_retries", 1),
         )
     ]
-    if "adapter" in kinds:  # only the adapter recipe accepts an API model
+    frozen = tuple(k for k in kinds if k != "qlora")  # frozen-encoder recipes accept an API model
+    if frozen:
         rules += [
             Rule(
                 f"{section}.{f}",
@@ -78,7 +79,7 @@ def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
                     f"{section}.base_url=http://127.0.0.1:9/v1",
                     f"{section}.{f}={v}",
                 ),
-                kinds=("adapter",),
+                kinds=frozen,
             )
             for f, v in (("max_seq_length", 64), ("trust_remote_code", "true"), ("encode_devices", "[cpu]"))
         ]
@@ -230,19 +231,43 @@ RULES: list[Rule] = [
     *(
         Rule(
             f"alignment.{f}",
-            lambda r: bool(_modes(r) & {"alignment_only", "both"}),
+            _aligns,
             "mode includes alignment_only or both",
             ("mode=label_only", f"alignment.{f}={v}"),
             kinds=("cross_adapter",),
         )
-        for f, v in (
-            ("loss", "mse"),
-            ("use_queries", "false"),
-            ("epochs", 3),
-            ("batch_size", 16),
-            ("lr", 0.01),
-            ("weight_decay", 0.1),
+        for f, v in (("objective", "identical_text"), ("use_queries", "false"), ("texts", "more.txt"))
+    ),
+    Rule(
+        "projection.init",
+        lambda r: "label_only" in r.modes(),
+        "mode includes label_only",
+        ("mode=both", "projection.init=runs/x/projection"),
+        kinds=("cross_adapter",),
+    ),
+    Rule(
+        "alignment.ridge",
+        lambda r: _aligns(r) and "scores" in r.alignment.objectives(),
+        "alignment.objective includes scores (and mode includes alignment_only or both)",
+        ("alignment.objective=identical_text", "alignment.ridge=[0.5]"),
+        kinds=("cross_adapter",),
+    ),
+    Rule(
+        "alignment.mix",
+        lambda r: _aligns(r) and r.projection.input == "both",
+        "projection.input is both (and mode includes alignment_only or both)",
+        ("projection.input=large", "alignment.mix=[0,1]"),
+        kinds=("cross_adapter",),
+    ),
+    *(
+        Rule(
+            f"alignment.{f}",
+            lambda r: _aligns(r) and "identical_text" in r.alignment.objectives(),
+            "alignment.objective includes identical_text (and mode includes alignment_only or both)",
+            ("alignment.objective=scores", f"alignment.{f}={v}"),
+            kinds=("cross_adapter",),
         )
+        for f, v in (("loss", "mse"), ("epochs", 3), ("batch_size", 16), ("lr", 0.01), ("weight_decay", 0.1))
     ),
     Rule(
         "domains.min_queries",
@@ -337,6 +362,7 @@ ALWAYS: set[str] = {
     "adapter.type",
     "loss.type",
     "projection.type",
+    "projection.input",
     "mode",
     "train_ratios",
     "domains.leave_one_domain_out",
@@ -370,11 +396,6 @@ ALWAYS: set[str] = {
     *(f"{s}.{f}" for s in MODEL_SECTIONS for f in _ALWAYS_MODEL),
     "model.max_seq_length",
     "model.trust_remote_code",  # the qlora kind takes local models only
-    *(
-        f"{s}.{f}"
-        for s in ("query_model", "document_model")
-        for f in ("max_seq_length", "trust_remote_code", "encode_devices")
-    ),
 }
 
 

@@ -1,8 +1,11 @@
-"""Phase 1 of ERA: identical-text alignment. Tensors in, trained projection out.
+"""Phase 1, alignment without labels. Tensors in, a projection (or its weight matrix) out.
 
-The same texts are embedded by both encoders; the projection learns to map the large model's
-embedding of a text onto the small model's embedding of that same text. No relevance label is
-used, so any unlabelled text (corpus documents, query logs) can train it.
+Two objectives over texts both encoders embed. :func:`score_map` (``scores``) is the closed-form
+map under which the small model's index scores each document as the large model would, so the
+large model's *ranking* carries over. :func:`align_projection` (``identical_text``, ERA) trains the
+projection to map the large model's embedding of a text onto the small model's embedding of that
+same text. No relevance label is used, so any unlabelled text (corpus documents, query logs,
+:func:`alignment_texts`) can train either.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from tqdm.auto import tqdm
 
 from finetune.cross.config import AlignmentConfig
 from finetune.errors import FinetuneError
+from finetune.synth.chunking import load_chunks
 
 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
@@ -69,3 +73,67 @@ def align_projection(
         history.append({"epoch": epoch, "loss": mean_alignment_loss(projection, source, target, config.loss)})
     projection.eval()
     return history
+
+
+@torch.no_grad()
+def score_map(
+    small_docs: torch.Tensor, large_docs: torch.Tensor, ridge: float, probes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The linear map ``W`` that lets the small index rank like the large model, in closed form.
+
+    For a large-model query ``q``, the large model scores the corpus as ``D_l q`` and the small index
+    scores a mapped query as ``D_s W q``. ``W`` minimises ``||(D_s W - D_l) Q^T||^2 + ridge ||W||^2``
+    over probe queries ``Q``: the squared error of every query-document score. Without probes the
+    queries are taken as isotropic, which is plain ridge regression ``min ||D_s W - D_l||^2``. With
+    probes the solution of this Sylvester equation comes from two eigendecompositions.
+
+    Args:
+        small_docs: ``[N, d_s]`` the corpus (and any alignment texts) embedded by the small model.
+        large_docs: ``[N, d_l]`` the same texts embedded by the large model.
+        ridge: ``lambda`` > 0.
+        probes: ``[n, d_l]`` large-model query embeddings weighting the directions queries use.
+
+    Returns:
+        ``[d_s, d_l]``: apply as ``normalize(W @ q_large)``.
+
+    Example:
+        >>> d_s = F.normalize(torch.randn(500, 8), dim=-1)
+        >>> d_l = d_s @ torch.randn(8, 16)  # a large space the small one can express exactly
+        >>> W = score_map(d_s, d_l, ridge=1e-6)
+        >>> bool(torch.allclose(d_s @ W, d_l, atol=1e-3))
+        True
+    """
+    a, b = small_docs.double(), large_docs.double()
+    gram_values, u = torch.linalg.eigh(a.T @ a)
+    if probes is None:
+        sigma_values, v = torch.ones(b.shape[1], dtype=a.dtype), torch.eye(b.shape[1], dtype=a.dtype)
+    else:
+        p = probes.double()
+        sigma = p.T @ p * (p.shape[1] / len(p))  # scaled so isotropic queries give the identity
+        sigma_values, v = torch.linalg.eigh(sigma)
+    rhs = u.T @ (a.T @ b) @ (v * sigma_values)  # U^T A^T B Sigma V, in both eigenbases
+    w = u @ (rhs / (gram_values[:, None] * sigma_values[None, :] + ridge)) @ v.T
+    return w.to(small_docs.dtype)
+
+
+def alignment_texts(path: str, banned: set[str]) -> list[str]:
+    """Unlabelled texts for alignment from ``path``, chunked like ``synth``, without any ``banned`` text.
+
+    Args:
+        path: A .txt/.md file, a folder of them, or a .jsonl with a ``text`` per line.
+        banned: Texts never to use (every query's text: test queries must not reach training, and the
+            train and val queries come in through ``use_queries`` only).
+
+    Returns:
+        The distinct texts, in file order.
+    """
+    try:
+        chunks = load_chunks(path)
+    except OSError as exc:
+        raise FinetuneError(f"cannot read: {exc.strerror or exc}", where=f"alignment.texts {path}") from None
+    except FinetuneError as exc:
+        raise FinetuneError(exc.message, where=f"alignment.texts {exc.where or path}") from None
+    texts = [t for t in dict.fromkeys(c.text for c in chunks) if t not in banned]
+    if not texts:
+        raise FinetuneError("holds no text to align on (empty, or only query texts)", where=f"alignment.texts {path}")
+    return texts

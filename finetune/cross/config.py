@@ -2,7 +2,11 @@
 
 A large ``query_model`` encodes queries; a learned projection maps them into the space of a small
 ``document_model`` whose document index never changes. Training has two phases, picked by
-``mode``: identical-text alignment (no labels) and label training (InfoNCE), or both in turn.
+``mode``: alignment (no labels; ``objective: scores`` matches the large model's query-document
+scores over the corpus in closed form, ``identical_text`` is ERA's text-to-text alignment) and label
+training (InfoNCE), or both in turn. With ``projection.input: both`` the query is the small model's
+own embedding plus a projected large-model one, mixed at a weight chosen on validation, so the small
+model alone is always a candidate.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from finetune.config import CacheConfig, ModelConfig, NegativesConfig, RecipeCor
 
 Mode = Literal["alignment_only", "label_only", "both"]
 MODES: tuple[str, ...] = ("alignment_only", "label_only", "both")
+Objective = Literal["scores", "identical_text"]
 
 
 class ProjectionConfig(Section):
@@ -26,21 +31,66 @@ class ProjectionConfig(Section):
 
     type: Literal["linear", "mlp"] = "linear"
     hidden_dim: int = Field(1024, gt=0)
+    input: Literal["both", "large"] = Field(
+        "both",
+        description="both: normalize(w q_small + f(q_large)), starting at the small model; large: ERA's "
+        "normalize(f(q_large))",
+    )
+    init: str | None = Field(
+        None, description="label_only: start from a saved projection/ folder (e.g. another run's) instead of zero"
+    )
 
 
 class AlignmentConfig(Section):
-    """Phase 1: the same texts embedded by both models; the projected query-model embedding is trained
-    to match the document model's. Uses corpus documents and the text of non-test queries, never a
-    relevance label."""
+    """Phase 1, without relevance labels: fit the projection from texts both models embed.
 
-    loss: Literal["cosine", "mse"] = "cosine"
-    use_queries: bool = Field(
-        True, description="add the text of train and val queries (unlabelled) to the corpus documents"
+    ``scores`` (default) solves for the linear map ``W`` under which the small index scores every
+    document as the large model would (closed form, ``ridge`` chosen on validation); ``identical_text``
+    (ERA) trains the projection so the large model's embedding of a text lands on the small model's
+    embedding of the same text. The corpus, the ``texts`` file and (``use_queries``) the text of
+    non-test queries are used; never a label, and never a test query's text.
+    """
+
+    objective: Objective | list[Objective] = Field("scores", description="one objective, or a list to run each")
+    ridge: list[float] = Field(
+        [1e-3, 1e-2, 1e-1], description="scores: the regularisation grid; the value is chosen on validation"
     )
+    mix: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="projection.input both: weights of the projected large query to choose from on validation "
+        "(0 is the small model alone)",
+    )
+    texts: str | None = Field(
+        None, description="more unlabelled text: a .txt/.md file, a folder of them, or a .jsonl of {text}"
+    )
+    use_queries: bool = Field(
+        True,
+        description="use the text of train and val queries (unlabelled): as probes weighting the score error "
+        "(scores), as extra aligned texts (identical_text)",
+    )
+    loss: Literal["cosine", "mse"] = "cosine"
     epochs: int = Field(40, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+
+    @field_validator("ridge")
+    @classmethod
+    def _ridge(cls, value: list[float]) -> list[float]:
+        if not value or any(r <= 0 for r in value):
+            raise ValueError(f"list one or more ridge values > 0, got {value}")
+        return sorted(set(value))
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= m <= 1.0 for m in value):
+            raise ValueError(f"list one or more mix weights in [0, 1], got {value}")
+        return sorted(set(value))
+
+    def objectives(self) -> list[str]:
+        """The objectives to run, in order."""
+        return [self.objective] if isinstance(self.objective, str) else list(self.objective)
 
 
 class DomainsConfig(Section):
@@ -61,9 +111,10 @@ class CrossAdapterRecipe(RecipeCore):
 
     Example:
         >>> from finetune.recipe import load_recipe
-        >>> recipe = load_recipe("recipes/cross_adapter.yaml", ["mode=label_only"])
-        >>> recipe.modes()
-        ['label_only']
+        >>> overrides = ["alignment.objective=scores", "mode=[both,label_only]"]
+        >>> recipe = load_recipe("recipes/cross_adapter.yaml", overrides)
+        >>> recipe.methods(), recipe.method_name("both", "scores")
+        ([('both', 'scores'), ('label_only', None)], 'both')
     """
 
     kind: Literal["cross_adapter"] = "cross_adapter"
@@ -71,7 +122,10 @@ class CrossAdapterRecipe(RecipeCore):
     query_model: ModelConfig = ModelConfig(name="sentence-transformers/all-mpnet-base-v2")
     document_model: ModelConfig = ModelConfig()
     projection: ProjectionConfig = ProjectionConfig()
-    mode: Mode | list[Mode] = Field("both", description="one mode, or a list to run each (the first is exported)")
+    mode: Mode | list[Mode] = Field(
+        "both",
+        description="one mode, or a list to run each; the method with the best validation NDCG@10 is exported",
+    )
     train_ratios: list[float] = Field(
         [1.0], description="fractions of the labelled train (and val) queries; each runs on the same test split"
     )
@@ -90,13 +144,27 @@ class CrossAdapterRecipe(RecipeCore):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _local_models(self):
-        if self.query_model.provider != "local" or self.document_model.provider != "local":
+    def _closed_form_is_linear(self):
+        if "scores" in self.alignment.objectives() and self.projection.type != "linear" and self._aligns():
             raise ValueError(
-                "cross_adapter exports a local Router model and needs local encoders; for an API model use kind: "
-                "adapter"
+                "alignment.objective scores is a closed-form linear map; set projection.type: linear, or "
+                "alignment.objective: identical_text for an mlp"
             )
         return self
+
+    @model_validator(mode="after")
+    def _objectives_unique(self):
+        objectives = self.alignment.objectives()
+        if not objectives or len(set(objectives)) != len(objectives):
+            raise ValueError("alignment.objective: list each of scores, identical_text at most once")
+        return self
+
+    def _aligns(self) -> bool:
+        return bool(set(self.modes()) & {"alignment_only", "both"})
+
+    def local_models(self) -> bool:
+        """Both encoders are local, so the run can export one ``SentenceTransformer`` folder."""
+        return self.query_model.provider == "local" and self.document_model.provider == "local"
 
     @model_validator(mode="after")
     def _modes_unique(self):
@@ -105,5 +173,16 @@ class CrossAdapterRecipe(RecipeCore):
         return self
 
     def modes(self) -> list[str]:
-        """The modes to run, in order; the first one's projection (at the largest ratio) is exported."""
+        """The modes to run, in order."""
         return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+    def methods(self) -> list[tuple[str, str | None]]:
+        """``(mode, objective)`` pairs to run: each aligning mode with each objective, ``label_only`` once."""
+        objectives = self.alignment.objectives()
+        return [
+            pair for m in self.modes() for pair in ([(m, None)] if m == "label_only" else [(m, o) for o in objectives])
+        ]
+
+    def method_name(self, mode: str, objective: str | None) -> str:
+        """The row label: the mode, with its objective when the recipe runs more than one."""
+        return mode if objective is None or len(self.alignment.objectives()) == 1 else f"{mode} ({objective})"

@@ -1,12 +1,15 @@
-"""Run a ``cross_adapter`` recipe: embed with both encoders once, run every experiment and mode, export.
+"""Run a ``cross_adapter`` recipe: embed with both encoders once, run every experiment and method, export.
 
-Embeddings (small model: documents and queries; large model: queries and documents) are computed
-once and cached; every experiment trains a fresh projection over them, so a whole label-budget
-sweep or a 39-domain leave-one-out costs seconds per cell after the first encoding.
+Embeddings (small model: documents and queries; large model: queries and documents; both: any
+alignment texts) are computed once and cached; every experiment fits a fresh projection over them,
+so a whole label-budget sweep or a 39-domain leave-one-out costs seconds per cell after the first
+encoding. Every setting not learned from data (ridge, mix weight, label-training epoch) is chosen
+on labelled non-test queries, never on the test split.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -17,12 +20,13 @@ from finetune.adapter.negatives import NegativeSampler, build_sampler, relevant_
 from finetune.adapter.train import train_adapter
 from finetune.atomic import write_json
 from finetune.cache import EmbeddingCache
-from finetune.cross.align import align_projection
+from finetune.cross.align import align_projection, alignment_texts, score_map
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.cross.experiments import Experiment, budget_experiments, leave_one_domain_out, per_domain
-from finetune.cross.projection import Projection, export_router_model, save_projection
+from finetune.cross.projection import Projection, export_router_model, load_projection, save_projection
 from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
+from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.kinds import KINDS
 from finetune.models import FrozenEncoder, load_frozen_encoder
@@ -63,18 +67,39 @@ class CrossAdapterRun:
         self._row_of_text = {t: i for i, t in enumerate(self.query_texts)}
         self._row_of_doc = {d: i for i, d in enumerate(self.doc_ids)}
 
+        banned = set(data.queries.values())  # query text reaches alignment only through use_queries
+        self.extra_texts = alignment_texts(recipe.alignment.texts, banned) if self._aligns_on_texts() else []
+
         t0 = time.perf_counter()
-        small, self.small_queries, self.small_docs = self._embed(recipe.document_model, cache)
-        large, self.large_queries, self.large_docs = self._embed(recipe.query_model, cache)
+        small, self.small_queries, self.small_docs, self.small_extra = self._embed(recipe.document_model, cache)
+        large, self.large_queries, self.large_docs, self.large_extra = self._embed(recipe.query_model, cache)
         self.small, self.large = small.model, large.model
-        # the exported Router applies one query prompt (the large model's) and one document prompt (the small one's)
-        self.export_prompts = {"query": large.prompts.query, "document": small.prompts.document}
+        self.prompts = {"large": large.prompts, "small": small.prompts}
         self.encode_seconds = time.perf_counter() - t0
         self.model_source = {"query_model": large.source, "document_model": small.source}
         self.dims = (self.large_queries.shape[1], self.small_docs.shape[1])
-        self._aligned: dict[frozenset, tuple[dict, list]] = {}
+        self.both = recipe.projection.input == "both"
+        # what a projection reads per query: [q_large ; q_small] for input both, q_large for ERA's input large
+        self.inputs = torch.cat([self.large_queries, self.small_queries], 1) if self.both else self.large_queries
+        self.init = self._saved_projection(recipe.projection.init) if recipe.projection.init else None
+        self._aligned: dict[tuple, list] = {}
         self._zero_shot: dict[tuple, dict] = {}
         self.sampler = self._sampler()  # here, so a problem with the negatives stops the run before it writes
+
+    def _saved_projection(self, path: str) -> Projection:
+        """``projection.init``, checked against these encoders' widths and the recipe's input form."""
+        saved = load_projection(path)
+        want = (*self.dims, self.recipe.projection.input)
+        if (saved.d_in, saved.d_out, saved.input) != want:
+            raise FinetuneError(
+                f"holds a {saved.d_in}->{saved.d_out} input {saved.input} projection; these models need "
+                f"{want[0]}->{want[1]} input {want[2]}: point at a projection/ trained with the same two encoders",
+                where=f"projection.init {path}",
+            )
+        return saved
+
+    def _aligns_on_texts(self) -> bool:
+        return self.recipe.alignment.texts is not None and self.recipe._aligns()
 
     def _experiments(self) -> list[Experiment]:
         r = self.recipe
@@ -85,28 +110,33 @@ class CrossAdapterRun:
             out += per_domain(self.data, r.domains.min_queries, r.domains.test_fraction, r.seed)
         return out
 
-    def _embed(self, config, cache: EmbeddingCache) -> tuple[FrozenEncoder, torch.Tensor, torch.Tensor]:
-        """Load one encoder and its (cached) query and document embeddings."""
+    def _embed(self, config, cache: EmbeddingCache) -> tuple[FrozenEncoder, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Load one encoder and its (cached) query, document and alignment-text embeddings."""
         encoder = load_frozen_encoder(config, self.device)
         encode = dict(
             model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices
         )
         queries = cache.encode(texts=self.query_texts, task="query", prompt=encoder.prompts.query, **encode)
         docs = cache.encode(texts=self.doc_texts, task="document", prompt=encoder.prompts.document, **encode)
+        extra = torch.zeros(0, docs.shape[1])
+        if self.extra_texts:
+            extra = cache.encode(texts=self.extra_texts, task="document", prompt=encoder.prompts.document, **encode)
         self.echo(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
-        return encoder, queries, docs
+        return encoder, queries, docs, extra
 
     def lookup(self, queries: torch.Tensor, documents: torch.Tensor, projection=None) -> EmbeddingLookup:
         """Cached embeddings as a model for the evaluator; queries go through ``projection`` if given."""
         transform = None if projection is None else (lambda q: projection(q.to(self.device)).cpu())
         return EmbeddingLookup(self.query_texts, queries, self.doc_texts, documents, transform)
 
-    def score(
-        self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, name: str = "test"
-    ) -> dict:
+    def score(self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None) -> dict:
         """The shared evaluator's metrics for query ``ids`` against the whole corpus."""
-        evaluator = build_evaluator(self.data, ids, name)
+        evaluator = build_evaluator(self.data, ids, "test")
         return evaluate(evaluator, self.lookup(queries, documents, projection), corpus_embeddings=documents)
+
+    def projected(self, ids: list[str], projection: Projection) -> dict:
+        """Metrics of ``projection``'s queries against the small model's (unchanged) document index."""
+        return self.score(ids, self.inputs, self.small_docs, projection)
 
     def zero_shot(self, ids: list[str]) -> dict[str, dict]:
         """Small model alone, large model alone, and (equal widths only) large queries against small documents."""
@@ -121,22 +151,58 @@ class CrossAdapterRun:
             self._zero_shot[key] = rows
         return self._zero_shot[key]
 
-    def align(self, unlabelled: list[str]) -> tuple[dict, list]:
-        """Phase 1 over the corpus and the text of ``unlabelled`` queries; memoised, as it uses no labels."""
-        key = frozenset(unlabelled) if self.recipe.alignment.use_queries else frozenset()
+    def _rows(self, ids: list[str]) -> list[int]:
+        return sorted({self._row_of_text[self.data.queries[q]] for q in ids})
+
+    def align(self, objective: str, unlabelled: list[str]) -> list[tuple[dict, Projection]]:
+        """Phase 1 over the corpus, the alignment texts and (``use_queries``) the text of ``unlabelled``
+        queries: one ``input: large`` projection per candidate setting. Memoised, as it uses no labels."""
+        config = self.recipe.alignment
+        key = (objective, frozenset(unlabelled) if config.use_queries else frozenset())
         if key not in self._aligned:
-            rows = sorted({self._row_of_text[self.data.queries[q]] for q in key})
-            source = torch.cat([self.large_docs, self.large_queries[rows]]).to(self.device)
-            target = torch.cat([self.small_docs, self.small_queries[rows]]).to(self.device)
-            projection = self._fresh_projection()
-            history = align_projection(projection, source, target, self.recipe.alignment, self.recipe.seed)
-            self._aligned[key] = ({k: v.clone() for k, v in projection.state_dict().items()}, history)
+            rows = self._rows(key[1])
+            small = torch.cat([self.small_docs, self.small_extra]).to(self.device)
+            large = torch.cat([self.large_docs, self.large_extra]).to(self.device)
+            out = []
+            if objective == "scores":
+                # the queries weight the score error by the directions queries use; the texts keep every other
+                # direction weighted, so a handful of probe queries (one domain's) cannot leave the map blind
+                probes = torch.cat([self.large_queries[rows].to(self.device), large]) if rows else None
+                for ridge in config.ridge:
+                    projection = self._fresh_projection("large")
+                    projection.set_map(score_map(small, large, ridge, probes))
+                    out.append(({"ridge": ridge}, projection))
+            else:
+                source = torch.cat([large, self.large_queries[rows].to(self.device)])
+                target = torch.cat([small, self.small_queries[rows].to(self.device)])
+                projection = self._fresh_projection("large")
+                history = align_projection(projection, source, target, config, self.recipe.seed)
+                loss = {"before": history[0]["loss"], "after": history[-1]["loss"], "epochs": len(history) - 1}
+                out.append(({"alignment_loss": loss}, projection))
+            self._aligned[key] = out
         return self._aligned[key]
 
-    def _fresh_projection(self) -> Projection:
+    def select(self, candidates: list[tuple[dict, Projection]], experiment: Experiment) -> tuple[Projection, dict]:
+        """The candidate (and, for ``input: both``, the mix weight) with the best NDCG@10 on the experiment's
+        labelled queries. Alignment fitted no label, so its train queries are held out for it too; ties go
+        to the smaller mix, the one closer to the small model."""
+        ids = experiment.train + experiment.val
+        probes = self.large_queries[self._rows(experiment.unlabelled or ids)].to(self.device)
+        grid = []
+        for setting, projection in candidates:
+            for mix in self.recipe.alignment.mix if self.both else [None]:
+                p = projection if mix is None else projection.mixed(mix, probes)
+                choice = {**setting, **({} if mix is None else {"mix": mix})}
+                grid.append((self.projected(ids, p)["ndcg@10"], choice, p))
+        best = max(grid, key=lambda g: g[0])  # max keeps the first of equals: the smallest mix
+        chosen = {**best[1], "selection_ndcg@10": best[0], "selection_queries": len(ids)}
+        chosen["grid"] = [{**c, "ndcg@10": s} for s, c, _ in grid]
+        return best[2], chosen
+
+    def _fresh_projection(self, input: str | None = None) -> Projection:
         torch.manual_seed(self.recipe.seed)  # every cell starts from the same initialisation
         p = self.recipe.projection
-        return Projection(*self.dims, p.type, p.hidden_dim).to(self.device)
+        return Projection(*self.dims, p.type, p.hidden_dim, input or p.input).to(self.device)
 
     def _sampler(self) -> NegativeSampler:
         # mined negatives: what the existing small-model index ranks highest. Every query gets its
@@ -153,33 +219,35 @@ class CrossAdapterRun:
         )
         return sampler
 
-    def train(self, mode: str, experiment: Experiment, sampler: NegativeSampler) -> tuple[Projection, dict]:
-        """A projection trained by ``mode`` on ``experiment``'s queries, and what happened."""
-        projection, info = self._fresh_projection(), {}
+    def train(self, mode: str, objective: str | None, experiment: Experiment) -> tuple[Projection, dict]:
+        """A projection fitted by ``mode`` (and alignment ``objective``) on ``experiment``'s queries."""
+        info = {}
         if mode in ("alignment_only", "both"):
-            state, history = self.align(experiment.unlabelled)
-            projection.load_state_dict(state)
-            info["alignment_loss"] = {
-                "before": history[0]["loss"],
-                "after": history[-1]["loss"],
-                "epochs": len(history) - 1,
-            }
-        if mode in ("label_only", "both"):
+            projection, info["alignment"] = self.select(self.align(objective, experiment.unlabelled), experiment)
+            projection = copy.deepcopy(projection)
+        elif self.init is not None:
+            projection = copy.deepcopy(self.init).to(self.device)
+        else:  # input both: f starts at zero, so epoch 0 is the small model alone
+            projection = self._fresh_projection()
+        if mode in ("label_only", "both") and self.both and not experiment.val:
+            # nothing to choose an epoch on: the starting point (the small model, or the alignment's choice) stays
+            info["label_training"] = "skipped: no validation queries to keep a better epoch on"
+        elif mode in ("label_only", "both"):
             validate = None
             if experiment.val:
                 val = build_evaluator(self.data, experiment.val, "val")
 
                 def validate(p):
-                    lookup = self.lookup(self.large_queries, self.small_docs, p)
+                    lookup = self.lookup(self.inputs, self.small_docs, p)
                     return evaluate(val, lookup, corpus_embeddings=self.small_docs)["ndcg@10"]
 
             pairs = relevant_pairs(self.data, experiment.train, self._row_of_text, self._row_of_doc)
             info["history"] = train_adapter(
                 projection,
-                self.large_queries.to(self.device),
+                self.inputs.to(self.device),
                 self.small_docs.to(self.device),
                 pairs,
-                sampler,
+                self.sampler,
                 self.recipe.loss,
                 self.recipe.train,
                 self.recipe.seed,
@@ -189,84 +257,66 @@ class CrossAdapterRun:
         return projection, info
 
     def fit(self, run_dir: Path, resume: bool = False) -> dict:
-        """Run every experiment and mode, write summary, meta, projection and model; return the metrics.
+        """Run every experiment and method, write summary, meta, projection and model; return the metrics.
 
         ``resume`` is refused before this runs (:meth:`finetune.kinds.RecipeKind.refuse_resume`); here too.
         """
         if resume:
             KINDS[self.recipe.kind].refuse_resume()
-        recipe, modes = self.recipe, self.recipe.modes()
-        sampler = self.sampler
+        recipe, methods = self.recipe, self.recipe.methods()
         export_exp = max((e for e in self.experiments if e.group == "budget"), key=lambda e: e.ratio)
-        rows, exported, t0 = [], None, time.perf_counter()
+        rows, candidates, t0 = [], [], time.perf_counter()
         for exp in self.experiments:
-            base = {"group": exp.group, "experiment": exp.name, "ratio": exp.ratio, "domain": exp.domain}
+            base = {
+                "group": exp.group,
+                "experiment": exp.name,
+                "ratio": exp.ratio,
+                "domain": exp.domain,
+                "labelled": len(exp.train) + len(exp.val),  # queries whose labels the cell may read
+            }
+            small_val = self.score(exp.val, self.small_queries, self.small_docs)["ndcg@10"] if exp.val else None
             for test_name, ids in exp.tests.items():
                 for label, metrics in self.zero_shot(ids).items():
-                    rows.append(
-                        {
-                            **base,
-                            "test_set": test_name,
-                            "n_test": len(ids),
-                            "model": label,
-                            "train_queries": 0,
-                            **_pick(metrics),
-                        }
+                    val = small_val if label == "small model alone" else None
+                    rows.append(_row(base, test_name, ids, label, 0, metrics, val))
+            for mode, objective in methods:
+                projection, info = self.train(mode, objective, exp)
+                val = self.projected(exp.val, projection)["ndcg@10"] if exp.val else None
+                name = recipe.method_name(mode, objective)
+                for test_name, ids in exp.tests.items():
+                    metrics = self.projected(ids, projection)
+                    small = self.zero_shot(ids)["small model alone"]
+                    row = _row(
+                        base, test_name, ids, name, 0 if mode == "alignment_only" else len(exp.train), metrics, val
                     )
-            for mode in modes:
-                projection, info = self.train(mode, exp, sampler)
-                labelled = 0 if mode == "alignment_only" else len(exp.train)
-                scores = {
-                    name: self.score(ids, self.large_queries, self.small_docs, projection)
-                    for name, ids in exp.tests.items()
-                }
-                for test_name, metrics in scores.items():
-                    small = self.zero_shot(exp.tests[test_name])["small model alone"]
-                    rows.append(
-                        {
-                            **base,
-                            "test_set": test_name,
-                            "n_test": len(exp.tests[test_name]),
-                            "model": mode,
-                            "train_queries": labelled,
-                            **_pick(metrics),
-                            # paired NDCG@10 difference to the small model alone on the same test queries
-                            "vs_small": paired_metric(small.per_query, metrics.per_query, seed=self.recipe.seed),
-                        }
-                    )
-                if exp is export_exp and mode == modes[0]:
-                    exported = (projection.cpu(), info, scores["test"])
-                logger.info(
-                    "%s %s: %s",
-                    exp.name,
-                    mode,
-                    {r["test_set"]: round(r["ndcg@10"], 4) for r in rows[-len(exp.tests) :]},
-                )
+                    # paired NDCG@10 difference to the small model alone on the same test queries
+                    row["vs_small"] = paired_metric(small.per_query, metrics.per_query, seed=recipe.seed)
+                    row["chosen"] = {k: v for k, v in info.get("alignment", {}).items() if k != "grid"}
+                    rows.append(row)
+                    if exp is export_exp and test_name == "test":
+                        candidates.append((val, projection.cpu(), info, metrics, name))
+                logger.info("%s %s: %s", exp.name, name, round(rows[-1]["ndcg@10"], 4))
         train_seconds = time.perf_counter() - t0
 
         write_json(
             run_dir / "meta.json",
             {"recipe": recipe.model_dump(mode="json"), "experiments": [vars(e) for e in self.experiments]},
         )
-        write_summary(
+        text = write_summary(
             run_dir,
             rows,
             {
                 "query_model": recipe.query_model.name,
                 "document_model": recipe.document_model.name,
                 "dims": list(self.dims),
+                "input": recipe.projection.input,
             },
         )
-        projection, info, tuned = exported
+        self.echo(text.strip().splitlines()[-1])  # the recommendation
+        # exported: the method with the best validation NDCG@10 at the largest budget (the first without val)
+        _, projection, info, tuned, name = max(candidates, key=lambda c: -1.0 if c[0] is None else c[0])
         save_projection(projection, run_dir / "projection")
-        model = export_router_model(
-            self.large,
-            self.small,
-            projection,
-            run_dir / "model",
-            query_prompt=self.export_prompts["query"],
-            document_prompt=self.export_prompts["document"],
-        )
+        drift = self._export(run_dir, projection)
         zero = self.zero_shot(export_exp.tests["test"])
         return {
             "base": zero["small model alone"],
@@ -276,19 +326,47 @@ class CrossAdapterRun:
                 "base": zero["small model alone"].per_query,
                 "tuned": tuned.per_query,
             },  # written by run_recipe
-            "exported": {"mode": modes[0], "ratio": export_exp.ratio, "train_queries": len(export_exp.train), **info},
+            "exported": {
+                "method": name,
+                "chosen_on": "validation NDCG@10" if export_exp.val else "first method (no validation queries)",
+                "ratio": export_exp.ratio,
+                "train_queries": len(export_exp.train),
+                **info,
+            },
+            "input": recipe.projection.input,
+            "alignment_texts": len(self.extra_texts),
             "dims": {"query_model": self.dims[0], "document_model": self.dims[1]},
             "trainable_parameters": sum(p.numel() for p in projection.parameters()),
             "document_embeddings_recomputed": False,
             "model_source": self.model_source,
-            "export_max_abs_diff": self._check_export(model, projection),
+            "export_max_abs_diff": drift,
             "seconds": {"encode": self.encode_seconds, "train": train_seconds},
         }
+
+    def _export(self, run_dir: Path, projection: Projection) -> dict | None:
+        """Save ``model/`` (both encoders local) and check it gives the toolkit's embeddings; else say why not."""
+        if not self.recipe.local_models():
+            self.echo(
+                "model/: not written, as an API encoder has no weights to save; projection/ holds the trained map "
+                "(apply it to the API model's normalised query embeddings)"
+            )
+            return None
+        large, small = self.prompts["large"], self.prompts["small"]
+        model = export_router_model(
+            self.large,
+            self.small,
+            projection,
+            run_dir / "model",
+            query_prompt=large.query,
+            document_prompt=small.document,
+            small_query_prompt=small.query,
+        )
+        return self._check_export(model, projection)
 
     def _check_export(self, exported, projection: Projection) -> dict:
         """The exported Router model must give the toolkit's query and document embeddings."""
         texts = [self.data.queries[q] for q in self.splits.test[:16]]
-        ours = self.lookup(self.large_queries, self.small_docs, projection.to(self.device)).encode_query(texts)
+        ours = self.lookup(self.inputs, self.small_docs, projection.to(self.device)).encode_query(texts)
         theirs = exported.encode_query(texts, convert_to_tensor=True).cpu()
         docs = exported.encode_document(self.doc_texts[:16], convert_to_tensor=True).cpu()
         drift = {
@@ -296,11 +374,19 @@ class CrossAdapterRun:
             "document": float((self.small_docs[:16] - docs).abs().max()),
         }
         if max(drift.values()) > 1e-3:
-            raise RuntimeError(
-                f"exported model's embeddings differ from training's: {drift} (prompts {self.export_prompts})"
-            )
+            raise RuntimeError(f"exported model's embeddings differ from training's: {drift} (prompts {self.prompts})")
         return drift
 
 
-def _pick(metrics: dict) -> dict:
-    return {k: metrics[k] for k in METRICS}
+def _row(base: dict, test_set: str, ids: list, model: str, train_queries: int, metrics: dict, val) -> dict:
+    """One summary row: where, which test set, which model or method, its test metrics and val NDCG@10."""
+    picked = {k: metrics[k] for k in METRICS}
+    return {
+        **base,
+        "test_set": test_set,
+        "n_test": len(ids),
+        "model": model,
+        "train_queries": train_queries,
+        **picked,
+        "val_ndcg@10": val,
+    }

@@ -1,7 +1,8 @@
 """Tables and a chart of a cross-adapter run: ``summary.json``, ``summary.md`` and ``budget.png``.
 
-Rows are flat dicts (experiment, test set, model or mode, metrics), so the JSON holds everything;
-the Markdown tables pivot them: NDCG@10 against the label budget, and averages across domains.
+Rows are flat dicts (experiment, test set, model or method, metrics, validation NDCG@10), so the
+JSON holds everything; the Markdown tables pivot them: NDCG@10 against the label budget, averages
+across domains, and one sentence saying which setting to use, chosen on validation.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ def budget_table(rows: list[dict]) -> str:
     budget = [r for r in rows if r["group"] == "budget"]
     ratios = sorted({r["ratio"] for r in budget})
     cell = {(r["model"], r["ratio"]): r for r in budget}
+    labelled = {r["ratio"]: r["labelled"] for r in budget}
     n_test = budget[0]["n_test"]
     lines = [
         f"Test NDCG@10 ({n_test} queries, identical for every cell); columns are the fraction of labelled train "
-        "queries (labelled queries used in brackets); + or - where the paired 95% interval of the difference to the "
-        "small model alone excludes 0.",
+        "and val queries (their number), cells the labelled queries trained on in brackets; + or - where the paired "
+        "95% interval of the difference to the small model alone excludes 0.",
         "",
-        "| model / mode | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "| model / method | " + " | ".join(f"{r:g} ({labelled[r]})" for r in ratios) + " |",
         "|---|" + "---|" * len(ratios),
     ]
     for model in _order(budget):
@@ -76,8 +78,27 @@ def domain_table(rows: list[dict], group: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recommendation(rows: list[dict]) -> str:
+    """Which row to use at the largest label budget, by validation NDCG@10 (the test split only reports it)."""
+    budget = [r for r in rows if r["group"] == "budget" and r["test_set"] == "test"]
+    top = max(r["ratio"] for r in budget)
+    at_top = [r for r in budget if r["ratio"] == top]
+    by_name = {r["model"]: r for r in at_top}
+    candidates = [r for r in at_top if r.get("val_ndcg@10") is not None]
+    if not candidates:
+        return "No validation queries, so no setting is recommended; set splits.val_fraction above 0."
+    best = max(candidates, key=lambda r: r["val_ndcg@10"])
+    small, large = by_name["small model alone"]["ndcg@10"], by_name["large model alone"]["ndcg@10"]
+    what = "Keep the small model alone" if best["model"] == "small model alone" else f"Use {best['model']}"
+    return (
+        f"{what}: the best validation NDCG@10 ({best['val_ndcg@10']:.4f}) with {best['labelled']} labelled queries; "
+        f"on test it scores {best['ndcg@10']:.4f}, the small model alone {small:.4f} and the large model alone "
+        f"{large:.4f}."
+    )
+
+
 def plot_budget(rows: list[dict], path: Path, title: str) -> None:
-    """NDCG@10 against the train ratio, one line per mode, zero-shot models as dashed horizontal lines."""
+    """NDCG@10 against the number of labelled queries, one line per method, zero-shot models as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +107,7 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> None:
     budget = [r for r in rows if r["group"] == "budget"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for model in _order(budget):
-        points = sorted((r["ratio"], r["ndcg@10"]) for r in budget if r["model"] == model)
+        points = sorted((r["labelled"], r["ndcg@10"]) for r in budget if r["model"] == model)
         if model.endswith("alone") or "," in model:
             ax.axhline(
                 points[0][1],
@@ -97,7 +118,7 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> None:
             )
         else:
             ax.plot(*zip(*points), marker="o", label=model)
-    ax.set_xlabel("fraction of labelled train queries")
+    ax.set_xlabel("labelled queries (train + val)")
     ax.set_ylabel("test NDCG@10")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -114,6 +135,7 @@ def write_summary(run_dir: Path, rows: list[dict], info: dict) -> str:
     for group in ("lodo", "per_domain"):
         table = domain_table(rows, group)
         text += ("\n" + table) if table else ""
+    text += "\n" + recommendation(rows) + "\n"
     write_json(run_dir / "summary.json", {**info, "rows": rows})
     write_text(run_dir / "summary.md", text)
     short = {k: str(info[k]).rstrip("/").split("/")[-1] for k in ("query_model", "document_model")}
