@@ -125,7 +125,7 @@ def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_tool
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["dims"] == {"query_model": 64, "document_model": 32} and metrics["input"] == "both"
     grid = next(r for r in json.loads((run_dir / "summary.json").read_text())["rows"] if "both (scores)" == r["model"])
-    assert grid["chosen"]["ridge"] in (1e-3, 1e-2, 1e-1) and grid["chosen"]["mix"] in (0, 0.25, 0.5, 0.75, 1)
+    assert grid["chosen"]["ridge"] in (1e-4, 1e-3, 1e-2, 1e-1) and grid["chosen"]["mix"] in (0, 0.25, 0.5, 0.75, 1)
     exported = metrics["exported"]
     rows = json.loads((run_dir / "summary.json").read_text())["rows"]
     at_full = [r for r in rows if r["group"] == "budget" and r["ratio"] == 1.0 and "alone" not in r["model"]]

@@ -53,7 +53,8 @@ class AlignmentConfig(Section):
 
     objective: Objective | list[Objective] = Field("scores", description="one objective, or a list to run each")
     ridge: list[float] = Field(
-        [1e-3, 1e-2, 1e-1], description="scores: the regularisation grid; the value is chosen on validation"
+        [1e-4, 1e-3, 1e-2, 1e-1],
+        description="scores: the regularisation grid; the value is chosen on validation (ties: the larger)",
     )
     mix: list[float] = Field(
         [0.0, 0.25, 0.5, 0.75, 1.0],

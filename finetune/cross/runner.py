@@ -168,7 +168,7 @@ class CrossAdapterRun:
                 # the queries weight the score error by the directions queries use; the texts keep every other
                 # direction weighted, so a handful of probe queries (one domain's) cannot leave the map blind
                 probes = torch.cat([self.large_queries[rows].to(self.device), large]) if rows else None
-                for ridge in config.ridge:
+                for ridge in sorted(config.ridge, reverse=True):  # select() keeps the first of equals: more ridge
                     projection = self._fresh_projection("large")
                     projection.set_map(score_map(small, large, ridge, probes))
                     out.append(({"ridge": ridge}, projection))
@@ -185,7 +185,7 @@ class CrossAdapterRun:
     def select(self, candidates: list[tuple[dict, Projection]], experiment: Experiment) -> tuple[Projection, dict]:
         """The candidate (and, for ``input: both``, the mix weight) with the best NDCG@10 on the experiment's
         labelled queries. Alignment fitted no label, so its train queries are held out for it too; ties go
-        to the smaller mix, the one closer to the small model."""
+        to the larger ridge and the smaller mix (the one closer to the small model)."""
         ids = experiment.train + experiment.val
         probes = self.large_queries[self._rows(experiment.unlabelled or ids)].to(self.device)
         grid = []
@@ -302,7 +302,7 @@ class CrossAdapterRun:
             run_dir / "meta.json",
             {"recipe": recipe.model_dump(mode="json"), "experiments": [vars(e) for e in self.experiments]},
         )
-        text = write_summary(
+        write_summary(
             run_dir,
             rows,
             {
@@ -312,7 +312,6 @@ class CrossAdapterRun:
                 "input": recipe.projection.input,
             },
         )
-        self.echo(text.strip().splitlines()[-1])  # the recommendation
         # exported: the method with the best validation NDCG@10 at the largest budget (the first without val)
         _, projection, info, tuned, name = max(candidates, key=lambda c: -1.0 if c[0] is None else c[0])
         save_projection(projection, run_dir / "projection")
