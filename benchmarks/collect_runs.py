@@ -30,6 +30,11 @@ def summarize(run_dir: Path) -> dict:
         if "tuned_as_trained" in metrics
         else None,
         "trainable_parameters": metrics.get("trainable_parameters"),
+        "also": {
+            label: {which: {k: r[which][k] for k in KEYS} for which in ("base", "tuned")}
+            for label, r in (metrics.get("also") or {}).items()
+        },
+        "merge": metrics.get("merge"),
         "train_steps": metrics.get("train_steps"),
         "seconds": metrics.get("seconds"),
         "wall_seconds": metrics.get("wall_seconds"),

@@ -162,6 +162,7 @@ def comparison_rows(runs: list[Path], per_query: dict[str, dict | None] | None =
                 "run": None,
                 **{k: m["base"][k] for k in METRICS},
                 "ci": _interval(scores, "base"),
+                "also": _also(m, "base"),
             }
         seconds = m.get("seconds", {})
         rows.append(
@@ -170,6 +171,7 @@ def comparison_rows(runs: list[Path], per_query: dict[str, dict | None] | None =
                 "run": str(run_dir),
                 **{k: m["tuned"][k] for k in METRICS},
                 "ci": _interval(scores, "tuned"),
+                "also": _also(m, "tuned"),
                 "vs_base": None if scores is None else paired_metric(scores["base"], scores["tuned"]),
                 "train_seconds": seconds.get("train"),
                 "encode_seconds": seconds.get("encode"),
@@ -181,6 +183,11 @@ def comparison_rows(runs: list[Path], per_query: dict[str, dict | None] | None =
             }
         )
     return list(bases.values()) + rows
+
+
+def _also(metrics: dict, which: str) -> dict[str, float]:
+    """NDCG@10 on each ``eval.also`` set (test split of that set), base or tuned."""
+    return {label: r[which]["ndcg@10"] for label, r in (metrics.get("also") or {}).items()}
 
 
 def _recipe_model(run_dir: Path) -> str:
@@ -203,12 +210,14 @@ def markdown_table(rows: list[dict], n_test: int, n_corpus: int) -> str:
         ]
         return ", ".join(p for p in parts if p)
 
+    extra = list(dict.fromkeys(label for r in rows for label in r.get("also", {})))
     lines = [
         f"Test split: {n_test} queries against {n_corpus} documents, identical for every row.",
         "",
         "| model | NDCG@10 | MRR@10 | accuracy@1 | recall@10 | Δ NDCG@10 vs base [95% CI] | train time "
-        "| peak memory | trainable params | documents re-embedded |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak memory | trainable params | documents re-embedded |"
+        + "".join(f" NDCG@10 {x} (eval.also) |" for x in extra),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra),
     ]
     for r in rows:
         recomputed = r.get("document_embeddings_recomputed")
@@ -219,6 +228,7 @@ def markdown_table(rows: list[dict], n_test: int, n_corpus: int) -> str:
             + f" | {_train_time(r)}"
             + f" | {memory(r)} | {num(r.get('trainable_parameters'), ',')}"
             + f" | {'' if recomputed is None else 'yes' if recomputed else 'no'} |"
+            + "".join(f" {num(r.get('also', {}).get(x), '.4f')} |" for x in extra)
         )
     lines.append("")
     lines.append(

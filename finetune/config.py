@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_DATASETS = ("construction-faq",)
 
@@ -244,7 +244,55 @@ class RecipeCore(Section):
         return [getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)]
 
 
+class EvalConfig(Section):
+    """Extra scoring beyond the training data's test split."""
+
+    also: list[DataConfig] = Field(
+        [],
+        description="more retrieval sets to score base and tuned on, each over its full corpus and its own test "
+        "split (any data source: builtin name, BEIR folder, pairs file, Hugging Face dataset)",
+    )
+
+
+class MergeConfig(Section):
+    """Interpolation between the base model (s = 0) and the tuned one (s = 1) before export.
+
+    LoRA scales the delta (weights = base + s x delta), the query adapter scales its residual, full
+    fine-tuning interpolates the weights. ``auto`` picks s from ``grid`` by validation NDCG@10 of the
+    training data, optionally allowing each ``eval.also`` set's validation NDCG@10 to fall at most
+    ``max_drop`` below the base model's; the test split never takes part.
+    """
+
+    scale: float | Literal["auto"] = Field(1.0, description="s in [0, 1.5], or auto")
+    grid: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="auto: the values of s to choose from")
+    max_drop: float | None = Field(None, ge=0.0, description="auto: the largest NDCG@10 drop allowed on eval.also")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value):
+        if value != "auto" and not 0.0 <= value <= 1.5:
+            raise ValueError(f"scale must be in [0, 1.5] or auto, got {value}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= s <= 1.5 for s in value):
+            raise ValueError(f"list one or more values of s in [0, 1.5], got {value}")
+        return sorted(set(value))
+
+
 class RecipeBase(RecipeCore):
     """A recipe over one encoder, ``model``."""
 
     model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+
+    @model_validator(mode="after")
+    def _max_drop_needs_extra_sets(self):
+        if self.merge.max_drop is not None and not self.eval.also:
+            raise ValueError(
+                "merge.max_drop limits the drop on eval.also sets; add eval.also: [DATA, ...] or remove it"
+            )
+        return self

@@ -238,6 +238,16 @@ RULES: list[Rule] = [
         )
         for f, v in (("objective", "identical_text"), ("use_queries", "false"), ("texts", "more.txt"))
     ),
+    *(
+        Rule(
+            f"merge.{f}",
+            lambda r: r.merge.scale == "auto",
+            "merge.scale is auto",
+            (f"merge.{f}={v}",) if f == "grid" else ("eval.also=[x.jsonl]", f"merge.{f}={v}"),
+            kinds=("adapter", "qlora"),
+        )
+        for f, v in (("grid", "[0,1]"), ("max_drop", 0.01))
+    ),
     Rule(
         "projection.init",
         lambda r: "label_only" in r.modes(),
@@ -352,6 +362,8 @@ ALWAYS: set[str] = {
     "output.dir",
     "data.type",
     "data.max_queries",
+    "eval.also",
+    "merge.scale",
     "splits.file",
     "data.columns.query",
     "data.columns.positive",

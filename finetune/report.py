@@ -47,3 +47,20 @@ def read_per_query(path: Path) -> dict[str, dict[str, dict[str, float]]]:
         row = json.loads(line)
         out.setdefault(row.pop("model"), {})[row.pop("query_id")] = row
     return out
+
+
+def save_line_chart(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label, grid and legend a line chart, write it to ``path`` as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    from finetune.atomic import atomic_path
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from finetune.atomic import write_json, write_text
 from finetune.cache import EmbeddingCache
 from finetune.data import load_data
 from finetune.errors import FinetuneError
+from finetune.extra_sets import extra_table
 from finetune.kinds import KINDS
 from finetune.models import pick_device
 from finetune.recipe import Recipe, dump_recipe
@@ -116,6 +117,8 @@ def run_recipe(
     write_json(run_dir / "metrics.json", result)  # written last: a run directory without it is unfinished
     say(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
     say(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
+    if result.get("also"):
+        say(extra_table(result["also"]))
     if per_query:
         say(describe_significance(result["significance"]))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them

@@ -19,6 +19,8 @@ from finetune.data.dataset import RetrievalData
 from finetune.data.readers import read_rows
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
+from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
+from finetune.merge_scale import check_can_choose_scale, choose_scale, plot_tradeoff, scale_adapter
 from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
 
@@ -48,7 +50,7 @@ class AdapterRun:
         cache: EmbeddingCache,
         echo=print,
     ):
-        self.recipe, self.data, self.splits, self.device = recipe, data, splits, device
+        self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         encoder = load_frozen_encoder(recipe.model, device)
         self.model, self.model_source, self.prompts = encoder.model, encoder.source, encoder.prompts
         echo(f"model: {self.model_source}; {self.prompts.describe()}")
@@ -67,6 +69,18 @@ class AdapterRun:
             texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=self.prompts.document, **encode
         )
         self.queries = cache.encode(texts=self.query_texts, task="query", prompt=self.prompts.query, **encode)
+        # eval.also: each extra set's corpus and queries are cached like the training data's
+        self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
+        check_can_choose_scale(recipe, splits, self.extra)
+        self.extra_embeddings = [
+            (
+                cache.encode(
+                    texts=list(x.data.corpus.values()), task="document", prompt=self.prompts.document, **encode
+                ),
+                cache.encode(texts=_scored_queries(x), task="query", prompt=self.prompts.query, **encode),
+            )
+            for x in self.extra
+        ]
         self.encode_seconds = time.perf_counter() - t0
         pool = self._negative_pool(cache, encode)
         # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
@@ -149,7 +163,13 @@ class AdapterRun:
             resume_from=state,
         )
         train_seconds = time.perf_counter() - t0
+        adapter, merge = self._merge(adapter, run_dir)
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
+        t0 = time.perf_counter()
+        also = score_extra_sets(
+            self.extra, lambda x, which: self._score_extra(x, adapter if which == "tuned" else None)
+        )
+        also_seconds = time.perf_counter() - t0
 
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
@@ -170,8 +190,52 @@ class AdapterRun:
             "model_source": self.model_source,
             "prompts": {"query": self.prompts.query, "document": self.prompts.document},
             "export_max_abs_diff": drift,
-            "seconds": {"encode": self.encode_seconds, "train": train_seconds, "evaluate_base": eval_seconds},
+            "also": also,
+            "merge": merge,
+            "seconds": {
+                "encode": self.encode_seconds,
+                "train": train_seconds,
+                "evaluate_base": eval_seconds,
+                "evaluate_also": also_seconds,
+            },
         }
+
+    def _merge(self, adapter, run_dir: Path) -> tuple[torch.nn.Module, dict]:
+        """The adapter at ``merge.scale`` (``auto``: chosen on validation), and the choice with its grid."""
+        config = self.recipe.merge
+        if config.scale != "auto":
+            return (adapter if config.scale == 1.0 else scale_adapter(adapter, config.scale)), {"scale": config.scale}
+        val = build_evaluator(self.data, self.splits.val, "val")
+
+        def validate(s: float) -> dict[str, float]:
+            scaled = scale_adapter(adapter, s)
+            out = {"in_domain": evaluate(val, self.lookup(scaled), corpus_embeddings=self.documents)["ndcg@10"]}
+            return out | {x.label: self._score_extra(x, scaled, x.val)["ndcg@10"] for x in self.extra}
+
+        t0 = time.perf_counter()
+        chosen, grid = choose_scale(config.grid, validate, config.max_drop)
+        seconds = time.perf_counter() - t0
+        self.echo(f"merge.scale: s = {chosen:g} (chosen on validation)")
+        if self.extra:
+            plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: adapter residual x s")
+        return scale_adapter(adapter, chosen), {
+            "scale": chosen,
+            "max_drop": config.max_drop,
+            "grid": grid,
+            "seconds": seconds,
+        }
+
+    def _score_extra(self, extra: ExtraSet, adapter=None, ids: list[str] | None = None) -> dict:
+        """The evaluator's metrics on an ``eval.also`` set's test split (or ``ids``), queries through ``adapter``."""
+        documents, queries = self.extra_embeddings[self.extra.index(extra)]
+        transform = None if adapter is None else (lambda q: adapter(q.to(self.device)).cpu())
+        lookup = EmbeddingLookup(
+            _scored_queries(extra), queries, list(extra.data.corpus.values()), documents, transform
+        )
+        evaluator = build_evaluator(
+            extra.data, ids or extra.test, extra.label, batch_size=self.recipe.model.batch_size
+        )
+        return evaluate(evaluator, lookup, corpus_embeddings=documents)
 
     def _check_export(self, exported, adapter) -> float:
         """The exported model, with its own saved prompts, must give the toolkit's adapted query
@@ -184,3 +248,8 @@ class AdapterRun:
         if drift > 1e-3:
             raise RuntimeError(f"exported model's embeddings differ from training's by {drift:.2e}")
         return drift
+
+
+def _scored_queries(extra: ExtraSet) -> list[str]:
+    """The texts of an extra set's val and test queries: the only ones ever scored, so the only ones embedded."""
+    return list(dict.fromkeys(extra.data.queries[q] for q in extra.val + extra.test))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.atomic import atomic_path, write_json, write_text
+from finetune.atomic import write_json, write_text
+from finetune.report import save_line_chart
 
 METRICS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
@@ -118,15 +119,7 @@ def plot_budget(rows: list[dict], path: Path, title: str) -> None:
             )
         else:
             ax.plot(*zip(*points), marker="o", label=model)
-    ax.set_xlabel("labelled queries (train + val)")
-    ax.set_ylabel("test NDCG@10")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130)
-    plt.close(fig)
+    save_line_chart(fig, ax, path, "labelled queries (train + val)", "test NDCG@10", title)
 
 
 def write_summary(run_dir: Path, rows: list[dict], info: dict) -> str:

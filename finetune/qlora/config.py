@@ -90,4 +90,9 @@ class QLoRARecipe(RecipeBase):
                 "model.provider: the QLoRA recipe trains the encoder's weights, which an API model does not expose; "
                 "use kind: adapter"
             )
+        if self.merge.scale != 1.0 and self.method == "lora" and self.lora.train_head:
+            raise ValueError(
+                "merge.scale scales the LoRA delta, and a fully trained head has no delta; set lora.train_head: "
+                "false or merge.scale: 1"
+            )
         return self

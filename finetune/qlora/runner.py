@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -13,6 +14,15 @@ from finetune import distributed
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
+from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
+from finetune.merge_scale import (
+    check_can_choose_scale,
+    choose_scale,
+    interpolate,
+    lora_scale,
+    plot_tradeoff,
+    scale_lora_in_place,
+)
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
 from finetune.qlora.config import QLoRARecipe
@@ -52,6 +62,8 @@ class QLoRARun:
         self.fidelity = self._check_stack()
         self.trainable, self.total = parameter_counts(self.model)
         self.negatives = self._negatives()
+        self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
+        check_can_choose_scale(recipe, splits, self.extra)
         self._say_what_runs(resolved)
 
     def _sample(self) -> tuple[list[str], list[str]]:
@@ -210,6 +222,13 @@ class QLoRARun:
         """
         test = self._evaluator(self.splits.test, "test")
         base = evaluate(test, self.reference)  # the checkpoint exactly as SentenceTransformer(path) loads it
+        t0 = time.perf_counter()
+        also_base = {x.label: evaluate(self._extra_evaluator(x), self.reference) for x in self.extra}
+        also_seconds = time.perf_counter() - t0
+        interpolating = self.recipe.method == "full" and self.recipe.merge.scale != 1.0
+        base_state = (
+            {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if interpolating else None
+        )
         del self.reference
 
         t0 = time.perf_counter()
@@ -218,6 +237,7 @@ class QLoRARun:
         distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads the best one
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+        merge = self._merge(run_dir, base_state)
         tuned_trained = evaluate(test, self.model)
         # every rank logs this line; ranks that trained in step agree on it (the multi-process test reads it)
         logger.info(
@@ -232,6 +252,13 @@ class QLoRARun:
             return {"base": base, "tuned": tuned_trained}
         merged, export = self._save(run_dir)
         tuned = evaluate(test, merged)
+        t0 = time.perf_counter()
+        scores = {
+            "base": also_base,
+            "tuned": {x.label: evaluate(self._extra_evaluator(x), merged) for x in self.extra},
+        }
+        also = score_extra_sets(self.extra, lambda x, which: scores[which][x.label])
+        also_seconds += time.perf_counter() - t0
         precision, optimizer = self._precision_and_optimizer()
         return {
             "base": base,
@@ -265,7 +292,13 @@ class QLoRARun:
             "optimizer": optimizer,
             "batch_size": self.recipe.train.batch_size,
             # per_step includes evaluation and checkpointing; step_time counts optimizer steps only
-            "seconds": {"train": train_seconds, "per_step": train_seconds / max(1, result.global_step)},
+            "also": also,
+            "merge": merge,
+            "seconds": {
+                "train": train_seconds,
+                "per_step": train_seconds / max(1, result.global_step),
+                "evaluate_also": also_seconds,
+            },
             "step_time": timer.summary(),
         }
 
@@ -273,6 +306,57 @@ class QLoRARun:
         """The shared evaluator over ``ids``, with the run's query and document prompts."""
         return build_evaluator(
             self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document
+        )
+
+    def _merge(self, run_dir: Path, base_state: dict | None) -> dict:
+        """Put the trained model at ``merge.scale`` (``auto``: chosen on validation); return the choice.
+
+        LoRA: the B matrices are scaled, so ``lora/`` and the merged ``model/`` both hold base + s x delta.
+        Full fine-tuning: the weights are interpolated from the checkpoint's (``base_state``, taken before
+        training) to the trained ones.
+        """
+        config, lora = self.recipe.merge, self.recipe.method == "lora"
+        if config.scale == 1.0:
+            return {"scale": 1.0}
+        tuned_state = None if lora else _cpu_state(self.model)
+
+        def at(s: float) -> None:  # full fine-tuning only: LoRA is rescaled inside lora_scale
+            interpolate(self.model, base_state, tuned_state, s)
+
+        grid, chosen, seconds = None, config.scale, 0.0
+        if config.scale == "auto":
+            val = self._evaluator(self.splits.val, "val")
+
+            def validate(s: float) -> dict[str, float]:
+                with lora_scale(self.model[0].auto_model, s) if lora else contextlib.nullcontext():
+                    if not lora:
+                        at(s)
+                    scores = {"in_domain": evaluate(val, self.model)["ndcg@10"]}
+                    for x in self.extra:
+                        scores[x.label] = evaluate(self._extra_evaluator(x, x.val), self.model)["ndcg@10"]
+                return scores
+
+            t0 = time.perf_counter()
+            chosen, grid = choose_scale(config.grid, validate, config.max_drop)
+            seconds = time.perf_counter() - t0
+            if self.extra:
+                plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: {self.recipe.method} x s")
+        if lora:
+            scale_lora_in_place(self.model[0].auto_model, chosen)
+        else:
+            at(chosen)
+        self.echo(f"merge.scale: s = {chosen:g}" + (" (chosen on validation)" if grid else ""))
+        return {"scale": chosen, "max_drop": config.max_drop, "grid": grid, "seconds": seconds if grid else 0.0}
+
+    def _extra_evaluator(self, extra: ExtraSet, ids: list[str] | None = None):
+        """The shared evaluator over an ``eval.also`` set's test split (or ``ids``) and full corpus."""
+        return build_evaluator(
+            extra.data,
+            ids or extra.test,
+            extra.label,
+            self.prompts.query,
+            self.recipe.model.batch_size,
+            corpus_prompt=self.prompts.document,
         )
 
     def _train(self, run_dir: Path, resume: bool):
@@ -369,3 +453,7 @@ class QLoRARun:
         # the merged full-precision model against the 4-bit (or 16-bit) model it was trained as
         as_trained = cosine_to(self.model, merged, queries, documents) if merged is not self.model else torch.ones(1)
         return {"max_abs_diff": drift, "as_trained_min_cosine": float(as_trained.min())}
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

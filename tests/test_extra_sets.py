@@ -1,0 +1,162 @@
+"""``eval.also``: extra retrieval sets scored base and tuned, over their full corpus and own test split."""
+
+import json
+
+import pytest
+from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_recipe, write_beir
+from sentence_transformers import SentenceTransformer
+
+from finetune.cli import main
+from finetune.config import DataConfig, SplitConfig
+from finetune.evaluation import build_evaluator, evaluate
+from finetune.extra_sets import load_extra_sets
+from finetune.recipe import validate_recipe
+from finetune.run import run_recipe
+
+
+@pytest.fixture
+def beir_folder(tmp_path):
+    return write_beir(tmp_path / "other", n=40)
+
+
+def _plain_score(model_path, folder, seed=42) -> float:
+    """NDCG@10 of plain ``SentenceTransformer(model_path)`` on the extra set's own test split."""
+    extra = load_extra_sets([DataConfig(path=str(folder))], SplitConfig(), seed)[0]
+    model = SentenceTransformer(str(model_path), device="cpu")
+    return evaluate(build_evaluator(extra.data, extra.test, "x"), model)["ndcg@10"]
+
+
+def test_adapter_scores_the_extra_set_base_and_tuned(pairs_file, tiny_model, beir_folder, tmp_path):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    lines = []
+    recipe = validate_recipe(adapter_recipe(data, tiny_model, tmp_path, eval={"also": [str(beir_folder)]}))
+    run_dir = run_recipe(recipe, echo=lines.append)
+    also = json.loads((run_dir / "metrics.json").read_text())["also"]["other"]
+    assert also["n_corpus"] == 41 and also["base"]["ndcg@10"] == pytest.approx(_plain_score(tiny_model, beir_folder))
+    exported = _plain_score(run_dir / "model", beir_folder)  # the adapter, as the exported model applies it
+    assert also["tuned"]["ndcg@10"] == pytest.approx(exported, abs=1e-6)
+    assert any(line.startswith("extra sets (eval.also)") for line in lines)
+
+
+def test_qlora_scores_the_extra_set_on_the_checkpoint_and_the_exported_model(
+    pairs_file, tiny_model, beir_folder, tmp_path
+):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    recipe = validate_recipe(qlora_recipe(data, tiny_model, tmp_path, steps=4, eval={"also": [str(beir_folder)]}))
+    run_dir = run_recipe(recipe, echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    also = metrics["also"]["other"]
+    assert also["base"]["ndcg@10"] == pytest.approx(_plain_score(tiny_model, beir_folder), abs=1e-6)
+    assert also["tuned"]["ndcg@10"] == pytest.approx(_plain_score(run_dir / "model", beir_folder), abs=1e-6)
+    assert metrics["seconds"]["evaluate_also"] > 0
+
+
+def test_an_extra_set_that_fails_to_load_names_its_entry_and_writes_nothing(
+    pairs_file, tiny_model, beir_folder, tmp_path, capsys
+):
+    raw = adapter_recipe(
+        {"path": str(pairs_file), "columns": COLUMNS_PAIRS},
+        tiny_model,
+        tmp_path,
+        eval={"also": [str(beir_folder), str(tmp_path / "missing.jsonl")]},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(raw))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # progress bars may come first
+    assert len(lines) == 1 and "Traceback" not in err and "eval.also[1]" in lines[0] and "missing.jsonl" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_adapter_merge_scale_auto_chooses_on_validation_and_exports_the_choice(
+    pairs_file, tiny_model, beir_folder, tmp_path
+):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    merge = {"scale": "auto", "grid": [0.0, 0.5, 1.0], "max_drop": 0.0}
+    raw = adapter_recipe(data, tiny_model, tmp_path, eval={"also": [str(beir_folder)]}, merge=merge)
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    chosen, grid = metrics["merge"]["scale"], metrics["merge"]["grid"]
+    assert [r["s"] for r in grid] == [0.0, 0.5, 1.0] and (run_dir / "merge.png").stat().st_size > 0
+    base = grid[0]["other"]
+    allowed = [r for r in grid if r["other"] >= base - 1e-12]  # max_drop 0: never below the base on the extra set
+    assert chosen == max(allowed, key=lambda r: r["in_domain"])["s"]
+    if chosen == 0.0:  # s = 0 is the base model: the export is the identity adapter
+        assert metrics["tuned"]["ndcg@10"] == pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
+    assert metrics["also"]["other"]["tuned"]["ndcg@10"] == pytest.approx(
+        _plain_score(run_dir / "model", beir_folder), abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_qlora_merge_scale_zero_gives_back_the_checkpoint(pairs_file, tiny_model, tmp_path, method):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    extra = {} if method == "lora" else {"method": "full", "quantization": "none"}
+    raw = qlora_recipe(data, tiny_model, tmp_path, steps=4, merge={"scale": 0.0}, **extra)
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["merge"]["scale"] == 0.0
+    plain, exported = (SentenceTransformer(str(p), device="cpu") for p in (tiny_model, run_dir / "model"))
+    texts = ["a query about roofs", "another one"]
+    assert (
+        plain.encode(texts, convert_to_tensor=True) - exported.encode(texts, convert_to_tensor=True)
+    ).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "merge, message",
+    [
+        ({"max_drop": 0.01, "scale": "auto"}, "merge.max_drop limits the drop on eval.also sets"),
+        ({"scale": 2.0}, r"scale must be in \[0, 1.5\]"),
+        ({"scale": "auto", "grid": [0.5, 1.6]}, r"values of s in \[0, 1.5\]"),
+        ({"grid": [0, 1]}, "merge.grid=.* has no effect unless merge.scale is auto"),
+    ],
+)
+def test_bad_merge_settings_fail_with_one_line(pairs_file, tiny_model, tmp_path, merge, message):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=message):
+        validate_recipe(
+            adapter_recipe({"path": str(pairs_file), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, merge=merge)
+        )
+
+
+def test_qlora_merge_scale_auto_scores_the_grid_with_rescaled_lora(pairs_file, tiny_model, beir_folder, tmp_path):
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    merge = {"scale": "auto", "grid": [0.0, 1.0]}
+    raw = qlora_recipe(
+        data, tiny_model, tmp_path, steps=4, quantization="none", merge=merge, eval={"also": [str(beir_folder)]}
+    )
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    merge = json.loads((run_dir / "metrics.json").read_text())["merge"]
+    at_zero = {r["s"]: r for r in merge["grid"]}[0.0]
+    # s = 0 inside the rescale context is the unquantised checkpoint itself, on both validation sets
+    extra = load_extra_sets([DataConfig(path=str(beir_folder))], SplitConfig(), 42)[0]
+    plain = SentenceTransformer(str(tiny_model), device="cpu")
+    assert at_zero["other"] == pytest.approx(evaluate(build_evaluator(extra.data, extra.val, "v"), plain)["ndcg@10"])
+    assert (
+        merge["scale"] == max(merge["grid"], key=lambda r: r["in_domain"])["s"] and (run_dir / "merge.png").is_file()
+    )
+
+
+def test_compare_adds_a_column_per_extra_set(pairs_file, tiny_model, beir_folder, tmp_path):
+    from finetune.compare import comparison_rows, markdown_table
+
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    raw = adapter_recipe(data, tiny_model, tmp_path, eval={"also": [str(beir_folder)]})
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    also = json.loads((run_dir / "metrics.json").read_text())["also"]["other"]
+    table = markdown_table(comparison_rows([run_dir]), 15, 60)
+    assert "NDCG@10 other (eval.also)" in table.splitlines()[2]
+    assert f"{also['base']['ndcg@10']:.4f} |" in table.splitlines()[4]  # the base row
+    assert f"{also['tuned']['ndcg@10']:.4f} |" in table.splitlines()[5]  # the run's row
+
+
+def test_nanobeir_is_refused_with_one_line_before_anything_is_loaded():
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(
+        FinetuneError, match=r"eval.also\[0\] nanobeir: NanoBEIR is downloaded from the Hugging Face Hub"
+    ):
+        load_extra_sets([DataConfig(path="nanobeir")], SplitConfig(), 0)
