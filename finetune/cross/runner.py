@@ -84,6 +84,7 @@ class CrossAdapterRun:
         self.init = self._saved_projection(recipe.projection.init) if recipe.projection.init else None
         self._aligned: dict[tuple, list] = {}
         self._zero_shot: dict[tuple, dict] = {}
+        self._evaluators: dict[tuple, object] = {}
         self.sampler = self._sampler()  # here, so a problem with the negatives stops the run before it writes
 
     def _saved_projection(self, path: str) -> Projection:
@@ -131,8 +132,12 @@ class CrossAdapterRun:
 
     def score(self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None) -> dict:
         """The shared evaluator's metrics for query ``ids`` against the whole corpus."""
-        evaluator = build_evaluator(self.data, ids, "test")
-        return evaluate(evaluator, self.lookup(queries, documents, projection), corpus_embeddings=documents)
+        key = tuple(ids)
+        if key not in self._evaluators:  # selection scores the same queries for every ridge x mix point
+            self._evaluators[key] = build_evaluator(self.data, ids, "test")
+        return evaluate(
+            self._evaluators[key], self.lookup(queries, documents, projection), corpus_embeddings=documents
+        )
 
     def projected(self, ids: list[str], projection: Projection) -> dict:
         """Metrics of ``projection``'s queries against the small model's (unchanged) document index."""
