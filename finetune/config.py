@@ -229,21 +229,6 @@ class OutputConfig(Section):
     dir: str = "runs"
 
 
-class RecipeCore(Section):
-    """Fields every recipe kind has: a name, a seed, a device, the data, its splits, and where runs go."""
-
-    name: str = "run"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    data: DataConfig
-    splits: SplitConfig = SplitConfig()
-    output: OutputConfig = OutputConfig()
-
-    def model_configs(self) -> list[ModelConfig]:
-        """Every encoder this recipe loads (``validate`` resolves each)."""
-        return [getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)]
-
-
 class EvalConfig(Section):
     """Extra scoring beyond the training data's test split."""
 
@@ -252,6 +237,23 @@ class EvalConfig(Section):
         description="more retrieval sets to score base and tuned on, each over its full corpus and its own test "
         "split (any data source: builtin name, BEIR folder, pairs file, Hugging Face dataset)",
     )
+
+
+class RecipeCore(Section):
+    """Fields every recipe kind has: a name, a seed, a device, the data, its splits, extra sets to score,
+    and where runs go."""
+
+    name: str = "run"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    data: DataConfig
+    splits: SplitConfig = SplitConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def model_configs(self) -> list[ModelConfig]:
+        """Every encoder this recipe loads (``validate`` resolves each)."""
+        return [getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)]
 
 
 class MergeConfig(Section):
@@ -286,7 +288,6 @@ class RecipeBase(RecipeCore):
     """A recipe over one encoder, ``model``."""
 
     model: ModelConfig = ModelConfig()
-    eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
 
     @model_validator(mode="after")

@@ -60,6 +60,7 @@ def build_evaluator(
     query_prompt: str | None = None,
     batch_size: int = 64,
     corpus_prompt: str | None = None,
+    map_at: int = 100,
 ) -> PerQueryEvaluator:
     """An evaluator over ``query_ids`` against the whole corpus.
 
@@ -70,9 +71,11 @@ def build_evaluator(
         query_prompt: Prepended to each query, if given; otherwise the model's own ``query`` prompt applies.
         batch_size: Encoding batch size.
         corpus_prompt: Prepended to each document, if given; otherwise the model's own document prompt applies.
+        map_at: The MAP cut-off, which is also how deep each query's ranking is read (100 for the
+            run's own table; 10 where only top-10 metrics are reported, which reads a tenth as much).
 
     Returns:
-        An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@100.
+        An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@``map_at``.
     """
     return PerQueryEvaluator(
         queries={q: data.queries[q] for q in query_ids},
@@ -82,7 +85,7 @@ def build_evaluator(
         precision_recall_at_k=[1, 3, 5, 10],
         mrr_at_k=[10],
         ndcg_at_k=[10],
-        map_at_k=[100],
+        map_at_k=[map_at],
         name=name,
         query_prompt=query_prompt,
         corpus_prompt=corpus_prompt,

@@ -2,26 +2,27 @@
 
 Each set is loaded like the recipe's own data, split with the recipe's split settings and seed,
 and scored base and tuned by the same shared evaluator over its *full* corpus and its own test
-split. Loading happens before the run directory is made, so a set that fails to load stops the run
-with one line naming the entry and the file.
+split (NanoBEIR sets, a benchmark, are all test). Loading happens before the run directory is
+made, so a set that fails to load stops the run with one line naming the entry and the file.
+
+Extra sets report metrics within the top 10 only, so their evaluators read each ranking 10 deep
+(MAP@10 instead of the run table's MAP@100): on Disfl-QA's 1,593 test queries that is what keeps
+the extra scoring of a warm-cache adapter run small (``benchmarks/extra_sets_cost.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import DataConfig, SplitConfig
 from finetune.data import load_data
 from finetune.data.dataset import RetrievalData
+from finetune.data.nanobeir import is_nanobeir, load_nanobeir
 from finetune.errors import FinetuneError
+from finetune.evaluation import PerQueryEvaluator, build_evaluator
 from finetune.splits import make_splits
-
-_NANOBEIR = (
-    "NanoBEIR is downloaded from the Hugging Face Hub, and this toolkit does not fetch it (the Hub is often "
-    "unreachable, as on this project's machines); save its sets as BEIR folders and list those paths instead"
-)
 
 
 @dataclass
@@ -39,6 +40,23 @@ class ExtraSet:
     data: RetrievalData
     val: list[str]
     test: list[str]
+    _evaluators: dict = field(default_factory=dict, repr=False)
+
+    def scored_texts(self) -> list[str]:
+        """The texts of the val and test queries: the only ones ever scored, so the only ones embedded."""
+        return list(dict.fromkeys(self.data.queries[q] for q in self.val + self.test))
+
+    def evaluator(
+        self, split: str = "test", query_prompt: str | None = None, corpus_prompt: str | None = None, batch_size=64
+    ) -> PerQueryEvaluator:
+        """The shared evaluator over this set's ``test`` or ``val`` queries and full corpus, built once."""
+        key = (split, query_prompt, corpus_prompt, batch_size)
+        if key not in self._evaluators:
+            ids = self.test if split == "test" else self.val
+            self._evaluators[key] = build_evaluator(
+                self.data, ids, self.label, query_prompt, batch_size, corpus_prompt=corpus_prompt, map_at=10
+            )
+        return self._evaluators[key]
 
 
 def load_extra_sets(entries: list[DataConfig], splits: SplitConfig, seed: int) -> list[ExtraSet]:
@@ -52,8 +70,13 @@ def load_extra_sets(entries: list[DataConfig], splits: SplitConfig, seed: int) -
     out: list[ExtraSet] = []
     for i, entry in enumerate(entries):
         source = entry.path or entry.name
-        if str(source).lower().split(":")[0] == "nanobeir":
-            raise FinetuneError(_NANOBEIR, where=f"eval.also[{i}] {source}")
+        if is_nanobeir(source):
+            try:
+                nano = load_nanobeir(source)
+            except FinetuneError as exc:
+                raise FinetuneError(exc.message, where=f"eval.also[{i}] {source}") from None
+            out += [ExtraSet(label, data, [], list(data.queries)) for label, data in nano]
+            continue
         try:
             data = load_data(entry)
             split = make_splits(data, splits.model_copy(update={"file": None}), seed)
@@ -69,15 +92,18 @@ def load_extra_sets(entries: list[DataConfig], splits: SplitConfig, seed: int) -
     return out
 
 
-def score_extra_sets(sets: list[ExtraSet], score: Callable[[ExtraSet, str], dict]) -> dict[str, dict]:
+def score_extra_sets(
+    sets: list[ExtraSet], score: Callable[[ExtraSet, str], dict], rows: tuple[str, ...] = ("base", "tuned")
+) -> dict[str, dict]:
     """``{label: {source, n_test, n_corpus, base, tuned}}`` with ``score(set, "base" | "tuned")`` giving the
-    evaluator's metrics on the set's test split."""
+    evaluator's metrics on the set's test split (``rows`` names more models to score, e.g. a cross
+    adapter's large model)."""
     return {
         s.label: {
             "source": s.data.source,
             "n_test": len(s.test),
             "n_corpus": len(s.data.corpus),
-            **{which: dict(score(s, which)) for which in ("base", "tuned")},  # the metrics, not per-query rows
+            **{which: dict(score(s, which)) for which in rows},  # the metrics, not per-query rows
         }
         for s in sets
     }

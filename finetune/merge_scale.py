@@ -49,6 +49,18 @@ def choose_scale(
     return best["s"], rows
 
 
+def merge_line(s: float, chosen: bool, at_one: dict[str, float]) -> str:
+    """The run's one line about s, with the test NDCG@10 at s = 1 (scored after the choice, for reference).
+
+    Example:
+        >>> print(merge_line(0.5, True, {"in_domain": 0.7325, "disfl_qa": 0.805}).split("; ")[1])
+        test NDCG@10 at s = 1, for reference: this data 0.7325, disfl_qa 0.8050
+    """
+    at = ", ".join(f"{'this data' if k == 'in_domain' else k} {v:.4f}" for k, v in at_one.items())
+    how = " (chosen on validation)" if chosen else ""
+    return f"merge.scale: s = {s:g}{how}; test NDCG@10 at s = 1, for reference: {at}"
+
+
 def check_can_choose_scale(recipe, splits, extra_sets) -> None:
     """``merge.scale: auto`` chooses on validation queries: the training data's, and each extra set's."""
     if recipe.merge.scale != "auto":

@@ -138,6 +138,12 @@ def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:
         if err["type"] == "extra_forbidden":
             names = _field_names(cls, loc[:-1])
             hint = did_you_mean(loc[-1], names) or f" (known: {', '.join(names)})"
+            elsewhere = [
+                k.name for k in KINDS.values() if k.schema is not cls and loc[-1] in _field_names(k.schema, loc[:-1])
+            ]
+            if elsewhere:  # a real field, of another kind: say so rather than guess at a spelling
+                kind = cls.model_fields["kind"].default
+                hint = f" for {kind} recipes (it is a field of {', '.join(elsewhere)} recipes); remove it"
             phrases.append(f"{field}: unknown field{hint}")
         elif err["type"] == "missing":
             phrases.append(f"{field}: required field is missing")

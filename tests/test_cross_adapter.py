@@ -321,3 +321,32 @@ def test_bad_alignment_settings_fail_with_one_line_and_write_nothing(
         recipe = cross_recipe(**{"train_ratios": [1.0], **change})
         run_recipe(recipe, echo=lambda *_: None)
     assert "\n" not in str(info.value) and not (tmp_path / "runs").exists()
+
+
+def test_extra_sets_are_scored_small_large_and_exported(cross_recipe, tiny_model, tiny_model_wide, tmp_path):
+    from conftest import write_beir
+
+    from finetune.config import DataConfig, SplitConfig
+    from finetune.evaluation import build_evaluator, evaluate
+    from finetune.extra_sets import load_extra_sets
+
+    folder = write_beir(tmp_path / "other", n=40)
+    recipe = cross_recipe(mode="both", alignment={"objective": "scores"}, eval={"also": [str(folder)]})
+    run_dir = run_recipe(recipe, echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    also = metrics["also"]["other"]
+    extra = load_extra_sets([DataConfig(path=str(folder))], SplitConfig(), 42)[0]
+    evaluator = build_evaluator(extra.data, extra.test, "x")
+    plain = {
+        "base": SentenceTransformer(str(tiny_model), device="cpu"),
+        "large_model_alone": SentenceTransformer(str(tiny_model_wide), device="cpu"),
+        "tuned": SentenceTransformer(str(run_dir / "model"), device="cpu", trust_remote_code=True),
+    }
+    for row, model in plain.items():
+        assert also[row]["ndcg@10"] == pytest.approx(evaluate(evaluator, model)["ndcg@10"], abs=1e-6), row
+    assert metrics["seconds"]["evaluate_also"] > 0
+
+
+def test_merge_scale_is_refused_for_a_cross_adapter(cross_recipe):
+    with pytest.raises(FinetuneError, match="merge: unknown field for cross_adapter recipes .*adapter, qlora"):
+        cross_recipe(merge={"scale": 0.5})

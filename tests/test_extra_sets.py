@@ -125,19 +125,27 @@ def test_bad_merge_settings_fail_with_one_line(pairs_file, tiny_model, tmp_path,
 def test_qlora_merge_scale_auto_scores_the_grid_with_rescaled_lora(pairs_file, tiny_model, beir_folder, tmp_path):
     data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
     merge = {"scale": "auto", "grid": [0.0, 1.0]}
-    raw = qlora_recipe(
-        data, tiny_model, tmp_path, steps=4, quantization="none", merge=merge, eval={"also": [str(beir_folder)]}
-    )
+    raw = qlora_recipe(data, tiny_model, tmp_path, steps=4, merge=merge, eval={"also": [str(beir_folder)]})
     run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
-    merge = json.loads((run_dir / "metrics.json").read_text())["merge"]
-    at_zero = {r["s"]: r for r in merge["grid"]}[0.0]
-    # s = 0 inside the rescale context is the unquantised checkpoint itself, on both validation sets
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    merge = metrics["merge"]
+    rows = {r["s"]: r for r in merge["grid"]}
+    # the grid scores the model that is exported (full-precision checkpoint + s x LoRA delta), not the
+    # 4-bit training model: s = 0 is the checkpoint itself, and the chosen s is model/ on validation
     extra = load_extra_sets([DataConfig(path=str(beir_folder))], SplitConfig(), 42)[0]
-    plain = SentenceTransformer(str(tiny_model), device="cpu")
-    assert at_zero["other"] == pytest.approx(evaluate(build_evaluator(extra.data, extra.val, "v"), plain)["ndcg@10"])
+    plain, exported = (SentenceTransformer(str(p), device="cpu") for p in (tiny_model, run_dir / "model"))
+    val = load_extra_sets([DataConfig(**data)], SplitConfig(), 42)[0]
+    assert rows[0.0]["other"] == pytest.approx(evaluate(build_evaluator(extra.data, extra.val, "v"), plain)["ndcg@10"])
+    assert rows[merge["scale"]]["in_domain"] == pytest.approx(
+        evaluate(build_evaluator(val.data, val.val, "v"), exported)["ndcg@10"], abs=1e-6
+    )
     assert (
         merge["scale"] == max(merge["grid"], key=lambda r: r["in_domain"])["s"] and (run_dir / "merge.png").is_file()
     )
+    # s = 1 on test is recorded after the choice, for reference; at s = 1 it is the tuned row itself
+    assert set(merge["test_at_scale_1"]) == {"in_domain", "other"}
+    if merge["scale"] == 1.0:
+        assert merge["test_at_scale_1"]["in_domain"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
 
 
 def test_compare_adds_a_column_per_extra_set(pairs_file, tiny_model, beir_folder, tmp_path):
@@ -153,10 +161,80 @@ def test_compare_adds_a_column_per_extra_set(pairs_file, tiny_model, beir_folder
     assert f"{also['tuned']['ndcg@10']:.4f} |" in table.splitlines()[5]  # the run's row
 
 
-def test_nanobeir_is_refused_with_one_line_before_anything_is_loaded():
+def test_nanobeir_without_the_hub_stops_at_once_with_one_line(monkeypatch):
+    from finetune.data import nanobeir
     from finetune.errors import FinetuneError
 
+    monkeypatch.setattr(nanobeir, "hub_unreachable", lambda: "huggingface.co: Name or service not known")
     with pytest.raises(
-        FinetuneError, match=r"eval.also\[0\] nanobeir: NanoBEIR is downloaded from the Hugging Face Hub"
+        FinetuneError, match=r"eval.also\[0\] nanobeir:scifact: NanoBEIR is read from the Hugging Face Hub"
     ):
-        load_extra_sets([DataConfig(path="nanobeir")], SplitConfig(), 0)
+        load_extra_sets([DataConfig(path="nanobeir:scifact")], SplitConfig(), 0)
+    with pytest.raises(FinetuneError, match=r"eval.also\[0\] nanobeir:scifacts: 'scifacts' is not a NanoBEIR set"):
+        load_extra_sets([DataConfig(path="nanobeir:scifacts")], SplitConfig(), 0)
+
+
+def test_nanobeir_offline_mode_without_the_sets_cached_says_the_hub_is_needed(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from finetune.errors import FinetuneError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    with pytest.raises(FinetuneError, match=r"eval.also\[0\] nanobeir:nfcorpus: NanoBEIR is read from the Hugging"):
+        load_extra_sets([DataConfig(path="nanobeir:nfcorpus")], SplitConfig(), 0)
+
+
+def _fake_hub(monkeypatch, beir_folder):
+    """The Hub as NanoBEIREvaluator reads it (datasets.load_dataset), serving one small BEIR set."""
+    import datasets
+
+    from finetune.data import nanobeir
+
+    extra = load_extra_sets([DataConfig(path=str(beir_folder))], SplitConfig(), 42)[0].data
+    subsets = {
+        "corpus": [{"_id": d, "text": t} for d, t in extra.corpus.items()],
+        "queries": [{"_id": q, "text": t} for q, t in extra.queries.items()],
+        "qrels": [{"query-id": q, "corpus-id": d} for q, ds in extra.relevant.items() for d in sorted(ds)],
+    }
+    asked = []
+
+    def load_dataset(path, name, split):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list(subsets[name])
+
+    monkeypatch.setattr(nanobeir, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return extra, asked
+
+
+def test_nanobeir_sets_come_through_the_nanobeir_evaluator_and_are_all_test(
+    monkeypatch, pairs_file, tiny_model, beir_folder, tmp_path
+):
+    extra, asked = _fake_hub(monkeypatch, beir_folder)
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    recipe = validate_recipe(adapter_recipe(data, tiny_model, tmp_path, eval={"also": ["nanobeir:scifact"]}))
+    run_dir = run_recipe(recipe, echo=lambda *_: None)
+    assert ("sentence-transformers/NanoBEIR-en", "queries", "NanoSciFact") in asked
+    also = json.loads((run_dir / "metrics.json").read_text())["also"]["NanoSciFact"]
+    assert also["n_test"] == len(extra.queries) and also["n_corpus"] == len(extra.corpus)
+    plain = SentenceTransformer(str(tiny_model), device="cpu")
+    assert also["base"]["ndcg@10"] == pytest.approx(
+        evaluate(build_evaluator(extra, list(extra.queries), "x"), plain)["ndcg@10"], abs=1e-6
+    )
+
+
+def test_merge_max_drop_refuses_nanobeir_which_has_no_validation_queries(
+    monkeypatch, pairs_file, tiny_model, beir_folder, tmp_path
+):
+    from finetune.errors import FinetuneError
+
+    _fake_hub(monkeypatch, beir_folder)
+    data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
+    merge = {"scale": "auto", "max_drop": 0.01}
+    raw = adapter_recipe(data, tiny_model, tmp_path, eval={"also": ["nanobeir:scifact"]}, merge=merge)
+    with pytest.raises(FinetuneError, match="NanoSciFact has no validation queries"):
+        run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    assert not (tmp_path / "runs").exists()

@@ -20,7 +20,7 @@ from finetune.data.readers import read_rows
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
-from finetune.merge_scale import check_can_choose_scale, choose_scale, plot_tradeoff, scale_adapter
+from finetune.merge_scale import check_can_choose_scale, choose_scale, merge_line, plot_tradeoff, scale_adapter
 from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
 
@@ -77,7 +77,7 @@ class AdapterRun:
                 cache.encode(
                     texts=list(x.data.corpus.values()), task="document", prompt=self.prompts.document, **encode
                 ),
-                cache.encode(texts=_scored_queries(x), task="query", prompt=self.prompts.query, **encode),
+                cache.encode(texts=x.scored_texts(), task="query", prompt=self.prompts.query, **encode),
             )
             for x in self.extra
         ]
@@ -163,7 +163,7 @@ class AdapterRun:
             resume_from=state,
         )
         train_seconds = time.perf_counter() - t0
-        adapter, merge = self._merge(adapter, run_dir)
+        adapter, merge = self._merge(adapter, run_dir, test)
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
         t0 = time.perf_counter()
         also = score_extra_sets(
@@ -200,41 +200,44 @@ class AdapterRun:
             },
         }
 
-    def _merge(self, adapter, run_dir: Path) -> tuple[torch.nn.Module, dict]:
-        """The adapter at ``merge.scale`` (``auto``: chosen on validation), and the choice with its grid."""
+    def _merge(self, adapter, run_dir: Path, test) -> tuple[torch.nn.Module, dict]:
+        """The adapter at ``merge.scale`` (``auto``: chosen on validation), and the choice with its grid.
+
+        Once s is chosen, the test split is scored at s = 1 too, for the record only."""
         config = self.recipe.merge
-        if config.scale != "auto":
-            return (adapter if config.scale == 1.0 else scale_adapter(adapter, config.scale)), {"scale": config.scale}
-        val = build_evaluator(self.data, self.splits.val, "val")
+        if config.scale == 1.0:
+            return adapter, {"scale": 1.0}
+        grid, chosen, seconds = None, config.scale, 0.0
+        if config.scale == "auto":
+            val = build_evaluator(self.data, self.splits.val, "val")
 
-        def validate(s: float) -> dict[str, float]:
-            scaled = scale_adapter(adapter, s)
-            out = {"in_domain": evaluate(val, self.lookup(scaled), corpus_embeddings=self.documents)["ndcg@10"]}
-            return out | {x.label: self._score_extra(x, scaled, x.val)["ndcg@10"] for x in self.extra}
+            def validate(s: float) -> dict[str, float]:
+                scaled = scale_adapter(adapter, s)
+                out = {"in_domain": evaluate(val, self.lookup(scaled), corpus_embeddings=self.documents)["ndcg@10"]}
+                return out | {x.label: self._score_extra(x, scaled, "val")["ndcg@10"] for x in self.extra}
 
-        t0 = time.perf_counter()
-        chosen, grid = choose_scale(config.grid, validate, config.max_drop)
-        seconds = time.perf_counter() - t0
-        self.echo(f"merge.scale: s = {chosen:g} (chosen on validation)")
-        if self.extra:
-            plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: adapter residual x s")
+            t0 = time.perf_counter()
+            chosen, grid = choose_scale(config.grid, validate, config.max_drop)
+            seconds = time.perf_counter() - t0
+            if self.extra:
+                plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: adapter residual x s")
+        unscaled = {"in_domain": evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)["ndcg@10"]}
+        unscaled |= {x.label: self._score_extra(x, adapter)["ndcg@10"] for x in self.extra}
+        self.echo(merge_line(chosen, grid is not None, unscaled))
         return scale_adapter(adapter, chosen), {
             "scale": chosen,
             "max_drop": config.max_drop,
             "grid": grid,
             "seconds": seconds,
+            "test_at_scale_1": unscaled,
         }
 
-    def _score_extra(self, extra: ExtraSet, adapter=None, ids: list[str] | None = None) -> dict:
-        """The evaluator's metrics on an ``eval.also`` set's test split (or ``ids``), queries through ``adapter``."""
+    def _score_extra(self, extra: ExtraSet, adapter=None, split: str = "test") -> dict:
+        """The evaluator's metrics on an ``eval.also`` set's test (or val) split, queries through ``adapter``."""
         documents, queries = self.extra_embeddings[self.extra.index(extra)]
         transform = None if adapter is None else (lambda q: adapter(q.to(self.device)).cpu())
-        lookup = EmbeddingLookup(
-            _scored_queries(extra), queries, list(extra.data.corpus.values()), documents, transform
-        )
-        evaluator = build_evaluator(
-            extra.data, ids or extra.test, extra.label, batch_size=self.recipe.model.batch_size
-        )
+        lookup = EmbeddingLookup(extra.scored_texts(), queries, list(extra.data.corpus.values()), documents, transform)
+        evaluator = extra.evaluator(split, batch_size=self.recipe.model.batch_size)
         return evaluate(evaluator, lookup, corpus_embeddings=documents)
 
     def _check_export(self, exported, adapter) -> float:
@@ -248,8 +251,3 @@ class AdapterRun:
         if drift > 1e-3:
             raise RuntimeError(f"exported model's embeddings differ from training's by {drift:.2e}")
         return drift
-
-
-def _scored_queries(extra: ExtraSet) -> list[str]:
-    """The texts of an extra set's val and test queries: the only ones ever scored, so the only ones embedded."""
-    return list(dict.fromkeys(extra.data.queries[q] for q in extra.val + extra.test))

@@ -23,11 +23,13 @@ from finetune.cache import EmbeddingCache
 from finetune.cross.align import align_projection, alignment_texts, score_map
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.cross.experiments import Experiment, budget_experiments, leave_one_domain_out, per_domain
+from finetune.cross.extra import CrossExtraSets
 from finetune.cross.projection import Projection, export_router_model, load_projection, save_projection
 from finetune.cross.summary import METRICS, write_summary
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
+from finetune.extra_sets import load_extra_sets
 from finetune.kinds import KINDS
 from finetune.models import FrozenEncoder, load_frozen_encoder
 from finetune.significance import paired_metric
@@ -70,9 +72,12 @@ class CrossAdapterRun:
         banned = set(data.queries.values())  # query text reaches alignment only through use_queries
         self.extra_texts = alignment_texts(recipe.alignment.texts, banned) if self._aligns_on_texts() else []
 
+        # eval.also sets load (and fail, naming the entry) before anything is embedded
+        sets = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
+        self.extra = CrossExtraSets(sets, recipe.projection.input == "both")
         t0 = time.perf_counter()
-        small, self.small_queries, self.small_docs, self.small_extra = self._embed(recipe.document_model, cache)
-        large, self.large_queries, self.large_docs, self.large_extra = self._embed(recipe.query_model, cache)
+        small, self.small_queries, self.small_docs, self.small_extra = self._embed("small", cache)
+        large, self.large_queries, self.large_docs, self.large_extra = self._embed("large", cache)
         self.small, self.large = small.model, large.model
         self.prompts = {"large": large.prompts, "small": small.prompts}
         self.encode_seconds = time.perf_counter() - t0
@@ -111,8 +116,12 @@ class CrossAdapterRun:
             out += per_domain(self.data, r.domains.min_queries, r.domains.test_fraction, r.seed)
         return out
 
-    def _embed(self, config, cache: EmbeddingCache) -> tuple[FrozenEncoder, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Load one encoder and its (cached) query, document and alignment-text embeddings."""
+    def _embed(
+        self, side: str, cache: EmbeddingCache
+    ) -> tuple[FrozenEncoder, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Load one encoder (``small`` or ``large``) and its cached query, document, alignment-text and
+        ``eval.also`` embeddings."""
+        config = self.recipe.document_model if side == "small" else self.recipe.query_model
         encoder = load_frozen_encoder(config, self.device)
         encode = dict(
             model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices
@@ -122,6 +131,7 @@ class CrossAdapterRun:
         extra = torch.zeros(0, docs.shape[1])
         if self.extra_texts:
             extra = cache.encode(texts=self.extra_texts, task="document", prompt=encoder.prompts.document, **encode)
+        self.extra.embed(side, encoder, cache, encode)
         self.echo(f"{config.name}: {encoder.source}; {encoder.prompts.describe()}")
         return encoder, queries, docs, extra
 
@@ -322,6 +332,9 @@ class CrossAdapterRun:
         save_projection(projection, run_dir / "projection")
         drift = self._export(run_dir, projection)
         zero = self.zero_shot(export_exp.tests["test"])
+        t0 = time.perf_counter()
+        also = self.extra.score(projection.to(self.device), self.device)
+        also_seconds = time.perf_counter() - t0
         return {
             "base": zero["small model alone"],
             "large_model_alone": zero["large model alone"],
@@ -344,7 +357,8 @@ class CrossAdapterRun:
             "document_embeddings_recomputed": False,
             "model_source": self.model_source,
             "export_max_abs_diff": drift,
-            "seconds": {"encode": self.encode_seconds, "train": train_seconds},
+            "also": also,
+            "seconds": {"encode": self.encode_seconds, "train": train_seconds, "evaluate_also": also_seconds},
         }
 
     def _export(self, run_dir: Path, projection: Projection) -> dict | None:

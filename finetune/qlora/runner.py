@@ -20,6 +20,7 @@ from finetune.merge_scale import (
     choose_scale,
     interpolate,
     lora_scale,
+    merge_line,
     plot_tradeoff,
     scale_lora_in_place,
 )
@@ -237,7 +238,9 @@ class QLoRARun:
         distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads the best one
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
-        merge = self._merge(run_dir, base_state)
+        # the model that is exported: the checkpoint's full-precision weights plus the LoRA delta
+        exported = self._unquantized_with_lora() if self.recipe.method == "lora" else self.model
+        merge = self._merge(run_dir, exported, base_state, test)
         tuned_trained = evaluate(test, self.model)
         # every rank logs this line; ranks that trained in step agree on it (the multi-process test reads it)
         logger.info(
@@ -250,7 +253,7 @@ class QLoRARun:
         )
         if not distributed.is_main():
             return {"base": base, "tuned": tuned_trained}
-        merged, export = self._save(run_dir)
+        merged, export = self._save(run_dir, exported)
         tuned = evaluate(test, merged)
         t0 = time.perf_counter()
         scores = {
@@ -308,32 +311,36 @@ class QLoRARun:
             self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document
         )
 
-    def _merge(self, run_dir: Path, base_state: dict | None) -> dict:
+    def _merge(self, run_dir: Path, exported, base_state: dict | None, test) -> dict:
         """Put the trained model at ``merge.scale`` (``auto``: chosen on validation); return the choice.
 
-        LoRA: the B matrices are scaled, so ``lora/`` and the merged ``model/`` both hold base + s x delta.
-        Full fine-tuning: the weights are interpolated from the checkpoint's (``base_state``, taken before
-        training) to the trained ones.
+        s is chosen on ``exported``, the model ``model/`` will hold: for LoRA the checkpoint's
+        full-precision weights with the trained LoRA beside them, rescaled inside peft's
+        ``rescale_adapter_scale``; then the B matrices of both that model and the training model
+        are scaled, so ``lora/`` and ``model/`` hold base + s x delta. Full fine-tuning
+        interpolates from the checkpoint's weights (``base_state``, taken before training).
+        Once s is chosen, the test split is scored at s = 1 too, for the record only.
         """
         config, lora = self.recipe.merge, self.recipe.method == "lora"
         if config.scale == 1.0:
             return {"scale": 1.0}
         tuned_state = None if lora else _cpu_state(self.model)
 
-        def at(s: float) -> None:  # full fine-tuning only: LoRA is rescaled inside lora_scale
+        def at(s: float):
+            if lora:
+                return lora_scale(exported[0].auto_model, s)
             interpolate(self.model, base_state, tuned_state, s)
+            return contextlib.nullcontext()
 
         grid, chosen, seconds = None, config.scale, 0.0
         if config.scale == "auto":
             val = self._evaluator(self.splits.val, "val")
 
             def validate(s: float) -> dict[str, float]:
-                with lora_scale(self.model[0].auto_model, s) if lora else contextlib.nullcontext():
-                    if not lora:
-                        at(s)
-                    scores = {"in_domain": evaluate(val, self.model)["ndcg@10"]}
+                with at(s):
+                    scores = {"in_domain": evaluate(val, exported)["ndcg@10"]}
                     for x in self.extra:
-                        scores[x.label] = evaluate(self._extra_evaluator(x, x.val), self.model)["ndcg@10"]
+                        scores[x.label] = evaluate(self._extra_evaluator(x, "val"), exported)["ndcg@10"]
                 return scores
 
             t0 = time.perf_counter()
@@ -341,23 +348,26 @@ class QLoRARun:
             seconds = time.perf_counter() - t0
             if self.extra:
                 plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: {self.recipe.method} x s")
+        with at(1.0):  # chosen already: s = 1 on test is a reference row, never an input to the choice
+            unscaled = {"in_domain": evaluate(test, exported)["ndcg@10"]}
+            unscaled |= {x.label: evaluate(self._extra_evaluator(x), exported)["ndcg@10"] for x in self.extra}
         if lora:
             scale_lora_in_place(self.model[0].auto_model, chosen)
+            scale_lora_in_place(exported[0].auto_model, chosen)
         else:
             at(chosen)
-        self.echo(f"merge.scale: s = {chosen:g}" + (" (chosen on validation)" if grid else ""))
-        return {"scale": chosen, "max_drop": config.max_drop, "grid": grid, "seconds": seconds if grid else 0.0}
+        self.echo(merge_line(chosen, grid is not None, unscaled))
+        return {
+            "scale": chosen,
+            "max_drop": config.max_drop,
+            "grid": grid,
+            "seconds": seconds if grid else 0.0,
+            "test_at_scale_1": unscaled,
+        }
 
-    def _extra_evaluator(self, extra: ExtraSet, ids: list[str] | None = None):
-        """The shared evaluator over an ``eval.also`` set's test split (or ``ids``) and full corpus."""
-        return build_evaluator(
-            extra.data,
-            ids or extra.test,
-            extra.label,
-            self.prompts.query,
-            self.recipe.model.batch_size,
-            corpus_prompt=self.prompts.document,
-        )
+    def _extra_evaluator(self, extra: ExtraSet, split: str = "test"):
+        """The shared evaluator over an ``eval.also`` set's test (or val) split and full corpus."""
+        return extra.evaluator(split, self.prompts.query, self.prompts.document, self.recipe.model.batch_size)
 
     def _train(self, run_dir: Path, resume: bool):
         """Train with MNRL (the no-duplicates sampler; validation NDCG@10 every ``eval_steps``)."""
@@ -418,25 +428,31 @@ class QLoRARun:
                 h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def _save(self, run_dir: Path):
+    def _unquantized_with_lora(self):
+        """The checkpoint at full precision with the trained LoRA (and head) beside it, not merged yet."""
+        import tempfile
+
+        from peft import PeftModel
+
+        model, _ = build_encoder(self.recipe, self.choice, quantize=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model[0].auto_model.save_pretrained(tmp)
+            model[0].model = PeftModel.from_pretrained(model[0].auto_model, tmp)  # auto_model reads .model
+        if self.recipe.lora.train_head:  # the trained Dense/other modules after the transformer
+            for ours, trained in zip(list(model.children())[1:], list(self.model.children())[1:]):
+                ours.load_state_dict({k: v.to(torch.float32) for k, v in trained.state_dict().items()})
+        return model.to(self.device)
+
+    def _save(self, run_dir: Path, exported):
         """Save ``lora/`` (peft format) and ``model/``: the merged encoder with the checkpoint's own
         pooling, head and prompts. Returns the merged model and the export check's numbers."""
         from finetune.adapter.export import save_model_folder
 
-        if self.recipe.method == "full":
-            merged = self.model
-        else:
-            from peft import PeftModel
-
+        if self.recipe.method == "lora":
             self.model[0].auto_model.save_pretrained(str(run_dir / "lora"))
-            merged, _ = build_encoder(self.recipe, self.choice, quantize=False)
-            peft_model = PeftModel.from_pretrained(merged[0].auto_model, str(run_dir / "lora"))
-            merged[0].auto_model = peft_model.merge_and_unload()
-            if self.recipe.lora.train_head:  # the trained Dense/other modules after the transformer
-                for ours, trained in zip(list(merged.children())[1:], list(self.model.children())[1:]):
-                    ours.load_state_dict({k: v.to(torch.float32) for k, v in trained.state_dict().items()})
-        save_model_folder(merged, run_dir / "model")
-        return merged, self._check_export(merged, run_dir / "model")
+            exported[0].model = exported[0].model.merge_and_unload()
+        save_model_folder(exported, run_dir / "model")
+        return exported, self._check_export(exported, run_dir / "model")
 
     def _check_export(self, merged, folder: Path) -> dict:
         """``SentenceTransformer(folder)``, with only its saved prompts, must give the merged model's embeddings."""
