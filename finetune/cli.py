@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of settings, choose on validation, score the chosen point's test split once"
+    )
+    sweep.add_argument("recipe", help="recipe YAML (adapter or qlora), e.g. recipes/adapter.yaml")
+    sweep.add_argument("grid", nargs="*", help="key=v1,v2,... (swept) and key=value (fixed), e.g. train.lr=1e-3,3e-3")
+    sweep.add_argument("--budget", type=int, help="run N random points of the grid (seeded by the recipe's seed)")
+    sweep.add_argument("--dir", help="the sweep directory; an unfinished one with the same command resumes")
+    sweep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _synth_parsers(sub)
     return parser
 
@@ -134,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command in ("synth", "chunk"):
             return _synth(args)
+        if args.command == "sweep":
+            from finetune.sweep import run_sweep
+
+            run_sweep(args.recipe, args.grid, args.budget, args.dir)
+            return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             return _validate(recipe, args)

@@ -46,6 +46,8 @@ def _split_ids(path: Path) -> dict:
 
 
 def _check_run_dir(path: Path) -> Path:
+    if (path / "sweep.json").is_file():  # a sweep directory stands for its chosen point's final run
+        path = path / json.loads((path / "sweep.json").read_text())["final_run"]
     for name in ("metrics.json", "splits.json"):
         if not (path / name).is_file():
             raise FinetuneError(

@@ -429,6 +429,24 @@ def _yaml(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def ineffective(recipe: BaseModel) -> list[tuple[Rule, object, object]]:
+    """``(rule, value, default)`` for every field holding a non-default value this recipe would not use."""
+    out = []
+    for rule in RULES:
+        if recipe.kind not in rule.kinds:
+            continue
+        got = _get(recipe, rule.path)
+        if got is None or got[0] == got[1] or rule.applies(recipe):
+            continue
+        out.append((rule, *got))
+    return out
+
+
+def default_override(rule: Rule, default) -> str | None:
+    """The ``path=default`` override that puts a field back to its default (``None`` for a whole section)."""
+    return None if isinstance(default, BaseModel) else f"{rule.path}={_yaml(default)}"
+
+
 def check_fields(recipe: BaseModel, where: str = "recipe") -> None:
     """Refuse ``recipe`` if a field holds a non-default value that this recipe would not use.
 
@@ -436,17 +454,9 @@ def check_fields(recipe: BaseModel, where: str = "recipe") -> None:
         FinetuneError: ``recipes/adapter.yaml: negatives.range_min=3 has no effect unless
             negatives.strategy is mined or bm25; remove it``.
     """
-    for rule in RULES:
-        if recipe.kind not in rule.kinds:
-            continue
-        got = _get(recipe, rule.path)
-        if got is None or got[0] == got[1] or rule.applies(recipe):
-            continue
-        value = got[0].model_dump(exclude_defaults=True) if isinstance(got[0], BaseModel) else got[0]
-        default = (
-            ""
-            if isinstance(got[1], BaseModel)
-            else f" (on the command line: {rule.path}={_yaml(got[1])}, its default)"
-        )
-        fix = f"; remove it{default}{', ' + rule.fix if rule.fix else ''}"
+    for rule, got, default in ineffective(recipe)[:1]:
+        value = got.model_dump(exclude_defaults=True) if isinstance(got, BaseModel) else got
+        reset = default_override(rule, default)
+        fix = f"; remove it{f' (on the command line: {reset}, its default)' if reset else ''}"
+        fix += f", {rule.fix}" if rule.fix else ""
         raise FinetuneError(f"{rule.path}={value!r} has no effect unless {rule.when}{fix}", where=where)

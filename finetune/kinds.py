@@ -9,6 +9,7 @@ code). :func:`finetune.run.run_recipe` drives every runner the same way:
 2. ``runner.fit(run_dir, resume=False)`` trains, scores base and tuned on the test split,
    writes its outputs into ``run_dir`` and returns the metrics dict (``base`` and ``tuned`` at least).
 
+``run_recipe`` sets ``runner.export = False`` for a sweep point, whose fit() then writes no model.
 A runner whose runs cannot be resumed sets ``resumable = False``; ``run_recipe`` refuses
 ``--resume`` for it with :meth:`RecipeKind.refuse_resume` before anything is written.
 
@@ -36,6 +37,7 @@ class Runner(Protocol):
     """What :func:`finetune.run.run_recipe` needs of a recipe kind's runner."""
 
     resumable: bool
+    export: bool  # False for sweep points: fit() writes no model (run_recipe sets it)
 
     def __init__(self, recipe, data, splits, device: str, cache, echo=print) -> None: ...
 

@@ -84,8 +84,9 @@ def _deep_copy(value):
     return value
 
 
-def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
-    """Validate a raw mapping into the recipe class named by its ``kind``."""
+def validate_recipe(raw: dict[str, Any], where: str = "recipe", check: bool = True) -> Recipe:
+    """Validate a raw mapping into the recipe class named by its ``kind``; ``check=False`` skips the
+    field rules (:mod:`finetune.field_rules`), for a caller that resolves them itself (a sweep)."""
     kind = raw.get("kind")
     if kind not in KINDS:
         known = ", ".join(sorted(KINDS))
@@ -96,11 +97,12 @@ def validate_recipe(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         recipe = cls.model_validate(raw)
     except ValidationError as exc:
         raise FinetuneError(_describe(exc, cls), where=where) from None
-    check_fields(recipe, where)
+    if check:
+        check_fields(recipe, where)
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check: bool = True) -> Recipe:
     """Read, override and validate a recipe file.
 
     Args:
@@ -112,7 +114,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """
     raw = apply_overrides(read_yaml(path), overrides or [])
     _reinfer_data(raw, overrides or [])
-    return validate_recipe(raw, where=str(path))
+    return validate_recipe(raw, where=str(path), check=check)
 
 
 def _reinfer_data(raw: dict[str, Any], overrides: list[str]) -> None:

@@ -44,6 +44,7 @@ def run_recipe(
     run_dir: str | None = None,
     resume: str | None = None,
     overwrite: bool = False,
+    selection: bool = False,
 ) -> Path:
     """Run ``recipe`` end to end and return its run directory.
 
@@ -59,6 +60,8 @@ def run_recipe(
         run_dir: An exact folder for the run (default ``<output.dir>/<name>-<timestamp>``).
         resume: Continue a killed run: ``"latest"`` or its folder (adapter and qlora recipes).
         overwrite: Replace ``run_dir`` if it exists.
+        selection: A sweep point (:mod:`finetune.sweep`): the validation queries stand in for the test
+            split, which is never scored, and nothing is exported.
 
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
@@ -75,6 +78,8 @@ def run_recipe(
     path, resuming = prepare_run_dir(recipe.output.dir, recipe.name, recipe_yaml, run_dir, resume, overwrite)
     data = load_data(recipe.data)
     splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
+    if selection:
+        splits = splits.for_selection()
     device = pick_device(recipe.device)
     distributed.init(device)
     main = distributed.is_main()
@@ -85,6 +90,7 @@ def run_recipe(
         f"({splits.method})"
     )
     job = kind.runner_class()(recipe, data, splits, device, cache, echo=say)  # checks everything; writes nothing
+    job.export = not selection
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 
@@ -102,6 +108,7 @@ def run_recipe(
         "kind": recipe.kind,
         "device": device,
         "splits": splits.counts(),
+        "scored_split": "val" if selection else "test",
         "n_corpus": len(data.corpus),
         **result,
         "wall_seconds": time.perf_counter() - t0,
@@ -115,7 +122,8 @@ def run_recipe(
         write_per_query(run_dir / "per_query.jsonl", per_query)
         result["significance"] = compare_rows(per_query, seed=recipe.seed)
     write_json(run_dir / "metrics.json", result)  # written last: a run directory without it is unfinished
-    say(f"\n{recipe.name}: test split, {len(splits.test)} queries against {len(data.corpus)} documents")
+    scored = "validation split (a sweep point)" if selection else "test split"
+    say(f"\n{recipe.name}: {scored}, {len(splits.test)} queries against {len(data.corpus)} documents")
     say(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
     if result.get("also"):
         say(extra_table(result["also"]))

@@ -57,6 +57,24 @@ class Splits:
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**known)
 
+    def for_selection(self) -> Splits:
+        """These splits with the validation queries standing in for the test split (a sweep point's view).
+
+        Raises:
+            FinetuneError: when there are no validation queries to choose on.
+        """
+        if not self.val:
+            raise FinetuneError("a sweep chooses on validation queries, and these splits have none", where="splits")
+        return Splits(
+            self.train,
+            self.val,
+            list(self.val),
+            self.seed,
+            f"{self.method}; val scored as test",
+            self.data_fingerprint,
+            self.settings,
+        )
+
     def counts(self) -> dict[str, int]:
         return {name: len(getattr(self, name)) for name in SPLIT_NAMES}
 

@@ -40,6 +40,7 @@ class AdapterRun:
     """
 
     resumable = True
+    export = True
 
     def __init__(
         self,
@@ -174,7 +175,7 @@ class AdapterRun:
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
         drift = None
-        if recipe.model.provider == "local":  # an API model has no weights to put in a model folder
+        if recipe.model.provider == "local" and self.export:  # an API model has no weights to put in a folder
             exported = export_adapter_model(self.model, adapter, run_dir / "model")
             drift = self._check_export(exported, adapter)
         return {

@@ -51,6 +51,7 @@ class CrossAdapterRun:
     """
 
     resumable = False  # each cell trains in seconds: a stopped run starts again
+    export = True  # sweeps refuse cross_adapter recipes, which choose their settings inside the run
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ class QLoRARun:
     """
 
     resumable = True
+    export = True
 
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
@@ -239,7 +240,9 @@ class QLoRARun:
         self._restore_best(trainer)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
         # the model that is exported: the checkpoint's full-precision weights plus the LoRA delta
-        exported = self._unquantized_with_lora() if self.recipe.method == "lora" else self.model
+        lora, scaled = self.recipe.method == "lora", self.recipe.merge.scale != 1.0
+        built = lora and distributed.is_main() and (self.export or scaled)  # only rank 0 scores and writes it
+        exported = self._unquantized_with_lora() if built else self.model
         merge = self._merge(run_dir, exported, base_state, test)
         tuned_trained = evaluate(test, self.model)
         # every rank logs this line; ranks that trained in step agree on it (the multi-process test reads it)
@@ -253,8 +256,11 @@ class QLoRARun:
         )
         if not distributed.is_main():
             return {"base": base, "tuned": tuned_trained}
-        merged, export = self._save(run_dir, exported)
-        tuned = evaluate(test, merged)
+        if self.export:
+            merged, export = self._save(run_dir, exported)
+            tuned = evaluate(test, merged)
+        else:  # a sweep point: the model as trained, scored on validation, nothing written
+            merged, export, tuned = self.model, None, tuned_trained
         t0 = time.perf_counter()
         scores = {
             "base": also_base,
@@ -332,8 +338,8 @@ class QLoRARun:
             interpolate(self.model, base_state, tuned_state, s)
             return contextlib.nullcontext()
 
-        grid, chosen, seconds = None, config.scale, 0.0
-        if config.scale == "auto":
+        grid, chosen, seconds, unscaled = None, config.scale, 0.0, {}
+        if config.scale == "auto" and distributed.is_main():  # rank 0 chooses; the other ranks take its s
             val = self._evaluator(self.splits.val, "val")
 
             def validate(s: float) -> dict[str, float]:
@@ -348,12 +354,15 @@ class QLoRARun:
             seconds = time.perf_counter() - t0
             if self.extra:
                 plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: {self.recipe.method} x s")
-        with at(1.0):  # chosen already: s = 1 on test is a reference row, never an input to the choice
-            unscaled = {"in_domain": evaluate(test, exported)["ndcg@10"]}
-            unscaled |= {x.label: evaluate(self._extra_evaluator(x), exported)["ndcg@10"] for x in self.extra}
+        if distributed.is_main():
+            with at(1.0):  # chosen already: s = 1 on test is a reference row, never an input to the choice
+                unscaled = {"in_domain": evaluate(test, exported)["ndcg@10"]}
+                unscaled |= {x.label: evaluate(self._extra_evaluator(x), exported)["ndcg@10"] for x in self.extra}
+        chosen = distributed.share(chosen)
         if lora:
             scale_lora_in_place(self.model[0].auto_model, chosen)
-            scale_lora_in_place(exported[0].auto_model, chosen)
+            if exported is not self.model:
+                scale_lora_in_place(exported[0].auto_model, chosen)
         else:
             at(chosen)
         self.echo(merge_line(chosen, grid is not None, unscaled))

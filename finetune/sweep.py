@@ -1,0 +1,223 @@
+"""``python -m finetune sweep RECIPE key=v1,v2 ...``: settings chosen on validation, the test split scored once.
+
+Every point of the grid is a normal run of the recipe on one shared ``splits.json``, in *selection*
+mode: its validation queries stand in for the test split, nothing is exported, and the ``eval.also``
+sets and ``merge`` wait for the final run. The point with the best validation NDCG@10 (ties: the
+first in grid order) is then run once more as an ordinary run, which scores the test split (base and
+tuned) for that point alone. No unselected point's test score exists to be read.
+
+Frozen-encoder recipes read their embeddings from the cache at every point, so each point costs
+its training only. A sweep directory resumes: run the same command with ``--dir`` set to it, and
+finished points are read back instead of trained again.
+
+Example (not run: it trains)::
+    python -m finetune sweep recipes/adapter.yaml train.lr=3e-4,1e-3,3e-3 adapter.type=linear,mlp
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.atomic import write_json
+from finetune.config import EvalConfig, MergeConfig
+from finetune.errors import FinetuneError
+from finetune.field_rules import default_override, ineffective
+from finetune.recipe import load_recipe
+
+NOT_SWEPT = ("eval.", "merge.", "splits.", "output.", "cache.", "name")
+
+
+@dataclass
+class Point:
+    """One grid point: its settings (``{"train.lr": "1e-3"}``) and its validated recipe."""
+
+    settings: dict[str, str]
+    recipe: object
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.settings.items())
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``v1,v2`` at top-level commas; commas inside ``[...]``, ``{...}`` or quotes stay.
+
+    Example:
+        >>> split_values("1e-3,3e-3"), split_values("[a,b],[c]"), split_values("'x,y'")
+        (['1e-3', '3e-3'], ['[a,b]', '[c]'], ["'x,y'"])
+    """
+    out, depth, quote, current = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+            continue
+        current += ch
+    return [*out, current.strip()]
+
+
+def parse_grid(arguments: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``(fixed overrides, grid)`` from ``key=value`` and ``key=v1,v2,...`` arguments."""
+    fixed, grid = [], {}
+    for arg in arguments:
+        key, eq, value = arg.partition("=")
+        values = split_values(value)
+        if not eq or not key or any(v == "" for v in values):
+            raise FinetuneError(f"'{arg}' lists no value; write key=v1,v2,...", where="sweep")
+        if len(values) > 1 and key.startswith(NOT_SWEPT):
+            why = (
+                "eval.also and merge apply to the chosen point's final run (merge.scale auto already chooses s on "
+                "validation)"
+                if key.startswith(("eval.", "merge."))
+                else "the splits, name, cache and outputs are the sweep's own"
+            )
+            raise FinetuneError(f"{key} is not swept: {why}; give it one value", where="sweep")
+        if len(values) == 1:
+            fixed.append(arg)
+        elif key in grid:
+            raise FinetuneError(f"{key} is given twice; list all its values in one key=v1,v2,...", where="sweep")
+        else:
+            grid[key] = values
+    if not grid:
+        raise FinetuneError("no key lists two or more values, so there is nothing to choose; e.g. train.lr=1e-3,3e-3")
+    return fixed, grid
+
+
+def plan_points(path: str, arguments: list[str], budget: int | None = None) -> tuple[object, list[Point], list[str]]:
+    """The recipe with the fixed overrides, every grid point (or ``budget`` of them) validated, and notes.
+
+    Every point is validated before anything runs, so a wrong key (did-you-mean), a value of the
+    wrong type or a setting that has no effect at some point stops the sweep with one line.
+    """
+    fixed, grid = parse_grid(arguments)
+    recipe = load_recipe(path, fixed)
+    if recipe.kind == "cross_adapter":
+        raise FinetuneError(
+            "a cross_adapter run already chooses its ridge, mix and epoch on validation; sweep adapter or qlora "
+            "recipes",
+            where=path,
+        )
+    if recipe.splits.val_fraction <= 0 and not recipe.splits.file:
+        raise FinetuneError("a sweep chooses on validation queries; set splits.val_fraction above 0", where=path)
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if budget is not None:
+        if budget < 1:
+            raise FinetuneError(f"--budget must be at least 1, got {budget}", where="sweep")
+        keep = sorted(random.Random(recipe.seed).sample(range(len(combos)), min(budget, len(combos))))
+        combos = [combos[i] for i in keep]
+    points, notes = [], {}
+    for settings in combos:
+        point = resolve_point(path, fixed, settings, notes)
+        if all(p.settings != point.settings for p in points):  # points that differ only in moot keys run once
+            points.append(point)
+    return recipe, points, list(notes)
+
+
+def resolve_point(path: str, fixed: list[str], settings: dict[str, str], notes: dict) -> Point:
+    """A grid point's recipe. A field that has no effect at this point (``negatives.per_query`` where
+    ``negatives.strategy=none``) goes back to its default, and a swept one shows ``-``: sweeping
+    ``negatives.strategy=none,random`` needs no second sweep. What was reset is noted, once each."""
+    label = " ".join(f"{k}={v}" for k, v in settings.items())
+    overrides, effective = fixed + [f"{k}={v}" for k, v in settings.items()], dict(settings)
+    try:
+        for rule, value, default in ineffective(load_recipe(path, overrides, check=False)):
+            reset = default_override(rule, default)
+            if reset is None:  # a whole section: the strict load below says what to remove
+                continue
+            overrides.append(reset)
+            if rule.path in settings:
+                effective[rule.path] = "-"
+            else:
+                where = "at the points where it has none, it stays at its default"
+                notes[f"{rule.path}={value} has no effect unless {rule.when}; {where}"] = None
+        return Point(effective, load_recipe(path, overrides))
+    except FinetuneError as exc:
+        raise FinetuneError(f"{exc.message} (at the point {label})", where=exc.where) from None
+
+
+def as_point(recipe, splits_file: Path):
+    """A point's recipe for selection: the sweep's splits, no extra sets and no merge (the final run has them)."""
+    update = {"splits": recipe.splits.model_copy(update={"file": str(splits_file)})}
+    if "merge" in type(recipe).model_fields:
+        update["merge"] = MergeConfig()
+    return recipe.model_copy(update={**update, "eval": EvalConfig()})
+
+
+def run_sweep(path: str, arguments: list[str], budget: int | None = None, directory: str | None = None, echo=print):
+    """Run the sweep; return its directory (``sweep.json``, ``sweep.md``, ``sweep.png``, ``points/``, ``final/``)."""
+    from finetune.data import load_data
+    from finetune.run import run_recipe
+    from finetune.splits import make_splits
+    from finetune.sweep_report import write_report
+
+    recipe, points, notes = plan_points(path, arguments, budget)
+    from finetune.qlora.backend import preload_unsloth
+
+    preload_unsloth(recipe)  # before anything imports transformers
+    plan = {"recipe": path, "arguments": arguments, "budget": budget, "points": [p.settings for p in points]}
+    out = (
+        Path(directory)
+        if directory
+        else Path(recipe.output.dir) / f"{recipe.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    splits_file = out / "splits.json"
+    if (out / "plan.json").is_file():
+        if json.loads((out / "plan.json").read_text()) != plan:
+            raise FinetuneError("holds a different sweep; pass a new --dir, or the same command", where=str(out))
+        echo(f"resuming the sweep in {out}")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise FinetuneError("exists and is not a sweep directory; pass a new --dir", where=str(out))
+        splits = make_splits(load_data(recipe.data), recipe.splits, recipe.seed)
+        splits.save(splits_file)
+        write_json(out / "plan.json", plan)
+    for note in notes:
+        echo(f"sweep: {note}")
+    echo(
+        f"sweep: {len(points)} points, chosen on validation NDCG@10; each point scores its validation queries with "
+        "no export, eval.also or merge, which the chosen point's final run applies"
+    )
+    rows = []
+    for i, point in enumerate(points):
+        run_dir = out / "points" / f"{i:03d}"
+        t0 = time.perf_counter()
+        if not (run_dir / "metrics.json").is_file():
+            run_recipe(
+                as_point(point.recipe, splits_file),
+                run_dir=str(run_dir),
+                overwrite=True,
+                selection=True,
+                echo=lambda *_: None,
+            )
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        rows.append(
+            {
+                "point": i,
+                "settings": point.settings,
+                "val_ndcg@10": metrics["tuned"]["ndcg@10"],
+                "base_val_ndcg@10": metrics["base"]["ndcg@10"],
+                "seconds": time.perf_counter() - t0,
+                "run": str(run_dir.relative_to(out)),
+            }
+        )
+        echo(f"  [{i + 1}/{len(points)}] {point.label()}: val NDCG@10 {rows[-1]['val_ndcg@10']:.4f}")
+    best = max(rows, key=lambda r: r["val_ndcg@10"])  # max keeps the first of equals: grid order
+    chosen = points[best["point"]].recipe
+    final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})
+    echo(f"chosen on validation: {points[best['point']].label()}; its final run scores the test split")
+    if not (out / "final" / "metrics.json").is_file():
+        run_recipe(final, run_dir=str(out / "final"), overwrite=True, echo=echo, command=f"sweep final run of {out}")
+    write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
+    return out
