@@ -6,7 +6,8 @@ model; the default is the point with the best *mean* relative gain over all data
 does well on both beats the best for one), with its worst-set gain as the tie-break. No test
 score is read. The table lists the top points and, for comparison, each set's own best.
 
-    python benchmarks/pick_defaults.py runs/adapter-faq-sweep-* runs/adapter-disfl-sweep-* --name defaults_adapter
+    python benchmarks/pick_defaults.py runs/adapter-faq-sweep-* runs/adapter-disfl-sweep-* --name defaults_adapter \
+        --where loss.temperature=0.05 adapter.type=linear
 """
 
 from __future__ import annotations
@@ -18,10 +19,24 @@ from pathlib import Path
 from record import write_result
 
 
-def load(sweep: Path) -> tuple[str, dict[tuple, dict]]:
+def load(sweep: Path, where: dict[str, str]) -> tuple[dict, dict[tuple, dict]]:
+    """What the sweep ran and chose (with its own test line), and its points by settings.
+
+    ``where`` keeps the points whose swept ``key`` has that value and drops the key, so a sweep
+    that swept it can be matched with one that held it fixed at that value."""
     summary = json.loads((sweep / "sweep.json").read_text())
-    rows = {tuple(sorted(r["settings"].items())): r for r in summary["points"]}
-    return summary["recipe"] + " " + " ".join(summary["arguments"]), rows
+    rows = {}
+    for r in summary["points"]:
+        settings = r["settings"]
+        if all(settings.get(k, v) == v for k, v in where.items()):
+            rows[tuple(sorted((k, v) for k, v in settings.items() if k not in where))] = r
+    about = {
+        "command": "python -m finetune sweep " + " ".join([summary["recipe"], *summary["arguments"]]),
+        "chosen": summary["chosen"],
+        "test_ndcg@10_of_its_choice": summary["test_ndcg@10"],
+        "points": summary["points"],
+    }
+    return about, rows
 
 
 def main() -> None:
@@ -29,9 +44,13 @@ def main() -> None:
     parser.add_argument("sweeps", nargs="+", help="sweep directories over the same grid, one per data set")
     parser.add_argument("--name", default="defaults")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--where", nargs="*", default=[], metavar="KEY=VALUE", help="points of sweeps that swept KEY: this value"
+    )
     args = parser.parse_args()
 
-    sweeps = {Path(s).name: load(Path(s)) for s in args.sweeps}
+    where = dict(w.split("=", 1) for w in args.where)
+    sweeps = {Path(s).name: load(Path(s), where) for s in args.sweeps}
     common = set.intersection(*(set(rows) for _, rows in sweeps.values()))
     table = []
     for key in common:
@@ -50,9 +69,7 @@ def main() -> None:
         )
     table.sort(key=lambda r: (-r["mean"], -r["worst"]))
     chosen = table[0]
-    own_best = {
-        name: max(table, key=lambda r, n=name: r["relative_val_gain"][n])["settings"] for name in sweeps
-    }
+    own_best = {name: max(table, key=lambda r, n=name: r["relative_val_gain"][n])["settings"] for name in sweeps}
     keys = list(chosen["settings"])
     print(" | ".join(keys + [f"{n} val gain" for n in sweeps] + ["mean"]))
     for r in table[: args.top]:
@@ -64,7 +81,8 @@ def main() -> None:
     write_result(
         args.name,
         {
-            "sweeps": {n: cmd for n, (cmd, _) in sweeps.items()},
+            "sweeps": {n: about for n, (about, _) in sweeps.items()},
+            "where": where,
             "points": len(table),
             "chosen": chosen,
             "best_for_one": own_best,

@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/adapter.yaml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--name", default="sweep_time")
-    parser.add_argument("grid", nargs="*", default=GRID, help="the sweep's key=v1,v2 arguments (default: the README's)")
+    parser.add_argument(
+        "grid", nargs="*", default=GRID, help="the sweep's key=v1,v2 arguments (default: the README's)"
+    )
     args = parser.parse_args()
 
     seconds, points = [], None
@@ -41,7 +43,9 @@ def main() -> None:
             seconds.append(time.perf_counter() - t0)
         points = len(json.loads((out / "sweep.json").read_text())["points"])
     median = statistics.median(seconds)
-    print(f"{points} points: median {median:.1f} s ({median / points:.2f} s a point, final run included); all {seconds}")
+    print(
+        f"{points} points: median {median:.1f} s ({median / points:.2f} s a point, final run included); all {seconds}"
+    )
     write_result(
         args.name,
         {"recipe": args.recipe, "grid": args.grid, "points": points, "median_seconds": median, "all": seconds},

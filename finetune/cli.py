@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from finetune.sweep import run_sweep
 
-            run_sweep(args.recipe, args.grid, args.budget, args.dir)
+            run_sweep(args.recipe, args.grid, args.budget, args.dir, command="python -m finetune " + shlex.join(argv))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":

@@ -155,8 +155,24 @@ def as_point(recipe, splits_file: Path):
     return recipe.model_copy(update={**update, "eval": EvalConfig()})
 
 
-def run_sweep(path: str, arguments: list[str], budget: int | None = None, directory: str | None = None, echo=print):
-    """Run the sweep; return its directory (``sweep.json``, ``sweep.md``, ``sweep.png``, ``points/``, ``final/``)."""
+def run_sweep(
+    path: str,
+    arguments: list[str],
+    budget: int | None = None,
+    directory: str | None = None,
+    echo=print,
+    command: str = "",
+) -> Path:
+    """Run the sweep; return its directory (``sweep.json``, ``sweep.md``, ``sweep.png``, ``points/``, ``final/``).
+
+    Args:
+        path: The recipe YAML (adapter or qlora).
+        arguments: ``key=v1,v2,...`` (swept) and ``key=value`` (fixed) overrides.
+        budget: Run this many points of the grid, drawn with the recipe's seed.
+        directory: The sweep directory; one holding the same plan resumes.
+        echo: Where progress lines and the table go.
+        command: The command line, recorded in every run directory.
+    """
     from finetune.data import load_data
     from finetune.run import run_recipe
     from finetune.splits import make_splits
@@ -192,7 +208,6 @@ def run_sweep(path: str, arguments: list[str], budget: int | None = None, direct
     rows = []
     for i, point in enumerate(points):
         run_dir = out / "points" / f"{i:03d}"
-        t0 = time.perf_counter()
         if not (run_dir / "metrics.json").is_file():
             run_recipe(
                 as_point(point.recipe, splits_file),
@@ -200,6 +215,7 @@ def run_sweep(path: str, arguments: list[str], budget: int | None = None, direct
                 overwrite=True,
                 selection=True,
                 echo=lambda *_: None,
+                command=f"{command}  # point {i}: {point.label()}",
             )
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append(
@@ -208,7 +224,7 @@ def run_sweep(path: str, arguments: list[str], budget: int | None = None, direct
                 "settings": point.settings,
                 "val_ndcg@10": metrics["tuned"]["ndcg@10"],
                 "base_val_ndcg@10": metrics["base"]["ndcg@10"],
-                "seconds": time.perf_counter() - t0,
+                "seconds": metrics["wall_seconds"],
                 "run": str(run_dir.relative_to(out)),
             }
         )
@@ -218,6 +234,6 @@ def run_sweep(path: str, arguments: list[str], budget: int | None = None, direct
     final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})
     echo(f"chosen on validation: {points[best['point']].label()}; its final run scores the test split")
     if not (out / "final" / "metrics.json").is_file():
-        run_recipe(final, run_dir=str(out / "final"), overwrite=True, echo=echo, command=f"sweep final run of {out}")
+        run_recipe(final, run_dir=str(out / "final"), overwrite=True, echo=echo, command=f"{command}  # final run")
     write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
     return out
