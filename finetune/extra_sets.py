@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from finetune.config import DataConfig, SplitConfig
 from finetune.data import load_data
 from finetune.data.dataset import RetrievalData
 from finetune.data.nanobeir import is_nanobeir, load_nanobeir
 from finetune.errors import FinetuneError
-from finetune.evaluation import PerQueryEvaluator, build_evaluator
+from finetune.evaluation import EmbeddingLookup, PerQueryEvaluator, build_evaluator, evaluate
 from finetune.splits import make_splits
 
 
@@ -45,6 +47,26 @@ class ExtraSet:
     def scored_texts(self) -> list[str]:
         """The texts of the val and test queries: the only ones ever scored, so the only ones embedded."""
         return list(dict.fromkeys(self.data.queries[q] for q in self.val + self.test))
+
+    def embed(self, cache, prompts, encode: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(documents, queries)``: the full corpus and the scored queries, through the embedding cache.
+
+        Args:
+            cache: The run's :class:`~finetune.cache.EmbeddingCache`.
+            prompts: The encoder's prompts (``.query``, ``.document``).
+            encode: ``model``, ``identity``, ``batch_size`` and ``devices`` for ``cache.encode``.
+        """
+        corpus = list(self.data.corpus.values())
+        return (
+            cache.encode(texts=corpus, task="document", prompt=prompts.document, **encode),
+            cache.encode(texts=self.scored_texts(), task="query", prompt=prompts.query, **encode),
+        )
+
+    def score_embeddings(self, queries, documents, transform=None, split: str = "test", batch_size=64) -> dict:
+        """The evaluator's metrics from embeddings :meth:`embed` returned, queries through ``transform``."""
+        corpus = list(self.data.corpus.values())
+        lookup = EmbeddingLookup(self.scored_texts(), queries, corpus, documents, transform)
+        return evaluate(self.evaluator(split, batch_size=batch_size), lookup, corpus_embeddings=documents)
 
     def evaluator(
         self, split: str = "test", query_prompt: str | None = None, corpus_prompt: str | None = None, batch_size=64

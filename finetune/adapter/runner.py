@@ -73,15 +73,7 @@ class AdapterRun:
         # eval.also: each extra set's corpus and queries are cached like the training data's
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
-        self.extra_embeddings = [
-            (
-                cache.encode(
-                    texts=list(x.data.corpus.values()), task="document", prompt=self.prompts.document, **encode
-                ),
-                cache.encode(texts=x.scored_texts(), task="query", prompt=self.prompts.query, **encode),
-            )
-            for x in self.extra
-        ]
+        self.extra_embeddings = [x.embed(cache, self.prompts, encode) for x in self.extra]
         self.encode_seconds = time.perf_counter() - t0
         pool = self._negative_pool(cache, encode)
         # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
@@ -237,9 +229,7 @@ class AdapterRun:
         """The evaluator's metrics on an ``eval.also`` set's test (or val) split, queries through ``adapter``."""
         documents, queries = self.extra_embeddings[self.extra.index(extra)]
         transform = None if adapter is None else (lambda q: adapter(q.to(self.device)).cpu())
-        lookup = EmbeddingLookup(extra.scored_texts(), queries, list(extra.data.corpus.values()), documents, transform)
-        evaluator = extra.evaluator(split, batch_size=self.recipe.model.batch_size)
-        return evaluate(evaluator, lookup, corpus_embeddings=documents)
+        return extra.score_embeddings(queries, documents, transform, split, self.recipe.model.batch_size)
 
     def _check_export(self, exported, adapter) -> float:
         """The exported model, with its own saved prompts, must give the toolkit's adapted query

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from finetune.cache import EmbeddingCache
-from finetune.evaluation import EmbeddingLookup, evaluate
 from finetune.extra_sets import ExtraSet, score_extra_sets
 from finetune.models import FrozenEncoder
 
@@ -28,36 +27,26 @@ class CrossExtraSets:
 
     def __init__(self, sets: list[ExtraSet], both: bool):
         self.sets, self.both = sets, both
-        self.embeddings: dict[str, list[dict[str, torch.Tensor]]] = {"small": [], "large": []}
+        # side -> one (documents, queries) pair per set
+        self.embeddings: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"small": [], "large": []}
 
     def embed(self, side: str, encoder: FrozenEncoder, cache: EmbeddingCache, encode: dict) -> None:
         """Embed every set's corpus and scored queries with one encoder (``side``: small or large)."""
-        for x in self.sets:
-            self.embeddings[side].append(
-                {
-                    "docs": cache.encode(
-                        texts=list(x.data.corpus.values()), task="document", prompt=encoder.prompts.document, **encode
-                    ),
-                    "queries": cache.encode(
-                        texts=x.scored_texts(), task="query", prompt=encoder.prompts.query, **encode
-                    ),
-                }
-            )
+        self.embeddings[side] = [x.embed(cache, encoder.prompts, encode) for x in self.sets]
 
     def score(self, projection, device: str) -> dict[str, dict]:
         """``metrics.json["also"]``: each set's base (small model), tuned (projection) and large-model rows."""
 
         def one(x: ExtraSet, which: str) -> dict:
             i = self.sets.index(x)
-            small, large = self.embeddings["small"][i], self.embeddings["large"][i]
-            queries, docs, transform = small["queries"], small["docs"], None
+            small_docs, small_queries = self.embeddings["small"][i]
+            large_docs, large_queries = self.embeddings["large"][i]
             if which == "large_model_alone":
-                queries, docs = large["queries"], large["docs"]
-            elif which == "tuned":
-                queries = torch.cat([large["queries"], small["queries"]], 1) if self.both else large["queries"]
-                transform = lambda q: projection(q.to(device)).cpu()  # noqa: E731
-            lookup = EmbeddingLookup(x.scored_texts(), queries, list(x.data.corpus.values()), docs, transform)
-            return evaluate(x.evaluator("test"), lookup, corpus_embeddings=docs)
+                return x.score_embeddings(large_queries, large_docs)
+            if which == "base":
+                return x.score_embeddings(small_queries, small_docs)
+            queries = torch.cat([large_queries, small_queries], 1) if self.both else large_queries
+            return x.score_embeddings(queries, small_docs, lambda q: projection(q.to(device)).cpu())
 
         with torch.no_grad():
             return score_extra_sets(self.sets, one, ROWS)
