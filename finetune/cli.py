@@ -1,4 +1,4 @@
-"""Command line: ``python -m finetune run|validate RECIPE [key.sub=value ...]``."""
+"""Command line: ``python -m finetune run|validate|plan RECIPE [key.sub=value ...]``, compare, sweep, synth."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+    plan = sub.add_parser(
+        "plan", help="predict a qlora recipe's peak GPU memory (nf4 LoRA, 16-bit LoRA, full); no GPU, no weights"
+    )
+    plan.add_argument("recipe", help="a qlora recipe YAML, e.g. recipes/qlora.yaml")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.batch_size=128")
+    plan.add_argument("--gpu-memory", help="e.g. 16GiB: also print the largest batch (or mini-batch) that fits")
+    plan.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sweep = sub.add_parser(
         "sweep", help="run a grid of settings, choose on validation, score the chosen point's test split once"
     )
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow an option (run R --resume DIR train.lr=0.1); anything else is an error
     if extra and (
-        args.command not in ("run", "validate") or not all("=" in e and not e.startswith("-") for e in extra)
+        args.command not in ("run", "validate", "plan") or not all("=" in e and not e.startswith("-") for e in extra)
     ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             return _validate(recipe, args)
+        if args.command == "plan":
+            return _plan(recipe, args)
         from finetune.qlora.backend import preload_unsloth
 
         preload_unsloth(recipe)  # before run imports transformers
@@ -170,6 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _plan(recipe, args) -> int:
+    from finetune.memory.command import parse_memory, plan_table
+
+    if recipe.kind != "qlora":
+        raise FinetuneError(
+            f"plan predicts encoder training memory; a {recipe.kind} recipe trains on cached embeddings, so use a "
+            "kind: qlora recipe",
+            where=args.recipe,
+        )
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    print(plan_table(recipe, memory))
+    return 0
 
 
 def _compare(args) -> int:

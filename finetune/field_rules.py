@@ -228,6 +228,29 @@ RULES: list[Rule] = [
         ("loss.type=triplet", "loss.temperature=0.1"),
         kinds=("adapter", "cross_adapter"),
     ),
+    Rule(
+        "loss.mini_batch_size",
+        lambda r: r.loss.cached,
+        "loss.cached is true (the plain loss takes the whole batch at once)",
+        ("loss.mini_batch_size=8",),
+        "or set loss.cached=true",
+        kinds=("qlora",),
+    ),
+    Rule(
+        "loss.matryoshka_dims",
+        lambda r: r.loss.type == "mnrl",
+        "loss.type is mnrl (the nested loss truncates and renormalises the InfoNCE embeddings)",
+        ("loss.type=triplet", "negatives.strategy=random", "loss.matryoshka_dims=[8]"),
+        kinds=("adapter",),
+    ),
+    Rule(
+        "loss.matryoshka_dims",
+        lambda r: False,
+        "the recipe trains a projection into a fixed document index (cross_adapter has no nested loss)",
+        ("loss.matryoshka_dims=[8]",),
+        "and train Matryoshka with kind: adapter or qlora",
+        kinds=("cross_adapter",),
+    ),
     *(
         Rule(
             f"alignment.{f}",
@@ -373,6 +396,8 @@ ALWAYS: set[str] = {
     "cache.enabled",
     "adapter.type",
     "loss.type",
+    "loss.cached",
+    "loss.matryoshka_dims",  # qlora (adapter and cross_adapter: RULES)
     "projection.type",
     "projection.input",
     "mode",

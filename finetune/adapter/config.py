@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune.config import CacheConfig, NegativesConfig, RecipeBase, Section
+from finetune.matryoshka import check_matryoshka_dims
 
 
 class AdapterConfig(Section):
@@ -29,6 +30,14 @@ class LossConfig(Section):
     type: Literal["triplet", "mnrl"] = "mnrl"
     margin: float = Field(0.2, gt=0.0)
     temperature: float = Field(0.05, gt=0.0)
+    matryoshka_dims: list[int] | None = Field(
+        None, description="mnrl: also take the loss on query and document embeddings truncated to each size"
+    )
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _decreasing(cls, value):
+        return check_matryoshka_dims(value)
 
 
 class AdapterTrainConfig(Section):

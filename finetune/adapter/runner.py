@@ -20,6 +20,7 @@ from finetune.data.readers import read_rows
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
+from finetune.matryoshka import check_against_dimension, dims_line, ndcg_by_dimension
 from finetune.merge_scale import check_can_choose_scale, choose_scale, merge_line, plot_tradeoff, scale_adapter
 from finetune.models import load_frozen_encoder
 from finetune.splits import Splits
@@ -70,6 +71,7 @@ class AdapterRun:
             texts=[data.corpus[d] for d in self.doc_ids], task="document", prompt=self.prompts.document, **encode
         )
         self.queries = cache.encode(texts=self.query_texts, task="query", prompt=self.prompts.query, **encode)
+        check_against_dimension(recipe.loss.matryoshka_dims, self.documents.shape[1], recipe.model.name)
         # eval.also: each extra set's corpus and queries are cached like the training data's
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
@@ -158,6 +160,7 @@ class AdapterRun:
         train_seconds = time.perf_counter() - t0
         adapter, merge = self._merge(adapter, run_dir, test)
         tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
+        matryoshka = self._by_dimension(adapter) if recipe.loss.matryoshka_dims else None
         t0 = time.perf_counter()
         also = score_extra_sets(
             self.extra, lambda x, which: self._score_extra(x, adapter if which == "tuned" else None)
@@ -185,6 +188,7 @@ class AdapterRun:
             "export_max_abs_diff": drift,
             "also": also,
             "merge": merge,
+            "matryoshka": matryoshka,
             "seconds": {
                 "encode": self.encode_seconds,
                 "train": train_seconds,
@@ -192,6 +196,18 @@ class AdapterRun:
                 "evaluate_also": also_seconds,
             },
         }
+
+    def _by_dimension(self, adapter) -> dict:
+        """Test NDCG@10 at each ``loss.matryoshka_dims`` size, base and tuned (truncated, not re-encoded)."""
+        rows = torch.tensor([self._row_of_text[self.data.queries[q]] for q in self.splits.test], dtype=torch.long)
+        with torch.no_grad():
+            tuned = adapter(self.queries[rows].to(self.device)).cpu()
+        scores = {
+            which: ndcg_by_dimension(self.data, self.splits.test, q, self.documents, self.recipe.loss.matryoshka_dims)
+            for which, q in (("base", self.queries[rows]), ("tuned", tuned))
+        }
+        self.echo(dims_line(scores["base"], scores["tuned"]))
+        return scores
 
     def _merge(self, adapter, run_dir: Path, test) -> tuple[torch.nn.Module, dict]:
         """The adapter at ``merge.scale`` (``auto``: chosen on validation), and the choice with its grid.

@@ -16,6 +16,7 @@ from finetune.adapter.config import AdapterTrainConfig, LossConfig
 from finetune.adapter.losses import infonce_loss, triplet_loss
 from finetune.adapter.negatives import NegativeSampler
 from finetune.errors import FinetuneError
+from finetune.matryoshka import truncate
 
 logger = logging.getLogger(__name__)
 
@@ -214,4 +215,10 @@ class LossStep:
         )  # the batch's positives first, then its negatives
         cand_rows = torch.cat([d_rows, neg_rows.reshape(-1).to(d_rows.device)])
         exclude = in_batch_exclusions(q_rows, cand_rows, self.relevant, len(self.documents))
-        return infonce_loss(q, candidates, exclude, self.config.temperature)
+        if not self.config.matryoshka_dims:
+            return infonce_loss(q, candidates, exclude, self.config.temperature)
+        # Matryoshka: the same InfoNCE on each truncated, renormalised prefix, weighted equally
+        dims = self.config.matryoshka_dims
+        return sum(
+            infonce_loss(truncate(q, d), truncate(candidates, d), exclude, self.config.temperature) for d in dims
+        ) / len(dims)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.memory.activations import set_checkpointing
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.stack import override_pooling, set_head_trainable
 from finetune.qlora.targets import auto_targets, requested_targets, summarise
@@ -161,7 +162,25 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
     if quantize and recipe.method == "lora":
         targets = _add_lora(model, recipe)
         set_head_trainable(model, recipe.lora.train_head)
+    if quantize and recipe.train.gradient_checkpointing:
+        enable_checkpointing(model)
     return model, targets
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing on the transformer, the same way for nf4 LoRA, 16-bit LoRA and full.
+
+    Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings
+    (LoRA) work without peft's input hook, and the trainer's own switch is not needed.
+    """
+    auto_model = model[0].auto_model
+    if not getattr(auto_model, "supports_gradient_checkpointing", False):
+        raise FinetuneError(
+            f"{type(auto_model).__name__} does not support gradient checkpointing; set "
+            "train.gradient_checkpointing=false",
+            where="recipe: train.gradient_checkpointing",
+        )
+    set_checkpointing(auto_model, True)
 
 
 def _keep_cpu_weights_trainable(model) -> None:
@@ -194,7 +213,8 @@ def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
     auto_model = model[0].auto_model
     targets = lora_targets(model, recipe)
     if recipe.quantization == "nf4":
-        prepare_model_for_kbit_training(auto_model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        # checkpointing is switched on after LoRA, for every method alike (enable_checkpointing)
+        prepare_model_for_kbit_training(auto_model, use_gradient_checkpointing=False)
     model.add_adapter(
         LoraConfig(
             task_type=TaskType.FEATURE_EXTRACTION,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune.config import NegativesConfig, RecipeBase, Section
+from finetune.matryoshka import check_matryoshka_dims
 
 
 class LoraSection(Section):
@@ -30,6 +31,50 @@ class LoraSection(Section):
     )
 
 
+class EncoderLossConfig(Section):
+    """The training loss: ``MultipleNegativesRankingLoss``, optionally cached and/or Matryoshka.
+
+    ``cached: true`` uses ``CachedMultipleNegativesRankingLoss`` (GradCache): the logical batch
+    ``train.batch_size`` (every other text in it is a negative) is embedded without gradients,
+    then back-propagated ``mini_batch_size`` texts at a time, so memory follows the mini-batch
+    and the result is the plain loss's. ``mini_batch_size: auto`` takes the largest that the
+    memory planner (:mod:`finetune.memory`) fits in the device's free memory.
+
+    ``matryoshka_dims`` wraps the loss in ``MatryoshkaLoss``: the loss is also taken on the
+    embedding truncated to each size, so a truncated index keeps working; the run then reports
+    NDCG@10 at each size for the base and the tuned model.
+    """
+
+    cached: bool = False
+    mini_batch_size: int | Literal["auto"] | None = Field(
+        None,
+        description="cached: texts per forward/backward pass (memory), or auto (the planner's); default 32, or "
+        "train.batch_size if smaller",
+    )
+    matryoshka_dims: list[int] | None = Field(
+        None, description="e.g. [384, 256, 128, 64]: decreasing sizes, the first at most the model's dimension"
+    )
+
+    @field_validator("mini_batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value not in (None, "auto") and value < 1:
+            raise ValueError(f"mini_batch_size must be a positive number or auto, got {value}")
+        return value
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _decreasing(cls, value):
+        return check_matryoshka_dims(value)
+
+
+def mini_batch_of(recipe) -> int | None:
+    """The cached loss's mini-batch as set (``auto`` excepted): 32 or the batch, whichever is smaller, by default."""
+    if not recipe.loss.cached or recipe.loss.mini_batch_size == "auto":
+        return None
+    return recipe.loss.mini_batch_size or min(32, recipe.train.batch_size)
+
+
 class QLoRATrainConfig(Section):
     """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
 
@@ -45,7 +90,9 @@ class QLoRATrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="keep only each layer's input, recompute the rest in backward (less memory, ~30% slower)"
+    )
     eval_steps: int = Field(50, gt=0, description="evaluate and save every N steps")
     save_total_limit: int = Field(2, gt=0)
     load_best_model_at_end: bool = True
@@ -74,6 +121,7 @@ class QLoRARecipe(RecipeBase):
         "auto", description="auto: the checkpoint's own pooling; another value replaces it (the run says so)"
     )
     lora: LoraSection = LoraSection()
+    loss: EncoderLossConfig = EncoderLossConfig()
     negatives: NegativesConfig = NegativesConfig(strategy="none")
     train: QLoRATrainConfig = QLoRATrainConfig()
 
@@ -94,5 +142,11 @@ class QLoRARecipe(RecipeBase):
             raise ValueError(
                 "merge.scale scales the LoRA delta, and a fully trained head has no delta; set lora.train_head: "
                 "false or merge.scale: 1"
+            )
+        mini = self.loss.mini_batch_size
+        if self.loss.cached and mini not in (None, "auto") and mini > self.train.batch_size:
+            raise ValueError(
+                f"loss.mini_batch_size {self.loss.mini_batch_size} is larger than train.batch_size "
+                f"{self.train.batch_size}; the mini-batch is a slice of the batch: lower it, or raise train.batch_size"
             )
         return self

@@ -15,6 +15,8 @@ from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
+from finetune.matryoshka import check_against_dimension, dims_line, model_ndcg_by_dimension
+from finetune.memory.recipe_plan import plan_recipe
 from finetune.merge_scale import (
     check_can_choose_scale,
     choose_scale,
@@ -26,7 +28,8 @@ from finetune.merge_scale import (
 )
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
-from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.config import QLoRARecipe, mini_batch_of
+from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
 from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
@@ -58,7 +61,11 @@ class QLoRARun:
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.choice = select_backend(recipe, device)
+        self.memory, self.mini_batch_size = self._plan_memory()
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
+        check_against_dimension(
+            recipe.loss.matryoshka_dims, self.reference.get_sentence_embedding_dimension(), recipe.model.name
+        )
         self.checkpoint_pooling = pooling_mode(self.reference)
         self.pooling_overridden = recipe.pooling != "auto" and recipe.pooling != self.checkpoint_pooling
         self.fidelity = self._check_stack()
@@ -67,6 +74,30 @@ class QLoRARun:
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
         self._say_what_runs(resolved)
+
+    def _plan_memory(self):
+        """The planner's estimate (printed first on a GPU) and the mini-batch size, ``auto`` resolved."""
+        mini, auto = mini_batch_of(self.recipe), self.recipe.loss.mini_batch_size == "auto"
+        if not (self.device == "cuda" or (self.recipe.loss.cached and auto)):
+            return None, mini
+        try:
+            plan = plan_recipe(self.recipe, self.device)
+        except FinetuneError:
+            raise
+        except Exception as exc:  # an architecture the meta-device count cannot run: the run goes on without it
+            if self.recipe.loss.cached and auto:
+                raise FinetuneError(
+                    f"auto needs the memory planner, which failed on this model ({type(exc).__name__}: {exc}); "
+                    "set a number",
+                    where="recipe: loss.mini_batch_size",
+                ) from None
+            self.echo(f"memory plan: not available for this model ({type(exc).__name__})")
+            return None, mini
+        self.echo(plan.line())
+        if self.recipe.loss.cached and auto:
+            mini = plan.setup.mini_batch_size
+            self.echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
+        return plan, mini
 
     def _sample(self) -> tuple[list[str], list[str]]:
         """A few of the run's own train queries and their documents, for the fidelity checks."""
@@ -113,7 +144,8 @@ class QLoRARun:
         targets = f"; LoRA on {summarise(self.lora_targets)}" if self.lora_targets else ""
         self.echo(
             f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
-            f"({100 * self.trainable / self.total:.2f}%){targets}"
+            f"({100 * self.trainable / self.total:.2f}%){targets}; loss {describe_loss(r.loss, self.mini_batch_size)}"
+            f"{'; gradient checkpointing' if r.train.gradient_checkpointing else ''}"
         )
         self.echo(
             f"model: {resolved.source} {resolved.path}: {describe_stack(self.model)}; pooling {pooling}; head "
@@ -211,7 +243,6 @@ class QLoRARun:
             logging_nan_inf_filter=False,
             ddp_find_unused_parameters=False,
             ddp_backend="gloo" if distributed.world_size() > 1 and self.device == "cpu" else None,
-            **({"gradient_checkpointing": True} if t.gradient_checkpointing and self.recipe.method == "full" else {}),
         )
 
     def fit(self, run_dir: Path, resume: bool = False) -> dict:
@@ -227,6 +258,7 @@ class QLoRARun:
         t0 = time.perf_counter()
         also_base = {x.label: evaluate(self._extra_evaluator(x), self.reference) for x in self.extra}
         also_seconds = time.perf_counter() - t0
+        dims_base = self._by_dimension(self.reference)
         interpolating = self.recipe.method == "full" and self.recipe.merge.scale != 1.0
         base_state = (
             {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if interpolating else None
@@ -268,6 +300,9 @@ class QLoRARun:
         }
         also = score_extra_sets(self.extra, lambda x, which: scores[which][x.label])
         also_seconds += time.perf_counter() - t0
+        matryoshka = {"base": dims_base, "tuned": self._by_dimension(merged)} if dims_base else None
+        if matryoshka:
+            self.echo(dims_line(dims_base, matryoshka["tuned"]))
         precision, optimizer = self._precision_and_optimizer()
         return {
             "base": base,
@@ -296,6 +331,9 @@ class QLoRARun:
             "log_history": trainer.state.log_history,
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "peak_gpu_mb": gpu_peak,
+            "memory_plan": self.memory.record(gpu_peak) if self.memory else None,
+            "loss": describe_loss(self.recipe.loss, self.mini_batch_size),
+            "matryoshka": matryoshka,
             "gpu": torch.cuda.get_device_name() if self.device == "cuda" else None,
             "precision": precision,
             "optimizer": optimizer,
@@ -374,14 +412,21 @@ class QLoRARun:
             "test_at_scale_1": unscaled,
         }
 
+    def _by_dimension(self, model) -> dict | None:
+        """Test NDCG@10 at each ``loss.matryoshka_dims`` size (encoded once, truncated), or None."""
+        dims = self.recipe.loss.matryoshka_dims
+        if not dims:
+            return None
+        return model_ndcg_by_dimension(
+            model, self.data, self.splits.test, self.prompts, dims, self.recipe.model.batch_size
+        )
+
     def _extra_evaluator(self, extra: ExtraSet, split: str = "test"):
         """The shared evaluator over an ``eval.also`` set's test (or val) split and full corpus."""
         return extra.evaluator(split, self.prompts.query, self.prompts.document, self.recipe.model.batch_size)
 
     def _train(self, run_dir: Path, resume: bool):
         """Train with MNRL (the no-duplicates sampler; validation NDCG@10 every ``eval_steps``)."""
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
         val = self._evaluator(self.splits.val, "val") if self.splits.val else None
         dataset = self._train_dataset()
         trainer = FinetuneTrainer(
@@ -389,7 +434,7 @@ class QLoRARun:
             model=self.model,
             args=self._arguments(run_dir / "checkpoints", val is not None, dataset.column_names, len(dataset)),
             train_dataset=dataset,
-            loss=MultipleNegativesRankingLoss(self.model, gather_across_devices=distributed.world_size() > 1),
+            loss=build_loss(self.model, self.recipe.loss, self.mini_batch_size, gather=distributed.world_size() > 1),
             evaluator=val,
         )
         timer = StepTimer(cuda=self.device == "cuda")

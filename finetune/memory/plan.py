@@ -1,0 +1,247 @@
+"""Predict an encoder fine-tune's peak GPU memory before the run, from the model's config alone.
+
+Peak = weights + what trains (parameters, gradients, optimizer state) + activations kept for
+backward + the loss's embedding buffers. Every term is counted on the encoder built on the
+``meta`` device (:mod:`finetune.memory.activations`): parameter shapes give the weight and
+optimizer bytes exactly, a forward pass gives the activation bytes; no weights are loaded.
+
+What each method holds (as this toolkit builds them; see :mod:`finetune.qlora.backend`):
+
+- ``nf4``: every ``nn.Linear`` weight in 4 bits (half a byte) plus its block scales (one
+  float32 per 64 weights, or with double quantisation one byte per 64 and a float32 per 256
+  blocks), as bitsandbytes stores them; the other parameters in float32, because peft's k-bit
+  preparation upcasts them, and so does the residual stream: activations are counted in
+  float32. LoRA in float32.
+- ``lora16``: the checkpoint in the compute dtype (bf16), LoRA in float32.
+- ``full``: float32 master weights, autocast's bf16 copies of the linear weights during the
+  step, float32 gradients.
+
+Optimizer state per trained tensor: AdamW 8 bytes per value; 8-bit AdamW (bitsandbytes) 2 bytes
+plus a float32 scale per 256 values for each of its two states, and 8 bytes for tensors under
+4,096 values, which it keeps in 32 bits.
+
+Example:
+    >>> from transformers import BertConfig
+    >>> shape = EncoderShape(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    ...                                 intermediate_size=128), dim=64)
+    >>> setup = Setup(batch_size=32, seq_length=128)
+    >>> estimate(shape, "nf4", setup).total < estimate(shape, "full", setup).total
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+
+from finetune.memory.activations import ActivationProfile, layer_count, meta_encoder, profile
+
+METHODS = {"nf4": "nf4 LoRA", "lora16": "16-bit LoRA", "full": "full"}
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps smaller tensors' optimizer state in 32 bits
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a training step looks like.
+
+    Args:
+        batch_size: The logical batch (MNRL's in-batch negatives).
+        seq_length: Tokens per text; the plan assumes every text is this long (no padding).
+        columns: Texts per example: anchor, positive and each negative.
+        checkpointing: Gradient checkpointing on every layer.
+        cached: ``CachedMultipleNegativesRankingLoss``: gradients flow through ``mini_batch_size`` texts at a time.
+        mini_batch_size: For the cached loss.
+        optimizer: ``adamw_8bit``, ``paged_adamw_8bit`` or ``adamw_torch``.
+        dtype: The compute dtype: ``bfloat16``/``float16`` (a GPU: the base of 16-bit LoRA is held in it and
+            full fine-tuning runs under autocast) or ``float32`` (a CPU: everything in float32).
+        double_quant: nf4 with double quantisation of the block scales.
+        lora_r: LoRA rank.
+        lora_targets: ``auto`` or names, as ``lora.target_modules``.
+    """
+
+    batch_size: int
+    seq_length: int
+    columns: int = 2
+    checkpointing: bool = False
+    cached: bool = False
+    mini_batch_size: int | None = None
+    optimizer: str = "adamw_8bit"
+    dtype: str = "bfloat16"
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "auto"
+
+    @property
+    def live_sequences(self) -> int:
+        """Sequences whose activations are alive at once: the whole step's, or one mini-batch's."""
+        return self.mini_batch_size if self.cached else self.batch_size * self.columns
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted peak bytes of one method, by part."""
+
+    method: str
+    weights: int
+    trainable: int  # trained parameters (LoRA), their gradients and the optimizer state
+    activations: int
+    loss_buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable + self.activations + self.loss_buffers
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "weights": self.weights,
+            "trainable_and_optimizer": self.trainable,
+            "activations": self.activations,
+            "loss_buffers": self.loss_buffers,
+            "total": self.total,
+        }
+
+
+class EncoderShape:
+    """An encoder's parameter inventory and activation profiles, from its config, on the meta device.
+
+    Args:
+        config: A ``transformers`` config.
+        dim: The sentence embedding's size (after any Dense head).
+        name: For the printed plan.
+    """
+
+    def __init__(self, config, dim: int, name: str = ""):
+        self.config, self.dim, self.name = config, dim, name or getattr(config, "model_type", "model")
+        self._profiles: dict[tuple, ActivationProfile] = {}
+
+    @cached_property
+    def _meta(self):
+        return meta_encoder(self.config, torch.bfloat16)
+
+    @cached_property
+    def tensors(self) -> list[tuple[str, tuple[int, ...], bool]]:
+        """(name, shape, is a Linear weight) for every parameter."""
+        linear = {f"{n}.weight" for n, m in self._meta.named_modules() if isinstance(m, torch.nn.Linear)}
+        return [(n, tuple(p.shape), n in linear) for n, p in self._meta.named_parameters()]
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(s) for _, s, _ in self.tensors)
+
+    @property
+    def layers(self) -> int:
+        return layer_count(self.config)
+
+    def lora_tensors(self, setup: Setup) -> list[int]:
+        """Sizes of the LoRA A and B matrices the recipe's targets add."""
+        names = self.lora_targets(setup)
+        modules = dict(self._meta.named_modules())
+        return [
+            n for t in names for n in (setup.lora_r * modules[t].in_features, modules[t].out_features * setup.lora_r)
+        ]
+
+    def lora_targets(self, setup: Setup) -> list[str]:
+        from finetune.qlora.targets import auto_targets, requested_targets
+
+        if setup.lora_targets == "auto":
+            return auto_targets(self._meta, getattr(self.config, "model_type", None))[0]
+        return requested_targets(self._meta, list(setup.lora_targets))
+
+    def profile(self, method: str, setup: Setup) -> ActivationProfile:
+        key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype)
+        if key not in self._profiles:
+            dtype = torch.float32 if method == "nf4" else getattr(torch, setup.dtype)
+            lora = None if method == "full" else (self.lora_targets(setup), setup.lora_r)
+            self._profiles[key] = profile(
+                self.config, dtype, setup.seq_length, "full" if method == "full" else "lora", lora
+            )
+        return self._profiles[key]
+
+
+def weight_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
+    """Bytes of the model's own weights as the method holds them (LoRA not included)."""
+    half = setup.dtype != "float32"
+    if method == "full":  # float32 masters (+ autocast's 16-bit copies of the linear weights)
+        return sum(4 * math.prod(s) + (2 * math.prod(s) if linear and half else 0) for _, s, linear in shape.tensors)
+    if method == "lora16":
+        return (2 if half else 4) * shape.parameters
+    total = 0
+    for _, s, linear in shape.tensors:
+        n = math.prod(s)
+        if not linear:
+            total += 4 * n
+            continue
+        blocks = math.ceil(n / 64)
+        # scales: uint8 per block, a float32 per 256 blocks, their 256-entry code and offset; else float32 per block
+        scales = blocks + 4 * math.ceil(blocks / 256) + 1028 if setup.double_quant else 4 * blocks
+        total += math.ceil(n / 2) + scales + 64  # + the 16-entry NF4 code
+    return total
+
+
+def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
+    """Optimizer state for trained tensors of ``sizes`` values each."""
+    if optimizer == "adamw_torch":
+        return sum(8 * n for n in sizes)
+    return sum(2 * n + 8 * math.ceil(n / 256) if n >= BNB_MIN_8BIT else 8 * n for n in sizes)
+
+
+def trainable_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
+    """Trained parameters (LoRA: float32), their float32 gradients, and the optimizer state."""
+    if method == "full":
+        sizes = [math.prod(s) for _, s, _ in shape.tensors]
+        return 4 * sum(sizes) + optimizer_bytes(sizes, setup.optimizer)  # the parameters are in weight_bytes
+    sizes = shape.lora_tensors(setup)
+    return 8 * sum(sizes) + optimizer_bytes(sizes, setup.optimizer)
+
+
+def activation_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
+    """Activations kept for backward, plus one checkpointed layer's recomputation."""
+    p = shape.profile(method, setup)
+    recomputing = setup.mini_batch_size if setup.cached else setup.batch_size  # one column at a time
+    return setup.live_sequences * p.kept(setup.checkpointing) + recomputing * p.recompute(setup.checkpointing)
+
+
+def loss_bytes(shape: EncoderShape, setup: Setup) -> int:
+    """The loss's float32 embeddings (and, cached, their gradients) and its similarity matrix with softmax."""
+    texts = setup.batch_size * setup.columns
+    similarity = 2 * 4 * setup.batch_size * setup.batch_size * (setup.columns - 1)
+    return 4 * texts * shape.dim * (2 if setup.cached else 1) + similarity
+
+
+def estimate(shape: EncoderShape, method: str, setup: Setup) -> Estimate:
+    """Predicted peak memory of one training step of ``method`` (``nf4``, ``lora16``, ``full``)."""
+    return Estimate(
+        method=method,
+        weights=weight_bytes(shape, method, setup),
+        trainable=trainable_bytes(shape, method, setup),
+        activations=activation_bytes(shape, method, setup),
+        loss_buffers=loss_bytes(shape, setup),
+    )
+
+
+def largest_fit(shape: EncoderShape, method: str, setup: Setup, memory: int) -> int | None:
+    """The largest batch (plain loss) or ``mini_batch_size`` (cached loss, at the setup's batch) whose
+    estimate fits ``memory`` bytes; ``None`` when even 2 (plain) or 1 (cached) does not."""
+    if setup.cached:
+
+        def at(n):
+            return replace(setup, mini_batch_size=n)
+
+        low, high = 1, setup.batch_size
+    else:
+
+        def at(n):
+            return replace(setup, batch_size=n)
+
+        low, high = 2, 1 << 16
+    if estimate(shape, method, at(low)).total > memory:
+        return None
+    while low < high:  # memory grows with the batch: bisect for the last size that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if estimate(shape, method, at(mid)).total <= memory else (low, mid - 1)
+    return low

@@ -1,0 +1,303 @@
+"""The memory planner (``finetune.memory``), the cached and Matryoshka losses, and checkpointing in every path."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import adapter_recipe, qlora_recipe
+
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.memory.activations import _count_saved, meta_encoder, profile
+from finetune.memory.plan import EncoderShape, Setup, estimate, largest_fit, optimizer_bytes, weight_bytes
+from finetune.memory.recipe_plan import shape_of
+from finetune.qlora.backend import build_encoder, select_backend
+from finetune.recipe import validate_recipe
+
+COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
+
+
+def _recipe(model_path, pairs_file, tmp_path, **top):
+    raw = qlora_recipe({"path": str(pairs_file), "columns": COLUMNS}, model_path, tmp_path)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return validate_recipe(raw)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _nf4_bytes(auto_model) -> int:
+    """What bitsandbytes actually holds for a 4-bit model: packed weights, scales, codes, other parameters."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for path, module in auto_model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if "lora_" in f"{path}.{name}":
+                continue
+            total += p.numel() * p.element_size()
+            state = getattr(p, "quant_state", None)
+            if isinstance(module, bnb.nn.Linear4bit) and name == "weight" and state is not None:
+                total += _bytes([state.absmax, state.code])
+                if state.nested:
+                    total += _bytes([state.state2.absmax, state.state2.code]) + 4  # + the float32 offset
+    return total
+
+
+@pytest.mark.parametrize("quantization,method", [("nf4", "lora"), ("none", "lora"), ("none", "full")])
+def test_planned_weight_and_lora_bytes_equal_the_built_models(tiny_model, pairs_file, tmp_path, quantization, method):
+    recipe = _recipe(tiny_model, pairs_file, tmp_path, quantization=quantization, method=method)
+    model, _ = build_encoder(recipe, select_backend(recipe, "cpu"))
+    shape, _ = shape_of(recipe.model)
+    setup = Setup(batch_size=8, seq_length=64, dtype="float32")  # a CPU run: everything in float32
+    planned = weight_bytes(
+        shape, {"nf4": "nf4", "none": "lora16"}[quantization] if method == "lora" else "full", setup
+    )
+    auto_model = model[0].auto_model
+    if quantization == "nf4":
+        assert planned == _nf4_bytes(auto_model)
+    else:
+        assert planned == _bytes(p for n, p in auto_model.named_parameters() if "lora_" not in n)
+    if method == "lora":
+        lora = sorted(p.numel() for n, p in auto_model.named_parameters() if "lora_" in n)
+        assert sorted(shape.lora_tensors(setup)) == lora
+
+
+def test_planned_adamw_state_equals_torch_adamw(tiny_model, pairs_file, tmp_path):
+    recipe = _recipe(tiny_model, pairs_file, tmp_path)
+    model, _ = build_encoder(recipe, select_backend(recipe, "cpu"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained)
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert optimizer_bytes([p.numel() for p in trained], "adamw_torch") == _bytes(state)
+
+
+def test_meta_count_equals_the_count_on_real_tensors(tiny_model):
+    """The meta-device count (views folded by object) equals the count over real CPU tensors (by storage)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    meta = meta_encoder(config, torch.float32)
+    real = type(meta)(meta.config)  # same class, same attention stand-in, real random weights
+    counted = []
+    for model in (meta, real):
+        model.requires_grad_(True)
+        if model is real:
+            seen, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+            def pack(t, seen=seen):
+                seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(input_ids=torch.zeros(1, 48, dtype=torch.long))
+            counted.append(sum(v for k, v in seen.items() if k not in params))
+        else:
+            counted.append(_count_saved(model, 48))
+    assert counted[0] == counted[1] > 0
+
+
+def test_activation_profile_checkpointing_and_lora(tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    full = profile(config, torch.float32, 64, "full")
+    lora = profile(config, torch.float32, 64, "lora", (["query", "value"], 4))
+    assert full.checkpointed < full.total and full.per_layer > 0
+    assert lora.total < full.total  # frozen layers without LoRA keep nothing for their weights
+    assert profile(config, torch.float32, 32, "full").total < full.total
+
+
+def test_estimate_grows_with_batch_and_largest_fit_is_tight(tiny_model):
+    from transformers import AutoConfig
+
+    shape = EncoderShape(AutoConfig.from_pretrained(str(tiny_model)), dim=32)
+    setup = Setup(batch_size=16, seq_length=64)
+    totals = [estimate(shape, "nf4", replace(setup, batch_size=b)).total for b in (2, 4, 8)]
+    assert totals == sorted(totals) and len(set(totals)) == 3
+    memory = estimate(shape, "nf4", replace(setup, batch_size=37)).total
+    assert largest_fit(shape, "nf4", setup, memory) == 37
+    cached = replace(setup, cached=True, mini_batch_size=1, checkpointing=True)
+    assert largest_fit(shape, "nf4", cached, estimate(shape, "nf4", replace(cached, mini_batch_size=5)).total) == 5
+    assert estimate(shape, "lora16", cached).activations < estimate(shape, "lora16", setup).activations
+    assert largest_fit(shape, "nf4", setup, 1000) is None
+
+
+def test_plan_command_prints_every_method_and_what_fits(tiny_model, pairs_file, tmp_path, capsys):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(json.dumps(qlora_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)))
+    assert main(["plan", str(recipe), "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("nf4 LoRA", "16-bit LoRA", "full"))]
+    assert len(rows) == 3 and rows[0].endswith("<- the recipe") and all("batch" in r for r in rows)
+    assert main(["plan", str(recipe), "loss.cached=true", "loss.mini_batch_size=2", "--gpu-memory", "1GiB"]) == 0
+    assert "mini-batch 8" in capsys.readouterr().out  # the whole logical batch fits
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a memory size"),
+        (["--gpu-memory", "0.0001GiB"], "cannot hold nf4 LoRA even at batch 2"),
+        (["loss.cached=true", "loss.mini_batch_size=9"], "loss.mini_batch_size 9 is larger than train.batch_size 8"),
+        (["loss.mini_batch_size=4"], "has no effect unless loss.cached is true"),
+        (["loss.matryoshka_dims=[16,32]"], "decreasing"),
+    ],
+)
+def test_plan_bad_input_is_one_line(tiny_model, pairs_file, tmp_path, capsys, args, message):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(json.dumps(qlora_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)))
+    assert main(["plan", str(recipe), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_too_little_memory_says_what_fits(tiny_model, pairs_file, tmp_path):
+    from finetune.memory.command import plan_table
+
+    recipe = _recipe(tiny_model, pairs_file, tmp_path, model={"name": str(tiny_model), "max_seq_length": 64})
+    shape, _ = shape_of(recipe.model)
+    ckpt = estimate(shape, "nf4", Setup(batch_size=2, seq_length=64, checkpointing=True)).total
+    with pytest.raises(FinetuneError, match="what fits: train.gradient_checkpointing=true train.batch_size="):
+        plan_table(recipe, ckpt + 1)
+
+
+def _batch_features(model):
+    anchors = ["how do i fix the roof", "radon problem", "wet basement", "noisy boiler"]
+    positives = ["roof expert", "radon expert", "basement pump", "boiler service"]
+    return [model.preprocess(anchors), model.preprocess(positives)]
+
+
+@pytest.mark.parametrize("dims", [None, [32, 16]])
+def test_cached_loss_equals_the_plain_loss(tiny_model, pairs_file, tmp_path, dims):
+    from finetune.qlora.losses import build_loss
+
+    grads, values = [], []
+    for cached in (False, True):
+        recipe = _recipe(
+            tiny_model, pairs_file, tmp_path, quantization="none", loss={"cached": cached, "matryoshka_dims": dims}
+        )
+        torch.manual_seed(0)
+        model, _ = build_encoder(recipe, select_backend(recipe, "cpu"))
+        model.eval()  # no dropout: the two losses draw their dropout masks in a different order
+        loss_fn = build_loss(model, recipe.loss, 2, gather=False)
+        assert type(loss_fn).__name__ == (
+            "MatryoshkaLoss"
+            if dims
+            else "CachedMultipleNegativesRankingLoss"
+            if cached
+            else "MultipleNegativesRankingLoss"
+        )
+        loss = loss_fn(_batch_features(model), labels=None)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert values[0] == pytest.approx(values[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization,method", [("nf4", "lora"), ("none", "lora"), ("none", "full")])
+def test_gradient_checkpointing_in_every_path(tiny_model, pairs_file, tmp_path, quantization, method):
+    """Checkpointing is on in nf4 LoRA, 16-bit LoRA and full, keeps fewer activations, and changes no gradient."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        recipe = _recipe(
+            tiny_model,
+            pairs_file,
+            tmp_path,
+            quantization=quantization,
+            method=method,
+            train={"gradient_checkpointing": checkpointing},
+        )
+        torch.manual_seed(0)
+        model, _ = build_encoder(recipe, select_backend(recipe, "cpu"))
+        assert model[0].auto_model.is_gradient_checkpointing == checkpointing
+        model.train()
+        kept = {}
+
+        def pack(t, kept=kept):
+            kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = MultipleNegativesRankingLoss(model)(_batch_features(model), labels=None)
+        loss.backward()
+        saved.append(sum(kept.values()))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert saved[1] < saved[0]
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def _run(recipe, tmp_path):
+    from finetune.run import run_recipe
+
+    return json.loads((run_recipe(recipe) / "metrics.json").read_text())
+
+
+def test_qlora_matryoshka_reports_each_size_and_auto_mini_batch(tiny_model, pairs_file, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    import finetune.memory.recipe_plan as recipe_plan
+    from finetune.matryoshka import truncate
+
+    recipe = _recipe(
+        tiny_model,
+        pairs_file,
+        tmp_path,
+        loss={"cached": True, "mini_batch_size": "auto", "matryoshka_dims": [32, 8]},
+        train={"max_steps": 2},
+    )
+    shape, max_len = shape_of(recipe.model)
+    setup = recipe_plan.setup_of(recipe, "cpu", max_len)
+    room = estimate(shape, "nf4", replace(setup, mini_batch_size=3)).total / recipe_plan.AUTO_HEADROOM
+    monkeypatch.setattr(recipe_plan, "free_memory", lambda device: int(room) + 1)
+    metrics = _run(recipe, tmp_path)
+    assert metrics["loss"] == "cached MNRL (mini-batch 3) x Matryoshka [32, 8]"
+    dims = metrics["matryoshka"]
+    assert set(dims["base"]) == {"32", "8"} == set(dims["tuned"])
+    assert dims["base"]["32"] == pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
+    assert dims["tuned"]["32"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
+    assert metrics["memory_plan"]["setup"]["mini_batch_size"] == 3
+    # the base row at 8 is plain sentence-transformers' embeddings, truncated
+    from finetune.data import load_data
+    from finetune.matryoshka import ndcg_by_dimension
+
+    data = load_data(recipe.data)
+    test = json.loads((next((tmp_path / "runs").iterdir()) / "splits.json").read_text())["test"]
+    plain = SentenceTransformer(str(tiny_model), device="cpu")
+    q = plain.encode_query([data.queries[i] for i in test], convert_to_tensor=True)
+    d = plain.encode_document(list(data.corpus.values()), convert_to_tensor=True)
+    assert ndcg_by_dimension(data, test, q, d, [8])["8"] == pytest.approx(dims["base"]["8"], abs=1e-6)
+    assert truncate(q, 8).shape[1] == 8
+
+
+def test_matryoshka_dims_larger_than_the_model_stop_before_writing(tiny_model, pairs_file, tmp_path):
+    from finetune.run import run_recipe
+
+    recipe = _recipe(tiny_model, pairs_file, tmp_path, loss={"matryoshka_dims": [64, 16]})
+    with pytest.raises(FinetuneError, match="64 is larger than .* embedding dimension 32; start the list at 32"):
+        run_recipe(recipe)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_adapter_matryoshka_trains_the_nested_loss_and_reports_each_size(tiny_model, pairs_file, tmp_path, cache_dir):
+    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)
+    raw["loss"] = {"matryoshka_dims": [32, 16, 8]}
+    metrics = _run(validate_recipe(raw), tmp_path)
+    dims = metrics["matryoshka"]
+    assert list(dims["tuned"]) == ["32", "16", "8"]
+    assert dims["tuned"]["32"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
+    assert dims["base"]["32"] == pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
+    assert not math.isclose(dims["base"]["8"], dims["base"]["32"])
