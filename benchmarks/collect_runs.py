@@ -45,6 +45,9 @@ def summarize(run_dir: Path) -> dict:
         "optimizer": metrics.get("optimizer"),
         "batch_size": metrics.get("batch_size"),
         "step_time": metrics.get("step_time"),
+        "loss": metrics.get("loss"),
+        "matryoshka": metrics.get("matryoshka"),
+        "memory_plan": metrics.get("memory_plan"),
         # the checkpoint's stack as trained and its checks (docs/checkpoint.md); absent in older runs
         "model": (metrics.get("model") or {}).get("stack"),
         "prompts": metrics.get("prompts"),

@@ -11,21 +11,22 @@ What each method holds (as this toolkit builds them; see :mod:`finetune.qlora.ba
   float32 per 64 weights, or with double quantisation one byte per 64 and a float32 per 256
   blocks), as bitsandbytes stores them; the other parameters in float32, because peft's k-bit
   preparation upcasts them, and so does the residual stream: activations are counted in
-  float32. LoRA in float32.
-- ``lora16``: the checkpoint in the compute dtype (bf16), LoRA in float32.
+  float32. LoRA in the compute dtype.
+- ``lora16``: the checkpoint and LoRA in the compute dtype (bf16).
 - ``full``: float32 master weights, autocast's bf16 copies of the linear weights during the
   step, float32 gradients.
 
-Optimizer state per trained tensor: AdamW 8 bytes per value; 8-bit AdamW (bitsandbytes) 2 bytes
-plus a float32 scale per 256 values for each of its two states, and 8 bytes for tensors under
-4,096 values, which it keeps in 32 bits.
+Optimizer state per trained tensor: AdamW, two moments in the parameter's dtype; 8-bit AdamW
+(bitsandbytes), 2 bytes a value plus a float32 scale per 256 values for each of its two states
+and two 256-entry maps, and 8 bytes a value for tensors under 4,096 values (kept in 32 bits).
 
 Example:
     >>> from transformers import BertConfig
     >>> shape = EncoderShape(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
     ...                                 intermediate_size=128), dim=64)
-    >>> setup = Setup(batch_size=32, seq_length=128)
-    >>> estimate(shape, "nf4", setup).total < estimate(shape, "full", setup).total
+    >>> plain = estimate(shape, "lora16", Setup(batch_size=32, seq_length=128))
+    >>> ckpt = estimate(shape, "lora16", Setup(batch_size=32, seq_length=128, checkpointing=True))
+    >>> ckpt.activations < plain.activations and ckpt.weights == plain.weights
     True
 """
 
@@ -183,20 +184,26 @@ def weight_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
     return total
 
 
-def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
-    """Optimizer state for trained tensors of ``sizes`` values each."""
-    if optimizer == "adamw_torch":
-        return sum(8 * n for n in sizes)
-    return sum(2 * n + 8 * math.ceil(n / 256) if n >= BNB_MIN_8BIT else 8 * n for n in sizes)
+def optimizer_bytes(sizes: list[int], optimizer: str, value_bytes: int = 4) -> int:
+    """Optimizer state for trained tensors of ``sizes`` values each, of ``value_bytes`` bytes a value."""
+    if optimizer == "adamw_torch":  # two moments in the parameters' dtype
+        return sum(2 * value_bytes * n for n in sizes)
+    # two uint8 states, a float32 scale per 256 values for each, and each state's 256-entry map
+    return sum(2 * n + 8 * math.ceil(n / 256) + 2048 if n >= BNB_MIN_8BIT else 8 * n for n in sizes)
 
 
 def trainable_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
-    """Trained parameters (LoRA: float32), their float32 gradients, and the optimizer state."""
+    """Trained parameters, their gradients (same dtype), and the optimizer state.
+
+    Full fine-tuning trains float32 masters (counted in :func:`weight_bytes`); LoRA matrices are
+    created in the compute dtype (``add_adapter`` on a bf16 or 4-bit/bf16-compute base gives bf16).
+    """
     if method == "full":
         sizes = [math.prod(s) for _, s, _ in shape.tensors]
-        return 4 * sum(sizes) + optimizer_bytes(sizes, setup.optimizer)  # the parameters are in weight_bytes
+        return 4 * sum(sizes) + optimizer_bytes(sizes, setup.optimizer)
     sizes = shape.lora_tensors(setup)
-    return 8 * sum(sizes) + optimizer_bytes(sizes, setup.optimizer)
+    per_value = 4 if setup.dtype == "float32" else 2
+    return 2 * per_value * sum(sizes) + optimizer_bytes(sizes, setup.optimizer, per_value)
 
 
 def activation_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:

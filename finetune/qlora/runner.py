@@ -64,7 +64,7 @@ class QLoRARun:
         self.memory, self.mini_batch_size = self._plan_memory()
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
         check_against_dimension(
-            recipe.loss.matryoshka_dims, self.reference.get_sentence_embedding_dimension(), recipe.model.name
+            recipe.loss.matryoshka_dims, self.reference.get_embedding_dimension(), recipe.model.name
         )
         self.checkpoint_pooling = pooling_mode(self.reference)
         self.pooling_overridden = recipe.pooling != "auto" and recipe.pooling != self.checkpoint_pooling
