@@ -61,7 +61,7 @@ def predicted(name: str, method: str, batch: int, cached: bool, mini: int, check
     from finetune.memory.plan import EncoderShape, Setup, estimate
 
     config = config_of(name, seq)
-    setup = Setup(batch, seq, checkpointing=checkpointing, cached=cached, mini_batch_size=mini if cached else None)
+    setup = Setup(batch, seq, checkpointing=checkpointing, cached=cached, mini_batch_size=mini)
     return estimate(EncoderShape(config, config.hidden_size, name), method, setup).as_dict()
 
 
@@ -71,43 +71,52 @@ def _features(batch: int, seq: int, device: str) -> list[dict]:
     return [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids.flip(0), "attention_mask": mask}]
 
 
-def measure(name, method, batch, cached, mini, checkpointing, seq, steps, device, root) -> dict:
-    """One cell: build as a run does, train ``steps`` steps, return peak memory and step times."""
+def build(name: str, method: str, seq: int, device: str, root):
+    """The shape's random checkpoint, built by the toolkit as a run builds it (peft path, no checkpointing yet)."""
     from finetune.qlora.backend import build_encoder, select_backend
+
+    recipe = recipe_for(random_checkpoint(name, root, device, seq), method, 32, False, 16, False, seq)
+    model, _ = build_encoder(recipe, select_backend(recipe, device, unsloth_installed=False))
+    return model.train()  # build_encoder placed it (a 4-bit model cannot be moved after loading)
+
+
+def measure(model, batch, cached, mini, checkpointing, seq, steps, device) -> dict:
+    """One cell on a built model: ``steps`` training steps; peak memory (from the model alone) and step times."""
+    from finetune.memory.activations import set_checkpointing
+    from finetune.qlora.config import EncoderLossConfig
     from finetune.qlora.losses import build_loss
 
-    recipe = recipe_for(random_checkpoint(name, root, device, seq), method, batch, cached, mini, checkpointing, seq)
-    choice = select_backend(recipe, device, unsloth_installed=False)  # the peft path: what the planner models
-    model, _ = build_encoder(recipe, choice)
-    model.train()  # build_encoder placed it (a 4-bit model cannot be moved after loading)
-    loss_fn = build_loss(model, recipe.loss, mini if cached else None, gather=False)
+    set_checkpointing(model[0].auto_model, checkpointing)
+    loss_fn = build_loss(model, EncoderLossConfig(cached=cached, mini_batch_size=mini), mini, gather=False)
     trained = [p for p in model.parameters() if p.requires_grad]
+    features, times = _features(batch, seq, device), []
     if device == "cuda":
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(trained, lr=1e-5)
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # from here: weights + this cell's step
     else:
         optimizer = torch.optim.AdamW(trained, lr=1e-5)
-    features, times = _features(batch, seq, device), []
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast:
-            loss = loss_fn(features, labels=None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
+    try:
+        for _ in range(steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast:
+                loss = loss_fn(features, labels=None)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    finally:
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    parameters = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+        del optimizer
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    del model, optimizer, loss_fn, features
-    return {"peak_bytes": peak, "step_seconds": times, "parameters": parameters}
+    return {"peak_bytes": peak, "step_seconds": times}
 
 
 def mfu(parameters: int, tokens: int, seconds: float) -> float | None:
@@ -116,6 +125,36 @@ def mfu(parameters: int, tokens: int, seconds: float) -> float | None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return 6 * parameters * tokens / seconds / (peak * 1e12) if peak else None
+
+
+def predict_grid(args) -> int:
+    """Print and write the planner's prediction for every cell (GiB), and nf4 LoRA over 16-bit full."""
+    cells = []
+    print(f"{'shape':<18}{'method':<8}{'batch':>6}{'cached':>7}{'ckpt':>5}{'GiB':>9}")
+    for name in args.shapes:
+        for batch in args.batches:
+            for cached in (c == "on" for c in args.cached):
+                for ckpt in (c == "on" for c in args.checkpointing):
+                    mini = args.mini_batch if cached else None
+                    row = {m: predicted(name, m, batch, cached, mini, ckpt, args.seq) for m in args.methods}
+                    for method, p in row.items():
+                        cells.append(
+                            dict(
+                                shape=name,
+                                method=method,
+                                batch=batch,
+                                cached=cached,
+                                checkpointing=ckpt,
+                                seq=args.seq,
+                                mini_batch=mini,
+                                predicted=p,
+                            )
+                        )
+                        print(f"{name:<18}{method:<8}{batch:>6}{cached!s:>7}{ckpt!s:>5}{p['total'] / 2**30:>9.2f}")
+                    if {"nf4", "full"} <= row.keys():
+                        print(f"{'':<18}nf4 / full: {row['nf4']['total'] / row['full']['total']:.2f}")
+    write_result(Path(args.out).stem if args.out else "memory_plan_predicted", {"cells": cells}, args.out)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -131,7 +170,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--root", default=None, help="where the random checkpoints go (default: a temp folder)")
     parser.add_argument("--out", default=None, help="result JSON (default results/memory_gpu_<device>.json)")
+    parser.add_argument(
+        "--predict-only", action="store_true", help="the planner's predictions for the grid, no model built"
+    )
     args = parser.parse_args(argv)
+    if args.predict_only:
+        return predict_grid(args)
     gpu = "cpu"
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
@@ -141,44 +185,39 @@ def main(argv=None) -> int:
     root = args.root or tempfile.mkdtemp(prefix="shapes-")
     for name in args.shapes:
         for method in args.methods:
+            model = build(name, method, args.seq, args.device, root)
+            parameters = sum(
+                p.numel() * (2 if p.dtype == torch.uint8 else 1)
+                for n, p in model.named_parameters()
+                if "lora_" not in n
+            )
             for batch in args.batches:
                 for cached in (c == "on" for c in args.cached):
                     for ckpt in (c == "on" for c in args.checkpointing):
                         key = dict(shape=name, method=method, batch=batch, cached=cached, checkpointing=ckpt)
-                        cell = {**key, "seq": args.seq, "mini_batch": args.mini_batch if cached else None}
-                        cell["predicted"] = predicted(name, method, batch, cached, args.mini_batch, ckpt, args.seq)
+                        mini = args.mini_batch if cached else None
+                        cell = {**key, "seq": args.seq, "mini_batch": mini, "parameters": parameters}
+                        cell["predicted"] = predicted(name, method, batch, cached, mini, ckpt, args.seq)
                         try:
-                            got = measure(
-                                name,
-                                method,
-                                batch,
-                                cached,
-                                args.mini_batch,
-                                ckpt,
-                                args.seq,
-                                args.steps,
-                                args.device,
-                                root,
-                            )
+                            got = measure(model, batch, cached, mini, ckpt, args.seq, args.steps, args.device)
                         except torch.cuda.OutOfMemoryError:
                             cell["result"] = "out of memory"
                         else:
                             step = statistics.median(got["step_seconds"][1:] or got["step_seconds"])
-                            cell.update(
-                                result="ran",
-                                parameters=got["parameters"],
-                                step_seconds=step,
-                                peak_bytes=got["peak_bytes"],
-                                mfu=mfu(got["parameters"], batch * 2 * args.seq, step),
-                            )
+                            tokens = batch * 2 * args.seq
+                            cell.update(result="ran", step_seconds=step, peak_bytes=got["peak_bytes"])
+                            cell["mfu"] = mfu(parameters, tokens, step)
                             if got["peak_bytes"]:
                                 cell["measured_over_predicted"] = got["peak_bytes"] / cell["predicted"]["total"]
+                        model.zero_grad(set_to_none=True)
                         gc.collect()
                         if args.device == "cuda":
                             torch.cuda.empty_cache()
                         cells = [c for c in cells if {k: c[k] for k in key} != key] + [cell]
                         print(json.dumps({k: v for k, v in cell.items() if k != "predicted"}), flush=True)
                         write_result(out.stem, {"cells": cells}, out)
+            del model
+            gc.collect()
     return 0
 
 

@@ -143,6 +143,13 @@ def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:
             elsewhere = [
                 k.name for k in KINDS.values() if k.schema is not cls and loc[-1] in _field_names(k.schema, loc[:-1])
             ]
+            moved = [
+                f"{section}.{loc[-1]}"
+                for section in cls.model_fields
+                if [section] != loc[:-1] and loc[-1] in _field_names(cls, [section])
+            ]
+            if moved:  # a real field of another section (train.mini_batch_size is loss.mini_batch_size)
+                hint = f" (did you mean {' or '.join(moved)}?)"
             if elsewhere:  # a real field, of another kind: say so rather than guess at a spelling
                 kind = cls.model_fields["kind"].default
                 hint = f" for {kind} recipes (it is a field of {', '.join(elsewhere)} recipes); remove it"

@@ -156,6 +156,7 @@ def test_plan_command_prints_every_method_and_what_fits(tiny_model, pairs_file, 
         (["loss.cached=true", "loss.mini_batch_size=9"], "loss.mini_batch_size 9 is larger than train.batch_size 8"),
         (["loss.mini_batch_size=4"], "has no effect unless loss.cached is true"),
         (["loss.matryoshka_dims=[16,32]"], "decreasing"),
+        (["train.mini_batch_size=4"], "train.mini_batch_size: unknown field (did you mean loss.mini_batch_size?)"),
     ],
 )
 def test_plan_bad_input_is_one_line(tiny_model, pairs_file, tmp_path, capsys, args, message):

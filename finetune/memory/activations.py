@@ -133,8 +133,8 @@ def profile(config, dtype: torch.dtype, seq_length: int, trainable: str, lora=No
 
     Args:
         config: A ``transformers`` config (``AutoConfig``).
-        dtype: The activations' dtype (bf16 for 16-bit LoRA and full under autocast; float32
-            where peft's k-bit preparation upcasts the residual stream, i.e. nf4).
+        dtype: The activations' dtype: the compute dtype (bf16 on a GPU for every method: LoRA
+            bases are held in it, full fine-tuning runs under autocast; float32 on a CPU).
         seq_length: Tokens per sequence.
         trainable: ``full`` (every weight), ``lora`` (LoRA only: ``lora`` must be given).
         lora: ``(target_names, r)`` for ``trainable="lora"``.

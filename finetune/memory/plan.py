@@ -9,9 +9,8 @@ What each method holds (as this toolkit builds them; see :mod:`finetune.qlora.ba
 
 - ``nf4``: every ``nn.Linear`` weight in 4 bits (half a byte) plus its block scales (one
   float32 per 64 weights, or with double quantisation one byte per 64 and a float32 per 256
-  blocks), as bitsandbytes stores them; the other parameters in float32, because peft's k-bit
-  preparation upcasts them, and so does the residual stream: activations are counted in
-  float32. LoRA in the compute dtype.
+  blocks), as bitsandbytes stores them; the other parameters, LoRA and the activations in the
+  compute dtype.
 - ``lora16``: the checkpoint and LoRA in the compute dtype (bf16).
 - ``full``: float32 master weights, autocast's bf16 copies of the linear weights during the
   step, float32 gradients.
@@ -156,7 +155,7 @@ class EncoderShape:
     def profile(self, method: str, setup: Setup) -> ActivationProfile:
         key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype)
         if key not in self._profiles:
-            dtype = torch.float32 if method == "nf4" else getattr(torch, setup.dtype)
+            dtype = getattr(torch, setup.dtype)
             lora = None if method == "full" else (self.lora_targets(setup), setup.lora_r)
             self._profiles[key] = profile(
                 self.config, dtype, setup.seq_length, "full" if method == "full" else "lora", lora
@@ -175,7 +174,7 @@ def weight_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
     for _, s, linear in shape.tensors:
         n = math.prod(s)
         if not linear:
-            total += 4 * n
+            total += (2 if half else 4) * n
             continue
         blocks = math.ceil(n / 64)
         # scales: uint8 per block, a float32 per 256 blocks, their 256-entry code and offset; else float32 per block

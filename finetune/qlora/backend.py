@@ -148,6 +148,9 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
             bnb_4bit_compute_dtype=choice.compute_dtype,
         )
         model_kwargs["device_map"] = {"": 0} if choice.device == "cuda" else choice.device
+        # the weights that stay unquantised (embeddings, norms, biases) in the compute dtype, as 16-bit
+        # LoRA holds them: in float32 they would double every activation (docs/memory.md)
+        model_kwargs["dtype"] = choice.compute_dtype
     elif quantize and recipe.method == "lora":
         model_kwargs["dtype"] = choice.compute_dtype  # 16-bit LoRA on GPUs: the frozen base in bf16/fp16
     quantized = "quantization_config" in model_kwargs
@@ -208,13 +211,14 @@ def lora_targets(model, recipe: QLoRARecipe) -> list[str]:
 
 
 def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
-    from peft import LoraConfig, TaskType, prepare_model_for_kbit_training
+    from peft import LoraConfig, TaskType
 
     auto_model = model[0].auto_model
     targets = lora_targets(model, recipe)
-    if recipe.quantization == "nf4":
-        # checkpointing is switched on after LoRA, for every method alike (enable_checkpointing)
-        prepare_model_for_kbit_training(auto_model, use_gradient_checkpointing=False)
+    # only LoRA trains. Not peft's prepare_model_for_kbit_training: it upcasts every unquantised
+    # weight to float32, and with them the residual stream, doubling activation memory on a GPU
+    # (a 262k-token embedding matrix alone: 0.8 GB). Checkpointing: enable_checkpointing, after LoRA.
+    auto_model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(
             task_type=TaskType.FEATURE_EXTRACTION,
