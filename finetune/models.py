@@ -44,11 +44,12 @@ def _canonical(name: str) -> str:
     return name
 
 
-def resolve_model(name: str) -> ResolvedModel:
+def resolve_model(name: str, config_only: bool = False) -> ResolvedModel:
     """Find a loadable folder for ``name``.
 
     Args:
         name: A local folder, a Hub id (``sentence-transformers/all-MiniLM-L6-v2``) or its short name.
+        config_only: From the Hub, fetch only the JSON configs, not the weights (the memory planner).
 
     Returns:
         The resolved folder and its source.
@@ -69,7 +70,7 @@ def resolve_model(name: str) -> ResolvedModel:
         raise FinetuneError("folder not found; check the path", where=f"model.name {name}")
 
     hub_id = _canonical(name)
-    path = _from_hub(hub_id)
+    path = _from_hub(hub_id, config_only)
     if path is not None:
         return ResolvedModel(name, path, "hub")
     path = _from_package(hub_id)
@@ -94,21 +95,28 @@ def resolve_model(name: str) -> ResolvedModel:
     )
 
 
-def _from_hub(hub_id: str) -> Path | None:
+CONFIG_FILES = ["*.json", "*/*.json"]  # config.json, modules.json, Dense heads' configs: no weights
+
+
+def _from_hub(hub_id: str, config_only: bool = False) -> Path | None:
     if hub_id.count("/") != 1:
         return None
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None
+    patterns = CONFIG_FILES if config_only else None
     try:
-        return Path(snapshot_download(hub_id, local_files_only=True))
+        cached = Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=patterns))
+        # a snapshot that `plan` fetched holds configs only: a run needs the weights too
+        if config_only or any(cached.rglob("*.safetensors")) or any(cached.rglob("*.bin")):
+            return cached
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return None
     try:
-        return Path(snapshot_download(hub_id))
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as exc:  # network down, repo missing, gated: fall through to packages
         logger.info("Hub download of %s failed (%s); trying installed packages", hub_id, type(exc).__name__)
         return None

@@ -324,3 +324,29 @@ def test_adapter_matryoshka_trains_the_nested_loss_and_reports_each_size(tiny_mo
     assert dims["tuned"]["32"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
     assert dims["base"]["32"] == pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
     assert not math.isclose(dims["base"]["8"], dims["base"]["32"])
+
+
+def test_plan_fetches_configs_only_and_a_run_never_takes_a_config_only_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from finetune import models
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")
+    calls = []
+
+    def fake_download(hub_id, local_files_only=False, allow_patterns=None):
+        calls.append((local_files_only, allow_patterns))
+        if local_files_only:
+            return str(snapshot)
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert models._from_hub("org/model", config_only=True) == snapshot
+    assert calls == [(True, models.CONFIG_FILES)]
+    assert models._from_hub("org/model") is None  # the cached snapshot has no weights: download, which fails here
+    assert calls[1:] == [(True, None), (False, None)]
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert models._from_hub("org/model") == snapshot

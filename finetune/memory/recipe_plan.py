@@ -38,7 +38,7 @@ def shape_of(model_config) -> tuple[EncoderShape, int]:
 
     from finetune.models import resolve_model
 
-    path = resolve_model(model_config.name).path
+    path = resolve_model(model_config.name, config_only=True).path
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_config.trust_remote_code)
     saved = path / "sentence_bert_config.json"
     max_len = json.loads(saved.read_text()).get("max_seq_length") if saved.is_file() else None

@@ -93,7 +93,10 @@ class QLoRARun:
                 ) from None
             self.echo(f"memory plan: not available for this model ({type(exc).__name__})")
             return None, mini
-        self.echo(plan.line())
+        unsloth = (
+            " (the plan counts the peft path; unsloth's kernels differ)" if self.choice.backend == "unsloth" else ""
+        )
+        self.echo(plan.line() + unsloth)
         if self.recipe.loss.cached and auto:
             mini = plan.setup.mini_batch_size
             self.echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
