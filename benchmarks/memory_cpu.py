@@ -4,7 +4,7 @@ Memory does not depend on weight values, so each shape (:mod:`memory_shapes`) is
 in bf16 (uninitialised memory, then random values where they are quantised) and measured:
 
 - nf4: every Linear weight quantised by bitsandbytes (``quantize_4bit``, NF4, double
-  quantisation, block 64): packed bytes + scales + codes; the other parameters in float32;
+  quantisation, block 64): packed bytes + scales + codes; the other parameters in bf16;
 - 16-bit LoRA: the bf16 parameters;
 - full: the float32 master copies (autocast's bf16 copies exist on a GPU only: not measured);
 - LoRA: ``add_adapter`` with the toolkit's auto targets and r 16, its tensors and their gradients;
@@ -82,7 +82,7 @@ def measure(name: str) -> dict:
         if pname in linear:
             out["nf4_weights"] += nf4_bytes(torch.randn(p.shape, generator=generator, dtype=torch.bfloat16))
         else:
-            out["nf4_weights"] += _nbytes(p.float())  # peft's k-bit preparation upcasts them
+            out["nf4_weights"] += _nbytes(p)  # unquantised parameters stay in the compute dtype (bf16)
     full_shapes = Counter(tuple(p.shape) for p in model.parameters())
     out["full_grads_and_adamw_8bit"] = out["full_masters"] + optimizer_state(full_shapes, True, torch.float32)
     targets, _ = auto_targets(model, config.model_type)

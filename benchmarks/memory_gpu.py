@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_shapes import SHAPES, config_of, random_checkpoint  # noqa: E402
 from record import RESULTS, write_result  # noqa: E402
 
+from finetune.memory.plan import EncoderShape, Setup, estimate  # noqa: E402
+
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a name fragment of torch.cuda.get_device_name()
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 METHODS = {"nf4": ("lora", "nf4"), "lora16": ("lora", "none"), "full": ("full", "none")}
@@ -58,8 +60,6 @@ def recipe_for(folder: Path, method: str, batch: int, cached: bool, mini: int, c
 
 
 def predicted(name: str, method: str, batch: int, cached: bool, mini: int, checkpointing: bool, seq: int) -> dict:
-    from finetune.memory.plan import EncoderShape, Setup, estimate
-
     config = config_of(name, seq)
     setup = Setup(batch, seq, checkpointing=checkpointing, cached=cached, mini_batch_size=mini)
     return estimate(EncoderShape(config, config.hidden_size, name), method, setup).as_dict()
@@ -128,31 +128,30 @@ def mfu(parameters: int, tokens: int, seconds: float) -> float | None:
 
 
 def predict_grid(args) -> int:
-    """Print and write the planner's prediction for every cell (GiB), and nf4 LoRA over 16-bit full."""
-    cells = []
-    print(f"{'shape':<18}{'method':<8}{'batch':>6}{'cached':>7}{'ckpt':>5}{'GiB':>9}")
+    """Write the planner's prediction for every cell; print them as a markdown table (GiB, nf4 LoRA /
+    16-bit LoRA / full) and the range of nf4 LoRA over full for models of 300M parameters or more."""
+    cells, ratios = [], {}
+    combos = [(c == "on", k == "on") for c in args.cached for k in args.checkpointing]
+    print("| shape | batch | " + " | ".join(f"cached {c}, checkpointing {k}" for c, k in combos) + " |")
+    print("|---|---|" + "---|" * len(combos))
     for name in args.shapes:
+        big = EncoderShape(config_of(name), 1).parameters >= 300e6 if "full" in args.methods else False
         for batch in args.batches:
-            for cached in (c == "on" for c in args.cached):
-                for ckpt in (c == "on" for c in args.checkpointing):
-                    mini = args.mini_batch if cached else None
-                    row = {m: predicted(name, m, batch, cached, mini, ckpt, args.seq) for m in args.methods}
-                    for method, p in row.items():
-                        cells.append(
-                            dict(
-                                shape=name,
-                                method=method,
-                                batch=batch,
-                                cached=cached,
-                                checkpointing=ckpt,
-                                seq=args.seq,
-                                mini_batch=mini,
-                                predicted=p,
-                            )
-                        )
-                        print(f"{name:<18}{method:<8}{batch:>6}{cached!s:>7}{ckpt!s:>5}{p['total'] / 2**30:>9.2f}")
-                    if {"nf4", "full"} <= row.keys():
-                        print(f"{'':<18}nf4 / full: {row['nf4']['total'] / row['full']['total']:.2f}")
+            row = []
+            for cached, ckpt in combos:
+                mini = args.mini_batch if cached else None
+                got = {m: predicted(name, m, batch, cached, mini, ckpt, args.seq) for m in args.methods}
+                cells += [
+                    dict(shape=name, method=m, batch=batch, cached=cached, checkpointing=ckpt, seq=args.seq,
+                         mini_batch=mini, predicted=p)
+                    for m, p in got.items()
+                ]  # fmt: skip
+                row.append(" / ".join(f"{p['total'] / 2**30:.1f}" for p in got.values()))
+                if big and "nf4" in got:
+                    ratios.setdefault((cached, ckpt), []).append(got["nf4"]["total"] / got["full"]["total"])
+            print(f"| {name} | {batch} | " + " | ".join(row) + " |")
+    for (cached, ckpt), r in ratios.items():
+        print(f"nf4 / full, >= 300M parameters, cached {cached}, checkpointing {ckpt}: {min(r):.2f} to {max(r):.2f}")
     write_result(Path(args.out).stem if args.out else "memory_plan_predicted", {"cells": cells}, args.out)
     return 0
 

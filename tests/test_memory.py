@@ -350,3 +350,55 @@ def test_plan_fetches_configs_only_and_a_run_never_takes_a_config_only_snapshot(
     assert calls[1:] == [(True, None), (False, None)]
     (snapshot / "model.safetensors").write_bytes(b"")
     assert models._from_hub("org/model") == snapshot
+
+
+def test_meta_autocast_follows_cuda_autocast_dtype_rules():
+    from finetune.memory.autocast import MetaAutocast
+
+    linear = torch.nn.Linear(8, 8, device="meta")  # float32 weights, as full fine-tuning's masters
+    norm = torch.nn.LayerNorm(8, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(2, 8, device="meta")
+    with MetaAutocast(torch.bfloat16) as mode:
+        y = linear(x)
+        z = norm(y)
+        w = z.pow(2)
+    assert (y.dtype, z.dtype, w.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert {tuple(c.shape) for c in mode.weight_copies} == {(8, 8), (8,)}  # the weights' casts, kept apart
+
+
+def test_autocast_count_is_per_sequence_and_adds_float32_norms(tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    half = profile(config, torch.float32, 32, "full", autocast=torch.bfloat16).total
+    whole = profile(config, torch.float32, 64, "full", autocast=torch.bfloat16).total
+    # linear in tokens (the pooler's one-token share aside): the weights' bf16 copies (per step) are not in it
+    assert abs(whole - 2 * half) < 0.01 * whole
+    assert whole > profile(config, torch.bfloat16, 64, "full").total  # BERT's LayerNorm outputs in float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
+    """On a GPU: the meta count under MetaAutocast equals the real count under torch.autocast."""
+    from transformers import AutoConfig
+
+    from finetune.memory.activations import _count_saved
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    meta = meta_encoder(config, torch.float32)
+    real = type(meta)(meta.config).cuda().train()
+    real.requires_grad_(True)
+    meta.requires_grad_(True)
+    seen, weights = {}, {p.untyped_storage().data_ptr() for p in real.parameters()}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), t.dtype, tuple(t.shape)))
+        return t
+
+    ids = torch.zeros(1, 48, dtype=torch.long, device="cuda")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", dtype=torch.bfloat16):
+        real(input_ids=ids)
+    copies = {k for k, (n, dtype, shape) in seen.items() if any(shape == tuple(p.shape) for p in real.parameters())}
+    real_bytes = sum(n for k, (n, _, _) in seen.items() if k not in weights and k not in copies)
+    assert _count_saved(meta, 48, torch.bfloat16) == real_bytes

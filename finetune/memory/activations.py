@@ -16,9 +16,12 @@ backward; :class:`ActivationProfile` holds the pieces to price both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from finetune.memory.autocast import MetaAutocast
 
 ATTENTION = "finetune_fused_estimate"
 
@@ -93,10 +96,10 @@ def meta_encoder(config, dtype: torch.dtype):
         return AutoModel.from_config(config, dtype=dtype)
 
 
-def _count_saved(model, seq_length: int) -> int:
-    """Bytes autograd saves for one sequence through ``model``'s forward (parameters excepted)."""
+def _count_saved(model, seq_length: int, autocast: torch.dtype | None = None) -> int:
+    """Bytes autograd saves for one sequence through ``model``'s forward (parameters, and autocast's
+    copies of them, excepted), under CUDA autocast's dtype rules when ``autocast`` is given."""
     kept: dict[int, torch.Tensor] = {}
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def pack(tensor):
         base = tensor if tensor._base is None else tensor._base
@@ -105,10 +108,13 @@ def _count_saved(model, seq_length: int) -> int:
 
     ids = torch.zeros(1, seq_length, dtype=torch.long, device="meta")
     model.train()
+    mode = MetaAutocast(autocast) if autocast is not None else contextlib.nullcontext()
     # no mask: a batch without padding, the planned worst case (a mask of ones is dropped too)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
         model(input_ids=ids)
-    return sum(t.numel() * t.element_size() for t in kept.values() if t.untyped_storage()._cdata not in params)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    weights |= {c.untyped_storage()._cdata for c in getattr(mode, "weight_copies", [])}
+    return sum(t.numel() * t.element_size() for t in kept.values() if t.untyped_storage()._cdata not in weights)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -128,16 +134,19 @@ def layer_count(config) -> int:
     return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
 
 
-def profile(config, dtype: torch.dtype, seq_length: int, trainable: str, lora=None) -> ActivationProfile:
+def profile(
+    config, dtype: torch.dtype, seq_length: int, trainable: str, lora=None, autocast: torch.dtype | None = None
+) -> ActivationProfile:
     """Count one sequence's saved activations for ``config``.
 
     Args:
         config: A ``transformers`` config (``AutoConfig``).
-        dtype: The activations' dtype: the compute dtype (bf16 on a GPU for every method: LoRA
-            bases are held in it, full fine-tuning runs under autocast; float32 on a CPU).
+        dtype: The parameters' dtype (float32 masters for full fine-tuning; the compute dtype for
+            a LoRA base).
         seq_length: Tokens per sequence.
         trainable: ``full`` (every weight), ``lora`` (LoRA only: ``lora`` must be given).
         lora: ``(target_names, r)`` for ``trainable="lora"``.
+        autocast: The autocast dtype of a GPU run (``torch.bfloat16``), or ``None`` (a CPU run).
 
     Returns:
         The :class:`ActivationProfile`.
@@ -153,12 +162,12 @@ def profile(config, dtype: torch.dtype, seq_length: int, trainable: str, lora=No
             p.requires_grad_("lora_" in name)
     else:
         model.requires_grad_(True)
-    total = _count_saved(model, seq_length)
+    total = _count_saved(model, seq_length, autocast)
     # checkpointed layers save through the checkpoint's own hooks: the outer count sees only what
     # the checkpointed forward keeps
     set_checkpointing(model, True)
     try:
-        checkpointed = _count_saved(model, seq_length)
+        checkpointed = _count_saved(model, seq_length, autocast)
     finally:
         set_checkpointing(model, False)
     return ActivationProfile(total, checkpointed, layer_count(config), seq_length)

@@ -155,11 +155,12 @@ class EncoderShape:
     def profile(self, method: str, setup: Setup) -> ActivationProfile:
         key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype)
         if key not in self._profiles:
-            dtype = getattr(torch, setup.dtype)
+            compute = getattr(torch, setup.dtype)
+            autocast = None if compute == torch.float32 else compute  # a GPU run trains under autocast
+            params = torch.float32 if method == "full" else compute  # full: float32 masters
             lora = None if method == "full" else (self.lora_targets(setup), setup.lora_r)
-            self._profiles[key] = profile(
-                self.config, dtype, setup.seq_length, "full" if method == "full" else "lora", lora
-            )
+            trainable = "full" if method == "full" else "lora"
+            self._profiles[key] = profile(self.config, params, setup.seq_length, trainable, lora, autocast)
         return self._profiles[key]
 
 

@@ -10,6 +10,7 @@ checkpointing, the cached loss and the optimizer a GPU run uses. Every GPU run p
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -84,8 +85,10 @@ def free_memory(device: str) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info()[0])
-    import psutil
-
+    try:
+        import psutil
+    except ImportError:  # not a dependency: the kernel's count of free pages
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     return int(psutil.virtual_memory().available)
 
 
