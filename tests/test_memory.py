@@ -402,3 +402,20 @@ def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
     copies = {k for k, (n, dtype, shape) in seen.items() if any(shape == tuple(p.shape) for p in real.parameters())}
     real_bytes = sum(n for k, (n, _, _) in seen.items() if k not in weights and k not in copies)
     assert _count_saved(meta, 48, torch.bfloat16) == real_bytes
+
+
+def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_model, pairs_file, tmp_path, monkeypatch):
+    import finetune.memory.recipe_plan as recipe_plan
+
+    def broken(recipe, device):
+        raise NotImplementedError("an op without a meta kernel")
+
+    monkeypatch.setattr(recipe_plan, "plan_recipe", broken)
+    lines = []
+    recipe = _recipe(tiny_model, pairs_file, tmp_path, loss={"cached": True, "mini_batch_size": 4})
+    assert recipe_plan.plan_run(recipe, "cuda", "peft", lines.append) == (None, 4)
+    assert lines == ["memory plan: not available for this model (NotImplementedError)"]
+    auto = _recipe(tiny_model, pairs_file, tmp_path, loss={"cached": True, "mini_batch_size": "auto"})
+    with pytest.raises(FinetuneError, match="auto needs the memory planner, which failed on this model"):
+        recipe_plan.plan_run(auto, "cpu", "peft", lines.append)
+    assert recipe_plan.plan_run(_recipe(tiny_model, pairs_file, tmp_path), "cpu", "peft", lines.append) == (None, None)

@@ -141,3 +141,30 @@ def plan_recipe(recipe, device: str) -> RecipePlan:
             )
         setup = replace(setup, mini_batch_size=fits)
     return RecipePlan(shape, setup, method, estimate(shape, method, setup))
+
+
+def plan_run(recipe, device: str, backend: str, echo=print) -> tuple[RecipePlan | None, int | None]:
+    """For a run: the plan (printed first on a GPU, and when ``mini_batch_size`` is ``auto``) and the
+    cached loss's mini-batch, ``auto`` resolved. A model the meta-device count cannot run costs the
+    GPU run its plan line, not the run; ``auto`` then cannot be resolved and says so."""
+    mini, auto = mini_batch_of(recipe), recipe.loss.cached and recipe.loss.mini_batch_size == "auto"
+    if device != "cuda" and not auto:
+        return None, mini
+    try:
+        plan = plan_recipe(recipe, device)
+    except FinetuneError:
+        raise
+    except Exception as exc:  # any failure of the count on an unusual architecture
+        if auto:
+            raise FinetuneError(
+                f"auto needs the memory planner, which failed on this model ({type(exc).__name__}: {exc}); "
+                "set a number",
+                where="recipe: loss.mini_batch_size",
+            ) from None
+        echo(f"memory plan: not available for this model ({type(exc).__name__})")
+        return None, mini
+    echo(plan.line() + (" (the plan counts the peft path; unsloth's kernels differ)" if backend == "unsloth" else ""))
+    if auto:
+        mini = plan.setup.mini_batch_size
+        echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
+    return plan, mini

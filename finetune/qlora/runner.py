@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
 from finetune.matryoshka import check_against_dimension, dims_line, model_ndcg_by_dimension
-from finetune.memory.recipe_plan import plan_recipe
+from finetune.memory.recipe_plan import plan_run
 from finetune.merge_scale import (
     check_can_choose_scale,
     choose_scale,
@@ -28,7 +28,7 @@ from finetune.merge_scale import (
 )
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
-from finetune.qlora.config import QLoRARecipe, mini_batch_of
+from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
@@ -61,7 +61,7 @@ class QLoRARun:
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.choice = select_backend(recipe, device)
-        self.memory, self.mini_batch_size = self._plan_memory()
+        self.memory, self.mini_batch_size = plan_run(recipe, device, self.choice.backend, echo)
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
         check_against_dimension(
             recipe.loss.matryoshka_dims, self.reference.get_embedding_dimension(), recipe.model.name
@@ -74,33 +74,6 @@ class QLoRARun:
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
         self._say_what_runs(resolved)
-
-    def _plan_memory(self):
-        """The planner's estimate (printed first on a GPU) and the mini-batch size, ``auto`` resolved."""
-        mini, auto = mini_batch_of(self.recipe), self.recipe.loss.mini_batch_size == "auto"
-        if not (self.device == "cuda" or (self.recipe.loss.cached and auto)):
-            return None, mini
-        try:
-            plan = plan_recipe(self.recipe, self.device)
-        except FinetuneError:
-            raise
-        except Exception as exc:  # an architecture the meta-device count cannot run: the run goes on without it
-            if self.recipe.loss.cached and auto:
-                raise FinetuneError(
-                    f"auto needs the memory planner, which failed on this model ({type(exc).__name__}: {exc}); "
-                    "set a number",
-                    where="recipe: loss.mini_batch_size",
-                ) from None
-            self.echo(f"memory plan: not available for this model ({type(exc).__name__})")
-            return None, mini
-        unsloth = (
-            " (the plan counts the peft path; unsloth's kernels differ)" if self.choice.backend == "unsloth" else ""
-        )
-        self.echo(plan.line() + unsloth)
-        if self.recipe.loss.cached and auto:
-            mini = plan.setup.mini_batch_size
-            self.echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
-        return plan, mini
 
     def _sample(self) -> tuple[list[str], list[str]]:
         """A few of the run's own train queries and their documents, for the fidelity checks."""
