@@ -9,7 +9,12 @@ in bf16 (uninitialised memory, then random values where they are quantised) and 
 - full: the float32 master copies (autocast's bf16 copies exist on a GPU only: not measured);
 - LoRA: ``add_adapter`` with the toolkit's auto targets and r 16, its tensors and their gradients;
 - optimizer: bitsandbytes ``AdamW8bit`` and torch ``AdamW`` state after one step, measured once
-  per distinct tensor shape and multiplied by how many tensors have it.
+  per distinct tensor shape and multiplied by how many tensors have it;
+- activations: one sequence of 512 tokens through the real bf16 model with PyTorch's own SDPA
+  kernel, every tensor autograd saves counted once by its storage, for full fine-tuning and for
+  LoRA, against the planner's meta-device count (same dtype, no autocast: a CPU has no CUDA
+  autocast; dropout off, because with dropout the CPU falls back to the math attention kernel,
+  which keeps the seq x seq scores that GPU kernels do not).
 
 Each is printed beside :mod:`finetune.memory.plan`'s prediction for a GPU run (bf16, 8-bit AdamW).
 
@@ -96,6 +101,50 @@ def measure(name: str) -> dict:
     return out
 
 
+NO_DROPOUT = ("attention_probs_dropout_prob", "hidden_dropout_prob", "attention_dropout", "embedding_dropout",
+              "mlp_dropout")  # fmt: skip
+
+
+def saved_bytes(name: str, trainable: str, seq: int = 512) -> tuple[int, int]:
+    """(real, planned) bytes autograd keeps for one sequence, ``trainable`` = full or lora."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import AutoModel
+
+    from finetune.memory.activations import profile
+    from finetune.qlora.targets import auto_targets
+
+    config = config_of(name, seq)
+    for field in NO_DROPOUT:
+        if hasattr(config, field):
+            setattr(config, field, 0.0)
+    config._attn_implementation = "sdpa"
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # values do not change what is saved; buffers (position ids) are built as usual
+        model = AutoModel.from_config(config, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    targets, _ = auto_targets(model, config.model_type)
+    model.requires_grad_(trainable == "full")
+    if trainable == "lora":
+        model = inject_adapter_in_model(LoraConfig(r=16, target_modules=targets), model)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(4, 1000, (1, seq)))
+    real = sum(v for k, v in seen.items() if k not in weights)
+    planned = profile(config, torch.bfloat16, seq, trainable, (targets, 16) if trainable == "lora" else None).total
+    return real, planned
+
+
 def predict(name: str) -> dict:
     config = config_of(name)
     shape = EncoderShape(config, config.hidden_size, name)
@@ -115,6 +164,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s != "tiny-bert"])
     parser.add_argument("--name", default="memory_cpu")
+    parser.add_argument("--activations", nargs="*", default=["full", "lora"], help="saved-tensor checks to run")
     args = parser.parse_args(argv)
     rows = {}
     print(f"{'shape':<18}{'part':<28}{'measured MiB':>14}{'planned MiB':>13}{'ratio':>8}")
@@ -126,6 +176,12 @@ def main(argv=None) -> int:
                 continue
             ratio = got[part] / value if value else math.nan
             print(f"{name:<18}{part:<28}{got[part] / 2**20:>14.1f}{value / 2**20:>13.1f}{ratio:>8.4f}", flush=True)
+        for trainable in args.activations:
+            real, planned = saved_bytes(name, trainable)
+            rows[name]["measured"][f"activations_{trainable}"] = real
+            rows[name]["planned"][f"activations_{trainable}"] = planned
+            print(f"{name:<18}{'activations, ' + trainable:<28}{real / 2**20:>14.1f}{planned / 2**20:>13.1f}"
+                  f"{real / planned:>8.4f}", flush=True)  # fmt: skip
     write_result(args.name, {"shapes": rows})
     return 0
 

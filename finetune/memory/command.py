@@ -35,6 +35,13 @@ def plan_table(recipe, memory: int | None = None) -> str:
     shape, max_len = shape_of(recipe.model)
     setup = setup_of(recipe, "cuda", max_len)
     ours = method_of(recipe)
+    try:
+        estimate(shape, ours, setup)  # builds the meta model and counts once; the table reuses the counts
+    except Exception as exc:  # an architecture whose forward has no meta kernels, or a config transformers lacks
+        raise FinetuneError(
+            f"the planner could not run {recipe.model.name} on the meta device ({type(exc).__name__}: {exc})",
+            where="plan",
+        ) from None
     step = f"batch {setup.batch_size} x {setup.columns} texts x {setup.seq_length} tokens"
     if setup.cached:
         step += f", cached loss (mini-batch {setup.mini_batch_size})"
