@@ -25,6 +25,7 @@ Each is printed beside :mod:`finetune.memory.plan`'s prediction for a GPU run (b
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 from collections import Counter
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
     print(f"{'shape':<18}{'part':<28}{'measured MiB':>14}{'planned MiB':>13}{'ratio':>8}")
     for name in args.shapes:
         got, want = measure(name), predict(name)
+        gc.collect()  # the measured model (peft keeps reference cycles) before the next one is built
         rows[name] = {"measured": got, "planned": want}
         for part, value in want.items():
             if part == "parameters":
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
             print(f"{name:<18}{part:<28}{got[part] / 2**20:>14.1f}{value / 2**20:>13.1f}{ratio:>8.4f}", flush=True)
         for trainable in args.activations:
             real, planned = saved_bytes(name, trainable)
+            gc.collect()
             rows[name]["measured"][f"activations_{trainable}"] = real
             rows[name]["planned"][f"activations_{trainable}"] = planned
             print(f"{name:<18}{'activations, ' + trainable:<28}{real / 2**20:>14.1f}{planned / 2**20:>13.1f}"
