@@ -114,6 +114,7 @@ def saved_bytes(name: str, trainable: str, seq: int = 512) -> tuple[int, int]:
     from finetune.memory.activations import profile
     from finetune.qlora.targets import auto_targets
 
+    gc.collect()  # the previous check's model, before this one is built
     config = config_of(name, seq)
     for field in NO_DROPOUT:
         if hasattr(config, field):
@@ -170,22 +171,19 @@ def main(argv=None) -> int:
     rows = {}
     print(f"{'shape':<18}{'part':<28}{'measured MiB':>14}{'planned MiB':>13}{'ratio':>8}")
     for name in args.shapes:
+        checks = {t: saved_bytes(name, t) for t in args.activations}  # first, while memory is free
+        gc.collect()
         got, want = measure(name), predict(name)
         gc.collect()  # the measured model (peft keeps reference cycles) before the next one is built
+        for trainable, (real, planned) in checks.items():
+            got[f"activations_{trainable}"], want[f"activations_{trainable}"] = real, planned
         rows[name] = {"measured": got, "planned": want}
         for part, value in want.items():
             if part == "parameters":
                 continue
             ratio = got[part] / value if value else math.nan
             print(f"{name:<18}{part:<28}{got[part] / 2**20:>14.1f}{value / 2**20:>13.1f}{ratio:>8.4f}", flush=True)
-        for trainable in args.activations:
-            real, planned = saved_bytes(name, trainable)
-            gc.collect()
-            rows[name]["measured"][f"activations_{trainable}"] = real
-            rows[name]["planned"][f"activations_{trainable}"] = planned
-            print(f"{name:<18}{'activations, ' + trainable:<28}{real / 2**20:>14.1f}{planned / 2**20:>13.1f}"
-                  f"{real / planned:>8.4f}", flush=True)  # fmt: skip
-    write_result(args.name, {"shapes": rows})
+        write_result(args.name, {"shapes": rows})  # after every shape: a later one running out of memory loses none
     return 0
 
 
