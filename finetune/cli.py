@@ -186,7 +186,7 @@ def _plan(recipe, args) -> int:
 
     if recipe.kind != "qlora":
         raise FinetuneError(
-            f"plan predicts encoder training memory; a {recipe.kind} recipe trains on cached embeddings, so use a "
+            f"plan predicts encoder training memory, and kind {recipe.kind} trains on cached embeddings; use a "
             "kind: qlora recipe",
             where=args.recipe,
         )

@@ -416,3 +416,11 @@ def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_mode
     with pytest.raises(FinetuneError, match="auto needs the memory planner, which failed on this model"):
         recipe_plan.plan_run(auto, "cpu", "peft", lines.append)
     assert recipe_plan.plan_run(_recipe(tiny_model, pairs_file, tmp_path), "cpu", "peft", lines.append) == (None, None)
+
+
+def test_plan_refuses_a_frozen_encoder_recipe(tiny_model, pairs_file, tmp_path, capsys):
+    recipe = tmp_path / "a.yaml"
+    recipe.write_text(json.dumps(adapter_recipe({"path": str(pairs_file), "columns": COLUMNS}, tiny_model, tmp_path)))
+    assert main(["plan", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "kind adapter trains on cached embeddings; use a kind: qlora recipe" in err and len(err.splitlines()) == 1
