@@ -146,11 +146,9 @@ class EncoderShape:
         ]
 
     def lora_targets(self, setup: Setup) -> list[str]:
-        from finetune.qlora.targets import auto_targets, requested_targets
+        from finetune.qlora.targets import resolve_targets
 
-        if setup.lora_targets == "auto":
-            return auto_targets(self._meta, getattr(self.config, "model_type", None))[0]
-        return requested_targets(self._meta, list(setup.lora_targets))
+        return resolve_targets(self._meta, setup.lora_targets)[0]
 
     def profile(self, method: str, setup: Setup) -> ActivationProfile:
         key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.memory.plan import METHODS, EncoderShape, Estimate, GiB, Setup, estimate, largest_fit
-from finetune.qlora.config import mini_batch_of
+from finetune.qlora.config import mini_batch_of, resolved_optimizer, resolved_precision
 
 AUTO_HEADROOM = 0.9  # mini_batch_size auto plans for 90% of the free memory: allocator fragmentation
 
@@ -58,10 +58,7 @@ def setup_of(recipe, device: str, max_len: int) -> Setup:
     """The recipe's step as the planner sees it, on ``device`` (a GPU: bf16 and 8-bit AdamW unless set)."""
     gpu = device == "cuda"
     negatives = recipe.negatives.per_query if recipe.negatives.strategy != "none" else 0
-    optimizer = (
-        recipe.train.optimizer if recipe.train.optimizer != "auto" else ("adamw_8bit" if gpu else "adamw_torch")
-    )
-    precision = recipe.train.precision if recipe.train.precision != "auto" else ("bf16" if gpu else "fp32")
+    optimizer, precision = resolved_optimizer(recipe.train, gpu), resolved_precision(recipe.train, gpu)
     return Setup(
         batch_size=recipe.train.batch_size,
         seq_length=min(recipe.model.max_seq_length or max_len, max_len),

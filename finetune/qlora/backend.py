@@ -20,7 +20,7 @@ from finetune.errors import FinetuneError
 from finetune.memory.activations import set_checkpointing
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.stack import override_pooling, set_head_trainable
-from finetune.qlora.targets import auto_targets, requested_targets, summarise
+from finetune.qlora.targets import resolve_targets, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +202,9 @@ def _keep_cpu_weights_trainable(model) -> None:
 
 def lora_targets(model, recipe: QLoRARecipe) -> list[str]:
     """Full names of the layers inside ``model[0].auto_model`` that get LoRA (see :mod:`finetune.qlora.targets`)."""
-    auto_model = model[0].auto_model
-    if recipe.lora.target_modules != "auto":
-        return requested_targets(auto_model, list(recipe.lora.target_modules))
-    names, rule = auto_targets(auto_model, getattr(auto_model.config, "model_type", None))
-    logger.info("LoRA targets by the %s: %s", rule, summarise(names))
+    names, rule = resolve_targets(model[0].auto_model, recipe.lora.target_modules)
+    if rule:
+        logger.info("LoRA targets by the %s: %s", rule, summarise(names))
     return names
 
 

@@ -28,7 +28,7 @@ from finetune.merge_scale import (
 )
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
-from finetune.qlora.config import QLoRARecipe
+from finetune.qlora.config import QLoRARecipe, resolved_optimizer, resolved_precision
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
@@ -160,11 +160,8 @@ class QLoRARun:
 
     def _precision_and_optimizer(self) -> tuple[str, str]:
         t, cuda = self.recipe.train, self.device == "cuda"
-        precision = t.precision
-        if precision == "auto":
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-        optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if cuda else "adamw_torch")
-        return precision, optimizer
+        precision = resolved_precision(t, cuda, cuda and torch.cuda.is_bf16_supported())
+        return precision, resolved_optimizer(t, cuda)
 
     def _max_steps(self, rows: int) -> int:
         """``train.max_steps`` caps the epochs: training stops at whichever comes first, so both settings act."""

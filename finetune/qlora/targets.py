@@ -83,6 +83,14 @@ def requested_targets(model: torch.nn.Module, requested: list[str]) -> list[str]
     return names
 
 
+def resolve_targets(model: torch.nn.Module, target_modules) -> tuple[list[str], str | None]:
+    """``lora.target_modules`` (``auto`` or names) resolved on ``model``: ``(names, rule)``, where
+    ``rule`` says how ``auto`` chose them and is ``None`` for a requested list."""
+    if target_modules != "auto":
+        return requested_targets(model, list(target_modules)), None
+    return auto_targets(model, getattr(getattr(model, "config", None), "model_type", None))
+
+
 def summarise(names: list[str]) -> str:
     """``q_proj, k_proj, ... (14 layers)`` for the one "what ran" line."""
     kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
