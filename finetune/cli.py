@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("grid", nargs="*", help="key=v1,v2,... (swept) and key=value (fixed), e.g. train.lr=1e-3,3e-3")
     sweep.add_argument("--budget", type=int, help="run N random points of the grid (seeded by the recipe's seed)")
     sweep.add_argument("--dir", help="the sweep directory; an unfinished one with the same command resumes")
+    sweep.add_argument(
+        "--stop-behind",
+        type=float,
+        metavar="MARGIN",
+        help="qlora: stop a point whose validation NDCG@10 trails the best finished point's by more than MARGIN at "
+        "the same epoch, twice in a row (default 0.02; 0: train every point to the end)",
+    )
     sweep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _synth_parsers(sub)
     return parser
@@ -152,7 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from finetune.sweep import run_sweep
 
-            run_sweep(args.recipe, args.grid, args.budget, args.dir, command="python -m finetune " + shlex.join(argv))
+            run_sweep(
+                args.recipe,
+                args.grid,
+                args.budget,
+                args.dir,
+                command="python -m finetune " + shlex.join(argv),
+                stop_behind=args.stop_behind,
+            )
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":

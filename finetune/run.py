@@ -45,6 +45,7 @@ def run_recipe(
     resume: str | None = None,
     overwrite: bool = False,
     selection: bool = False,
+    stop_behind=None,
 ) -> Path:
     """Run ``recipe`` end to end and return its run directory.
 
@@ -62,6 +63,8 @@ def run_recipe(
         overwrite: Replace ``run_dir`` if it exists.
         selection: A sweep point (:mod:`finetune.sweep`): the validation queries stand in for the test
             split, which is never scored, and nothing is exported.
+        stop_behind: A sweep point of a qlora recipe: stop training when its validation curve is clearly
+            behind this :class:`~finetune.qlora.behind.Leader`.
 
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
@@ -91,6 +94,8 @@ def run_recipe(
     )
     job = kind.runner_class()(recipe, data, splits, device, cache, echo=say)  # checks everything; writes nothing
     job.export = not selection
+    if stop_behind is not None:
+        job.stop_behind = stop_behind
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 

@@ -30,6 +30,7 @@ from finetune.field_rules import default_override, ineffective
 from finetune.recipe import load_recipe
 
 NOT_SWEPT = ("eval.", "merge.", "splits.", "output.", "cache.", "name")
+STOP_BEHIND = 0.02  # a qlora point more than this NDCG@10 behind the leader at the same epoch, twice in a row, stops
 
 
 @dataclass
@@ -147,6 +148,34 @@ def resolve_point(path: str, fixed: list[str], settings: dict[str, str], notes: 
         raise FinetuneError(f"{exc.message} (at the point {label})", where=exc.where) from None
 
 
+def stop_margin(kind: str, stop_behind: float | None, path: str) -> float | None:
+    """The margin behind the leader at which a point stops (None: points train to the end)."""
+    if stop_behind is not None and stop_behind < 0:
+        raise FinetuneError(f"--stop-behind is an NDCG@10 margin, 0 or more; got {stop_behind}", where="sweep")
+    if kind != "qlora":
+        if stop_behind:
+            raise FinetuneError(
+                "--stop-behind is for qlora sweeps; adapter points train in seconds and stop on their own "
+                "validation (train.patience); drop --stop-behind",
+                where=path,
+            )
+        return None
+    margin = STOP_BEHIND if stop_behind is None else stop_behind
+    return margin or None
+
+
+def leader_of(out: Path, rows: list[dict], margin: float | None):
+    """The best finished point's validation curve, for the next point to keep up with (None: nothing to follow)."""
+    if margin is None or not rows:
+        return None
+    from finetune.qlora.behind import Leader, validation_curve
+
+    best = max(rows, key=lambda r: r["val_ndcg@10"])
+    history = json.loads((out / best["run"] / "metrics.json").read_text()).get("log_history", [])
+    curve = validation_curve(history)
+    return Leader(curve, margin) if curve else None
+
+
 def as_point(recipe, splits_file: Path):
     """A point's recipe for selection: the sweep's splits, no extra sets and no merge (the final run has them)."""
     update = {"splits": recipe.splits.model_copy(update={"file": str(splits_file)})}
@@ -162,6 +191,7 @@ def run_sweep(
     directory: str | None = None,
     echo=print,
     command: str = "",
+    stop_behind: float | None = None,
 ) -> Path:
     """Run the sweep; return its directory (``sweep.json``, ``sweep.md``, ``sweep.png``, ``points/``, ``final/``).
 
@@ -172,6 +202,10 @@ def run_sweep(
         directory: The sweep directory; one holding the same plan resumes.
         echo: Where progress lines and the table go.
         command: The command line, recorded in every run directory.
+        stop_behind: qlora sweeps: a point stops when its best validation NDCG@10 trails the best
+            finished point's, by the same epoch, by more than this at two evaluations in a row
+            (default 0.02; 0 trains every point to the end). Not for adapter sweeps, whose points
+            take seconds.
     """
     from finetune.data import load_data
     from finetune.run import run_recipe
@@ -179,10 +213,13 @@ def run_sweep(
     from finetune.sweep_report import write_report
 
     recipe, points, notes = plan_points(path, arguments, budget)
+    margin = stop_margin(recipe.kind, stop_behind, path)
     from finetune.qlora.backend import preload_unsloth
 
     preload_unsloth(recipe)  # before anything imports transformers
     plan = {"recipe": path, "arguments": arguments, "budget": budget, "points": [p.settings for p in points]}
+    if margin is not None:
+        plan["stop_behind"] = margin
     out = (
         Path(directory)
         if directory
@@ -216,6 +253,7 @@ def run_sweep(
                 selection=True,
                 echo=lambda *_: None,
                 command=f"{command}  # point {i}: {point.label()}",
+                stop_behind=leader_of(out, rows, margin),
             )
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append(
@@ -226,9 +264,12 @@ def run_sweep(
                 "base_val_ndcg@10": metrics["base"]["ndcg@10"],
                 "seconds": metrics["wall_seconds"],
                 "run": str(run_dir.relative_to(out)),
+                "stopped_behind": metrics.get("stopped_behind"),
             }
         )
-        echo(f"  [{i + 1}/{len(points)}] {point.label()}: val NDCG@10 {rows[-1]['val_ndcg@10']:.4f}")
+        stopped = rows[-1]["stopped_behind"]
+        why = f" (stopped at epoch {stopped['epoch']:.2f}: behind the leader)" if stopped else ""
+        echo(f"  [{i + 1}/{len(points)}] {point.label()}: val NDCG@10 {rows[-1]['val_ndcg@10']:.4f}{why}")
     best = max(rows, key=lambda r: r["val_ndcg@10"])  # max keeps the first of equals: grid order
     chosen = points[best["point"]].recipe
     final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})

@@ -14,7 +14,8 @@ def write_report(out: Path, plan: dict, rows: list[dict], best: dict, final: dic
     Args:
         out: The sweep directory.
         plan: What was asked (recipe, arguments, budget, points).
-        rows: One per point: ``point``, ``settings``, ``val_ndcg@10``, ``base_val_ndcg@10``, ``seconds``, ``run``.
+        rows: One per point: ``point``, ``settings``, ``val_ndcg@10``, ``base_val_ndcg@10``, ``seconds``, ``run``,
+            ``stopped_behind`` (where a qlora point stopped behind the leader, or None).
         best: The chosen row.
         final: The chosen point's final run's ``metrics.json`` (the only test scores of the sweep).
     """
@@ -45,6 +46,8 @@ def markdown(rows: list[dict], best: dict, test: dict, counts: dict) -> str:
     ]
     for r in sorted(rows, key=lambda r: -r["val_ndcg@10"]):
         mark = " **chosen**" if r is best else ""
+        if r.get("stopped_behind"):  # older sweeps have no such key
+            mark = f" (stopped at epoch {r['stopped_behind']['epoch']:.2f}, behind)"
         values = " | ".join(r["settings"][k] for k in keys)
         lines.append(f"| {values} | {r['val_ndcg@10']:.4f}{mark} | {r['seconds']:.1f} |")
     lines += [

@@ -132,6 +132,55 @@ def test_a_qlora_sweep_trains_points_without_exporting(recipe_file, tmp_path, sc
     assert _test_split_runs(scored, out) == {str(out / "final")}
 
 
+def test_a_qlora_point_behind_the_leader_stops_and_cannot_be_chosen(recipe_file, tmp_path, monkeypatch):
+    import finetune.sweep
+    from finetune.qlora.behind import Leader, validation_curve
+
+    leaders, real = [], finetune.sweep.leader_of
+
+    def unbeatable_after_the_first(out, rows, margin):
+        leader = real(out, rows, margin)
+        leaders.append(leader)
+        return Leader([(0.0, 2.0)], margin) if rows else leader  # no NDCG@10 reaches 2: every point is behind
+
+    monkeypatch.setattr(finetune.sweep, "leader_of", unbeatable_after_the_first)
+    path = recipe_file("qlora", steps=12)  # evaluates every 4 steps
+    out = run_sweep(path, ["train.lr=5e-3,1e-3"], directory=str(tmp_path / "sw"))
+    summary = json.loads((out / "sweep.json").read_text())
+    first, second = (json.loads((out / r["run"] / "metrics.json").read_text()) for r in summary["points"])
+    # the first point had nothing to follow; the real leader of the second is the first's own curve
+    assert leaders[0] is None and leaders[1].curve == validation_curve(first["log_history"])
+    assert leaders[1].margin == 0.02 and summary["stop_behind"] == 0.02
+    assert first["train_steps"] == 12 and first["stopped_behind"] is None
+    assert second["train_steps"] == 8  # behind at its evaluations at steps 4 and 8: patience 2
+    assert summary["points"][1]["stopped_behind"]["step"] == 8 and summary["chosen"]["point"] == 0
+    assert "(stopped at epoch" in (out / "sweep.md").read_text()
+
+
+def test_behind_means_below_the_leaders_best_by_the_same_epoch_twice_in_a_row():
+    from types import SimpleNamespace
+
+    from finetune.qlora.behind import Leader, StopBehind
+
+    leader = Leader([(1.0, 0.70), (2.0, 0.80), (3.0, 0.78)], margin=0.02)
+    stop = StopBehind(leader, "eval_val_cosine_ndcg@10")
+    control = SimpleNamespace(should_training_stop=False)
+
+    def evaluate(epoch, value):
+        state = SimpleNamespace(epoch=epoch, global_step=int(epoch * 10))
+        stop.on_evaluate(None, state, control, metrics={"eval_val_cosine_ndcg@10": value})
+        return control.should_training_stop
+
+    assert not evaluate(0.5, 0.10)  # the leader had not evaluated by epoch 0.5
+    assert not evaluate(1.0, 0.60)  # behind once (0.60 < 0.70 - 0.02)
+    assert not evaluate(2.0, 0.785)  # its best by epoch 2 is within the margin of 0.80: the count restarts
+    assert not evaluate(3.0, 0.70)  # its best so far, 0.785, is within 0.02 of the leader's 0.80
+    assert stop.behind == 0
+    stop.best = 0.5
+    assert not evaluate(3.5, 0.5) and evaluate(4.0, 0.5)
+    assert stop.stopped == {"epoch": 4.0, "step": 40, "best": 0.5, "leader_best": 0.80}
+
+
 @pytest.mark.parametrize(
     "grid, message",
     [
@@ -141,6 +190,8 @@ def test_a_qlora_sweep_trains_points_without_exporting(recipe_file, tmp_path, sc
         (["train.lr=1e-3"], "no key lists two or more values"),
         (["eval.also=[a],[b]"], "eval.also is not swept"),
         (["train.lr=1e-3,1e-2", "splits.val_fraction=0"], "set splits.val_fraction above 0"),
+        (["train.lr=1e-3,1e-2", "--stop-behind", "0.05"], "--stop-behind is for qlora sweeps"),
+        (["train.lr=1e-3,1e-2", "--stop-behind=-1"], "an NDCG@10 margin, 0 or more"),
     ],
 )
 def test_bad_sweeps_fail_with_one_line_and_write_nothing(recipe_file, tmp_path, capsys, grid, message):

@@ -28,6 +28,7 @@ from finetune.merge_scale import (
 )
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.qlora.backend import build_encoder, parameter_counts, select_backend
+from finetune.qlora.behind import StopBehind
 from finetune.qlora.config import QLoRARecipe, resolved_optimizer, resolved_precision
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
@@ -57,6 +58,7 @@ class QLoRARun:
 
     resumable = True
     export = True
+    stop_behind = None  # a sweep point: the leader's validation curve (finetune.qlora.behind.Leader)
 
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
@@ -299,6 +301,7 @@ class QLoRARun:
             "total_parameters": self.total,
             "document_embeddings_recomputed": True,
             "train_steps": result.global_step,
+            "stopped_behind": self.behind.stopped if self.behind else None,
             "resumed_from_step": resumed_from,
             "train_loss": result.training_loss,
             "log_history": trainer.state.log_history,
@@ -412,6 +415,9 @@ class QLoRARun:
         )
         timer = StepTimer(cuda=self.device == "cuda")
         trainer.add_callback(timer)
+        self.behind = StopBehind(self.stop_behind, trainer.args.metric_for_best_model) if self.stop_behind else None
+        if self.behind and val is not None:
+            trainer.add_callback(self.behind)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = latest_checkpoint(run_dir / "checkpoints") if resume else None
