@@ -46,6 +46,7 @@ def run_recipe(
     overwrite: bool = False,
     selection: bool = False,
     stop_behind=None,
+    trained_in: Path | None = None,
 ) -> Path:
     """Run ``recipe`` end to end and return its run directory.
 
@@ -65,6 +66,8 @@ def run_recipe(
             split, which is never scored, and nothing is exported.
         stop_behind: A sweep point of a qlora recipe: stop training when its validation curve is clearly
             behind this :class:`~finetune.qlora.behind.Leader`.
+        trained_in: A qlora sweep's final run: the chosen point's run directory. Its training is this
+            run's (same recipe, splits and seed), so its checkpoints are resumed at their last step.
 
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
@@ -96,6 +99,8 @@ def run_recipe(
     job.export = not selection
     if stop_behind is not None:
         job.stop_behind = stop_behind
+    if trained_in is not None:
+        job.trained_in = trained_in
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
 

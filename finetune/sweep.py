@@ -275,6 +275,13 @@ def run_sweep(
     final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})
     echo(f"chosen on validation: {points[best['point']].label()}; its final run scores the test split")
     if not (out / "final" / "metrics.json").is_file():
-        run_recipe(final, run_dir=str(out / "final"), overwrite=True, echo=echo, command=f"{command}  # final run")
+        run_recipe(
+            final,
+            run_dir=str(out / "final"),
+            overwrite=True,
+            echo=echo,
+            command=f"{command}  # final run",
+            trained_in=out / best["run"] if recipe.kind == "qlora" else None,  # adapter points retrain in seconds
+        )
     write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
     return out

@@ -132,6 +132,28 @@ def test_a_qlora_sweep_trains_points_without_exporting(recipe_file, tmp_path, sc
     assert _test_split_runs(scored, out) == {str(out / "final")}
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_qlora_final_run_reuses_the_chosen_points_training_and_equals_a_plain_run(recipe_file, tmp_path, method):
+    from finetune.recipe import load_recipe
+    from finetune.run import run_recipe
+
+    path = recipe_file("qlora", steps=8, method=method, quantization="nf4" if method == "lora" else "none")
+    out = run_sweep(path, ["train.lr=1e-3,5e-3"], directory=str(tmp_path / "sw"))
+    summary = json.loads((out / "sweep.json").read_text())
+    chosen = out / summary["points"][summary["chosen"]["point"]]["run"]
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["training_reused_from"] == str(chosen) and final["step_time"]["steps_timed"] == 0
+    assert final["train_steps"] == 8 and final["resumed_from_step"] == 8
+    overrides = [f"splits.file={out / 'splits.json'}", f"train.lr={summary['chosen']['settings']['train.lr']}"]
+    plain = json.loads((run_recipe(load_recipe(path, overrides), echo=lambda *_: None) / "metrics.json").read_text())
+    assert final["tuned_as_trained"]["ndcg@10"] == pytest.approx(plain["tuned_as_trained"]["ndcg@10"], abs=1e-6)
+    assert final["tuned"]["ndcg@10"] == pytest.approx(plain["tuned"]["ndcg@10"], abs=1e-6)
+    assert final["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+    assert (chosen / "checkpoints").is_dir() and (out / "final" / "checkpoints").is_dir()
+    state = json.loads(next((out / "final" / "checkpoints").glob("checkpoint-8/trainer_state.json")).read_text())
+    assert state["best_model_checkpoint"].startswith(str(out / "final" / "checkpoints"))
+
+
 def test_a_qlora_point_behind_the_leader_stops_and_cannot_be_chosen(recipe_file, tmp_path, monkeypatch):
     import finetune.sweep
     from finetune.qlora.behind import Leader, validation_curve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -33,7 +34,12 @@ from finetune.qlora.config import QLoRARecipe, resolved_optimizer, resolved_prec
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
-from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
+from finetune.qlora.trainer import (
+    FinetuneTrainer,
+    NonFiniteLoss,
+    latest_checkpoint,
+    load_lora_checkpoint,
+)
 from finetune.splits import Splits
 from finetune.timing import StepTimer
 
@@ -59,6 +65,7 @@ class QLoRARun:
     resumable = True
     export = True
     stop_behind = None  # a sweep point: the leader's validation curve (finetune.qlora.behind.Leader)
+    trained_in = None  # a sweep's final run: the chosen point's run directory, whose training this one repeats
 
     def __init__(self, recipe: QLoRARecipe, data: RetrievalData, splits: Splits, device: str, cache=None, echo=print):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
@@ -304,6 +311,7 @@ class QLoRARun:
             "stopped_behind": self.behind.stopped if self.behind else None,
             "resumed_from_step": resumed_from,
             "train_loss": result.training_loss,
+            "training_reused_from": str(self.trained_in) if self.trained_in else None,
             "log_history": trainer.state.log_history,
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "peak_gpu_mb": gpu_peak,
@@ -420,6 +428,12 @@ class QLoRARun:
             trainer.add_callback(self.behind)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        if self.trained_in is not None and not resume:  # a sweep's final run: the chosen point trained this
+            point = Path(self.trained_in)
+            loss = json.loads((point / "metrics.json").read_text())["train_loss"]
+            result = trainer.adopt(point / "checkpoints", loss)
+            self.echo(f"training: the same as {self.trained_in} (recipe, splits, seed): its checkpoints are reused")
+            return trainer, result, result.global_step, timer
         start = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume:
             self.echo(

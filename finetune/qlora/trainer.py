@@ -8,7 +8,10 @@ RNG states and the position in the epoch's batch order come back from the checkp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,6 +48,24 @@ class FinetuneTrainer(SentenceTransformerTrainer):
             raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
         return out
 
+    def adopt(self, source: Path, train_loss: float):
+        """Take over a finished training of the same recipe instead of training: its checkpoints
+        (:func:`adopt_checkpoints`), its trainer state and the weights it ended with (the best
+        checkpoint's where ``load_best_model_at_end``, as the trainer would have loaded them).
+
+        ``trainer.train()`` cannot do this: resumed at its last step, it trains one step more.
+
+        Returns:
+            ``TrainOutput`` as ``train()`` would have, with the source run's ``train_loss``.
+        """
+        from transformers.trainer_utils import TrainOutput
+
+        latest = adopt_checkpoints(source, Path(self.args.output_dir))
+        self.state = type(self.state).load_from_json(str(latest / "trainer_state.json"))
+        best = self.state.best_model_checkpoint
+        self._load_from_checkpoint(best if best and self.args.load_best_model_at_end else str(latest))
+        return TrainOutput(self.state.global_step, train_loss, {})
+
     def _load_from_checkpoint(self, checkpoint_path, model=None):
         if self.lora_checkpoints:
             load_lora_checkpoint(self.model, checkpoint_path)
@@ -60,6 +81,35 @@ def latest_checkpoint(folder: Path) -> Path | None:
         if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()
     ]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def adopt_checkpoints(source: Path, folder: Path) -> Path:
+    """Copy a finished run's checkpoints into ``folder``, as if trained there; return the newest.
+
+    A sweep's final run trains exactly what its chosen point trained (same recipe, splits, seed and
+    validation queries), so it resumes from the point's last checkpoint instead of training again.
+    ``trainer_state.json`` names the best checkpoint by path, so those paths are moved to ``folder``.
+    Files are hard-linked where the file system allows (checkpoints are never rewritten), else copied.
+    """
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, folder, copy_function=link_or_copy, dirs_exist_ok=True)  # the trainer made it
+    for state_file in folder.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        best = state.get("best_model_checkpoint")
+        if best:
+            state["best_model_checkpoint"] = str(folder / Path(best).name)
+            state_file.unlink()  # a hard link: rewrite a new file, leave the source's alone
+            state_file.write_text(json.dumps(state, indent=2))
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        raise FileNotFoundError(f"{source} holds no complete checkpoint")
+    return latest
 
 
 def load_lora_checkpoint(model, checkpoint: str | Path) -> None:
