@@ -176,6 +176,18 @@ def leader_of(out: Path, rows: list[dict], margin: float | None):
     return Leader(curve, margin) if curve else None
 
 
+def reusable_training(point: Path, kind: str, echo) -> Path | None:
+    """The chosen point's run directory, when the final run can take over its training (qlora, checkpoints kept)."""
+    if kind != "qlora":  # adapter points retrain in seconds
+        return None
+    from finetune.qlora.trainer import latest_checkpoint
+
+    if latest_checkpoint(point / "checkpoints") is None:
+        echo(f"{point} kept no checkpoint, so the final run trains the chosen point again")
+        return None
+    return point
+
+
 def as_point(recipe, splits_file: Path):
     """A point's recipe for selection: the sweep's splits, no extra sets and no merge (the final run has them)."""
     update = {"splits": recipe.splits.model_copy(update={"file": str(splits_file)})}
@@ -275,13 +287,14 @@ def run_sweep(
     final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})
     echo(f"chosen on validation: {points[best['point']].label()}; its final run scores the test split")
     if not (out / "final" / "metrics.json").is_file():
+        reuse = reusable_training(out / best["run"], recipe.kind, echo)
         run_recipe(
             final,
             run_dir=str(out / "final"),
             overwrite=True,
             echo=echo,
             command=f"{command}  # final run",
-            trained_in=out / best["run"] if recipe.kind == "qlora" else None,  # adapter points retrain in seconds
+            trained_in=reuse,
         )
     write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
     return out

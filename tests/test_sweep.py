@@ -153,6 +153,15 @@ def test_a_qlora_final_run_reuses_the_chosen_points_training_and_equals_a_plain_
     state = json.loads(next((out / "final" / "checkpoints").glob("checkpoint-8/trainer_state.json")).read_text())
     assert state["best_model_checkpoint"].startswith(str(out / "final" / "checkpoints"))
 
+    import shutil
+
+    shutil.rmtree(out / "final")
+    shutil.rmtree(chosen / "checkpoints")  # cleaned up before a resume: the final run trains again, to the same
+    resumed = run_sweep(path, ["train.lr=1e-3,5e-3"], directory=str(out))
+    again = json.loads((resumed / "final" / "metrics.json").read_text())
+    assert again["training_reused_from"] is None and again["step_time"]["steps_timed"] == 8
+    assert again["tuned"]["ndcg@10"] == pytest.approx(final["tuned"]["ndcg@10"], abs=1e-6)
+
 
 def test_a_qlora_point_behind_the_leader_stops_and_cannot_be_chosen(recipe_file, tmp_path, monkeypatch):
     import finetune.sweep
