@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from record import write_result
 
-from finetune.qlora.behind import Leader, StopBehind, validation_curve
+from finetune.qlora.behind import Leader, StopBehind, val_ndcg_key, validation_curve
 from finetune.sweep import STOP_BEHIND
 
 
@@ -29,7 +29,7 @@ def replay_point(log_history: list[dict], leader: Leader | None) -> dict | None:
         return None
     stop, control = StopBehind(leader, "ndcg"), SimpleNamespace(should_training_stop=False)
     for entry in log_history:
-        key = next((k for k in entry if k.startswith("eval_val_") and k.endswith("_ndcg@10")), None)
+        key = val_ndcg_key(entry)
         if key is None:
             continue
         state = SimpleNamespace(epoch=float(entry["epoch"]), global_step=int(entry["step"]))

@@ -67,7 +67,8 @@ def run_recipe(
         stop_behind: A sweep point of a qlora recipe: stop training when its validation curve is clearly
             behind this :class:`~finetune.qlora.behind.Leader`.
         trained_in: A qlora sweep's final run: the chosen point's run directory. Its training is this
-            run's (same recipe, splits and seed), so its checkpoints are resumed at their last step.
+            run's (same recipe, splits and seed), so its checkpoints and end weights are taken over and no step
+            is trained.
 
     Returns:
         The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.

@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 
+def val_ndcg_key(entry: dict) -> str | None:
+    """The validation NDCG@10 key of a ``log_history`` entry (``eval_val_cosine_ndcg@10``), or None."""
+    return next((k for k in entry if k.startswith("eval_val_") and k.endswith("_ndcg@10")), None)
+
+
 def validation_curve(log_history: list[dict]) -> list[tuple[float, float]]:
     """``(epoch, validation NDCG@10)`` at every evaluation in a trainer's ``log_history``."""
     curve = []
     for entry in log_history:
-        key = next((k for k in entry if k.startswith("eval_val_") and k.endswith("_ndcg@10")), None)
+        key = val_ndcg_key(entry)
         if key is not None and "epoch" in entry:
             curve.append((float(entry["epoch"]), float(entry[key])))
     return curve
@@ -75,5 +80,9 @@ class StopBehind(TrainerCallback):
         self.behind = self.behind + 1 if behind else 0
         if self.behind >= self.leader.patience:
             control.should_training_stop = True  # the trainer still saves this step's checkpoint first
-            self.stopped = {"epoch": state.epoch, "step": state.global_step, "best": self.best}
-            self.stopped["leader_best"] = reference
+            self.stopped = {
+                "epoch": state.epoch,
+                "step": state.global_step,
+                "best": self.best,
+                "leader_best": reference,
+            }

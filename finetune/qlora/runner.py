@@ -34,12 +34,7 @@ from finetune.qlora.config import QLoRARecipe, resolved_optimizer, resolved_prec
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, embed, pooling_mode
 from finetune.qlora.targets import summarise
-from finetune.qlora.trainer import (
-    FinetuneTrainer,
-    NonFiniteLoss,
-    latest_checkpoint,
-    load_lora_checkpoint,
-)
+from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
 from finetune.splits import Splits
 from finetune.timing import StepTimer
 

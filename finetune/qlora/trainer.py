@@ -86,8 +86,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def adopt_checkpoints(source: Path, folder: Path) -> Path:
     """Copy a finished run's checkpoints into ``folder``, as if trained there; return the newest.
 
-    A sweep's final run trains exactly what its chosen point trained (same recipe, splits, seed and
-    validation queries), so it resumes from the point's last checkpoint instead of training again.
+    A sweep's final run would train exactly what its chosen point trained (same recipe, splits, seed
+    and validation queries), so it takes the point's checkpoints over (:meth:`FinetuneTrainer.adopt`).
     ``trainer_state.json`` names the best checkpoint by path, so those paths are moved to ``folder``.
     Files are hard-linked where the file system allows (checkpoints are never rewritten), else copied.
     """
