@@ -16,10 +16,15 @@ from pathlib import Path
 KEYS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
 
+def label(run_dir: Path) -> str:
+    """The run's folder name; a sweep's ``final`` run is named with its sweep (``faq-lr/final``)."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name == "final" else run_dir.name
+
+
 def summarize(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
-        "run": run_dir.name,
+        "run": label(run_dir),
         "command": (run_dir / "command.txt").read_text().strip(),
         "kind": metrics["kind"],
         "backend": metrics.get("backend"),
