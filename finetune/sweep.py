@@ -8,7 +8,8 @@ tuned) for that point alone. No unselected point's test score exists to be read.
 
 Frozen-encoder recipes read their embeddings from the cache at every point, so each point costs
 its training only. A sweep directory resumes: run the same command with ``--dir`` set to it, and
-finished points are read back instead of trained again.
+finished points are read back instead of trained again; a QLoRA point cut off mid-training continues
+from its newest checkpoint, as ``run --resume`` would.
 
 Example (not run: it trains)::
     python -m finetune sweep recipes/adapter.yaml train.lr=3e-4,1e-3,3e-3 adapter.type=linear,mlp
@@ -188,6 +189,19 @@ def reusable_training(point: Path, kind: str, echo) -> Path | None:
     return point
 
 
+def unfinished_training(point: Path, kind: str) -> Path | None:
+    """The newest checkpoint of a QLoRA point cut off mid-training (None: start the point afresh).
+
+    A 3-epoch point on a large set can take an hour on a CPU, or outlast a GPU lease, so a resumed
+    sweep continues it like ``run --resume``; adapter points retrain in seconds.
+    """
+    if kind != "qlora" or not (point / "recipe.yaml").is_file():
+        return None
+    from finetune.qlora.trainer import latest_checkpoint
+
+    return latest_checkpoint(point / "checkpoints")
+
+
 def as_point(recipe, splits_file: Path):
     """A point's recipe for selection: the sweep's splits, no extra sets and no merge (the final run has them)."""
     update = {"splits": recipe.splits.model_copy(update={"file": str(splits_file)})}
@@ -258,10 +272,14 @@ def run_sweep(
     for i, point in enumerate(points):
         run_dir = out / "points" / f"{i:03d}"
         if not (run_dir / "metrics.json").is_file():
+            partial = unfinished_training(run_dir, recipe.kind)
+            if partial is not None:
+                echo(f"  point {i} was cut off; continuing from {partial.name}")
             run_recipe(
                 as_point(point.recipe, splits_file),
                 run_dir=str(run_dir),
-                overwrite=True,
+                resume=str(run_dir) if partial is not None else None,
+                overwrite=partial is None,
                 selection=True,
                 echo=lambda *_: None,
                 command=f"{command}  # point {i}: {point.label()}",

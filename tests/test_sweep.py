@@ -188,6 +188,25 @@ def test_a_qlora_point_behind_the_leader_stops_and_cannot_be_chosen(recipe_file,
     assert "(stopped at epoch" in (out / "sweep.md").read_text()
 
 
+def test_a_qlora_point_cut_off_mid_training_continues_from_its_checkpoint(recipe_file, tmp_path):
+    import shutil
+
+    path, grid = recipe_file("qlora", steps=8), ["train.lr=1e-3,5e-3"]  # saves every 4 steps
+    out = run_sweep(path, grid, directory=str(tmp_path / "sw"), stop_behind=0)
+    point = out / "points" / "001"
+    whole = json.loads((point / "metrics.json").read_text())
+    for name in ("metrics.json", "per_query.jsonl"):  # what a kill at step 6 leaves: checkpoint-4 only
+        (point / name).unlink(missing_ok=True)
+    shutil.rmtree(point / "checkpoints" / "checkpoint-8")
+    shutil.rmtree(out / "final")
+    lines = []
+    run_sweep(path, grid, directory=str(out), echo=lines.append, stop_behind=0)
+    again = json.loads((point / "metrics.json").read_text())
+    assert any("point 1 was cut off; continuing from checkpoint-4" in line for line in lines)
+    assert again["resumed_from_step"] == 4 and again["train_steps"] == 8
+    assert again["tuned"]["ndcg@10"] == pytest.approx(whole["tuned"]["ndcg@10"], abs=1e-6)  # as if never cut off
+
+
 def test_behind_means_below_the_leaders_best_by_the_same_epoch_twice_in_a_row():
     from types import SimpleNamespace
 
