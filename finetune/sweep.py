@@ -177,13 +177,20 @@ def leader_of(out: Path, rows: list[dict], margin: float | None):
     return Leader(curve, margin) if curve else None
 
 
-def reusable_training(point: Path, kind: str, echo) -> Path | None:
-    """The chosen point's run directory, when the final run can take over its training (qlora, checkpoints kept)."""
-    if kind != "qlora":  # adapter points retrain in seconds
+def point_checkpoint(point: Path, kind: str) -> Path | None:
+    """The newest checkpoint a QLoRA point kept (None: none kept, or an adapter point: those retrain in seconds)."""
+    if kind != "qlora":
         return None
     from finetune.qlora.trainer import latest_checkpoint
 
-    if latest_checkpoint(point / "checkpoints") is None:
+    return latest_checkpoint(point / "checkpoints")
+
+
+def reusable_training(point: Path, kind: str, echo) -> Path | None:
+    """The chosen point's run directory, when the final run can take over its training (qlora, checkpoints kept)."""
+    if kind != "qlora":
+        return None
+    if point_checkpoint(point, kind) is None:
         echo(f"{point} kept no checkpoint, so the final run trains the chosen point again")
         return None
     return point
@@ -193,13 +200,9 @@ def unfinished_training(point: Path, kind: str) -> Path | None:
     """The newest checkpoint of a QLoRA point cut off mid-training (None: start the point afresh).
 
     A 3-epoch point on a large set can take an hour on a CPU, or outlast a GPU lease, so a resumed
-    sweep continues it like ``run --resume``; adapter points retrain in seconds.
+    sweep continues it like ``run --resume``.
     """
-    if kind != "qlora" or not (point / "recipe.yaml").is_file():
-        return None
-    from finetune.qlora.trainer import latest_checkpoint
-
-    return latest_checkpoint(point / "checkpoints")
+    return point_checkpoint(point, kind) if (point / "recipe.yaml").is_file() else None
 
 
 def as_point(recipe, splits_file: Path):
