@@ -298,6 +298,8 @@ def run_sweep(
                 "seconds": metrics["wall_seconds"],
                 "run": str(run_dir.relative_to(out)),
                 "stopped_behind": metrics.get("stopped_behind"),
+                # a resumed point's wall_seconds are the resumed call's only: the table says so
+                "resumed_from_step": metrics.get("resumed_from_step"),
             }
         )
         stopped = rows[-1]["stopped_behind"]

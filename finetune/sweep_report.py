@@ -15,7 +15,8 @@ def write_report(out: Path, plan: dict, rows: list[dict], best: dict, final: dic
         out: The sweep directory.
         plan: What was asked (recipe, arguments, budget, points).
         rows: One per point: ``point``, ``settings``, ``val_ndcg@10``, ``base_val_ndcg@10``, ``seconds``, ``run``,
-            ``stopped_behind`` (where a qlora point stopped behind the leader, or None).
+            ``stopped_behind`` (where a qlora point stopped behind the leader, or None),
+            ``resumed_from_step`` (a qlora point cut off and continued from that checkpoint, or None).
         best: The chosen row.
         final: The chosen point's final run's ``metrics.json`` (the only test scores of the sweep).
     """
@@ -48,6 +49,8 @@ def markdown(rows: list[dict], best: dict, test: dict, counts: dict) -> str:
         mark = " **chosen**" if r is best else ""
         if r.get("stopped_behind"):  # older sweeps have no such key
             mark = f" (stopped at epoch {r['stopped_behind']['epoch']:.2f}, behind)"
+        if r.get("resumed_from_step"):
+            mark += f" (resumed from step {r['resumed_from_step']}: seconds since then)"
         values = " | ".join(r["settings"][k] for k in keys)
         lines.append(f"| {values} | {r['val_ndcg@10']:.4f}{mark} | {r['seconds']:.1f} |")
     lines += [

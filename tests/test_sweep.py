@@ -205,6 +205,9 @@ def test_a_qlora_point_cut_off_mid_training_continues_from_its_checkpoint(recipe
     assert any("point 1 was cut off; continuing from checkpoint-4" in line for line in lines)
     assert again["resumed_from_step"] == 4 and again["train_steps"] == 8
     assert again["tuned"]["ndcg@10"] == pytest.approx(whole["tuned"]["ndcg@10"], abs=1e-6)  # as if never cut off
+    # its seconds cover the resumed call only, and the table says so
+    assert json.loads((out / "sweep.json").read_text())["points"][1]["resumed_from_step"] == 4
+    assert "(resumed from step 4: seconds since then)" in (out / "sweep.md").read_text()
 
 
 def test_behind_means_below_the_leaders_best_by_the_same_epoch_twice_in_a_row():
