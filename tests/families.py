@@ -58,7 +58,9 @@ def _config(family: str, vocab_size: int, hidden: int, shape: dict | None = None
         pad_token_id=0,
     )
     cls, extra = {
-        "bert_cls": (tf.BertConfig, dict(max_position_embeddings=128)),
+        # BERT's default init (0.02) leaves the CLS vector nearly the same for every text (cosines
+        # within 1e-6), so rankings would be decided by float noise and tie-breaking, not the model
+        "bert_cls": (tf.BertConfig, dict(max_position_embeddings=128, initializer_range=0.2)),
         "modernbert": (
             tf.ModernBertConfig,
             dict(max_position_embeddings=128, **{f"{t}_token_id": None for t in ("bos", "eos", "cls", "sep")}),
