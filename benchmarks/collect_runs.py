@@ -40,7 +40,15 @@ def summarize(run_dir: Path) -> dict:
             for label, r in (metrics.get("also") or {}).items()
         },
         "merge": metrics.get("merge"),
+        # the trainer's validation NDCG@10 by step: what a sweep would select on (the best of it)
+        "val_ndcg@10_by_step": {
+            h["step"]: v
+            for h in metrics.get("log_history") or []
+            for k, v in h.items()
+            if k.endswith("val_cosine_ndcg@10")
+        },
         "train_steps": metrics.get("train_steps"),
+        "resumed_from_step": metrics.get("resumed_from_step"),
         "seconds": metrics.get("seconds"),
         "wall_seconds": metrics.get("wall_seconds"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
