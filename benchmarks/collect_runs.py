@@ -13,6 +13,8 @@ import json
 import platform
 from pathlib import Path
 
+from finetune.qlora.behind import val_ndcg_key
+
 KEYS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
 
@@ -42,10 +44,7 @@ def summarize(run_dir: Path) -> dict:
         "merge": metrics.get("merge"),
         # the trainer's validation NDCG@10 by step: what a sweep would select on (the best of it)
         "val_ndcg@10_by_step": {
-            h["step"]: v
-            for h in metrics.get("log_history") or []
-            for k, v in h.items()
-            if k.endswith("val_cosine_ndcg@10")
+            h["step"]: h[key] for h in metrics.get("log_history") or [] if (key := val_ndcg_key(h)) is not None
         },
         "train_steps": metrics.get("train_steps"),
         "resumed_from_step": metrics.get("resumed_from_step"),
