@@ -139,7 +139,7 @@ def run_recipe(
     if result.get("also"):
         say(extra_table(result["also"]))
     if per_query:
-        say(describe_significance(result["significance"]))
+        say(describe_significance(result["significance"], "validation" if selection else "test"))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
         say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
     say(f"\nrun directory: {run_dir}")

@@ -91,9 +91,12 @@ def compare_rows(per_query: dict[str, dict[str, dict[str, float]]], seed: int = 
     return {m: paired_metric(per_query["base"], per_query["tuned"], m, resamples, seed) for m in PER_QUERY}
 
 
-def describe(stats: dict) -> str:
-    """Lines for the run's table: each metric's difference, interval and p-value; * where the interval excludes 0."""
-    lines = [f"tuned - base, paired over {next(iter(stats.values()))['n']} test queries ({RESAMPLES:,} resamples):"]
+def describe(stats: dict, split: str = "test") -> str:
+    """Lines for the run's table: each metric's difference, interval and p-value; * where the interval excludes 0.
+
+    ``split`` names the queries scored: ``validation`` for a sweep point, which never scores test."""
+    n = next(iter(stats.values()))["n"]
+    lines = [f"tuned - base, paired over {n} {split} queries ({RESAMPLES:,} resamples):"]
     for metric, s in stats.items():
         mark = " *" if s["significant"] else ""
         interval = f"95% CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"

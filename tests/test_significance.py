@@ -74,9 +74,22 @@ def test_a_run_writes_per_query_scores_and_paired_intervals(tmp_path, tiny_model
     assert (
         sig["ci_low"] <= sig["difference"] <= sig["ci_high"] and 0 < sig["p_value"] <= 1 and sig["n"] == len(test_ids)
     )
-    assert "95% CI [" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "95% CI [" in out and f"paired over {len(test_ids)} test queries" in out
     per_query = {m: {r["query_id"]: r for r in rows if r["model"] == m} for m in ("base", "tuned")}
     assert compare_rows(per_query, seed=metrics.get("seed", 42))["ndcg@10"] == sig
+
+
+def test_a_sweep_point_calls_its_queries_validation_queries(tmp_path, tiny_model, pairs_file, capsys):
+    from finetune.recipe import load_recipe
+    from finetune.run import run_recipe
+
+    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, name="point")
+    (tmp_path / "point.yaml").write_text(yaml.safe_dump(raw))
+    run_dir = run_recipe(load_recipe(tmp_path / "point.yaml"), run_dir=str(tmp_path / "p"), selection=True)
+    val_ids = json.loads((run_dir / "splits.json").read_text())["val"]
+    out = capsys.readouterr().out
+    assert f"paired over {len(val_ids)} validation queries" in out and "test queries" not in out
 
 
 def test_compare_reports_intervals_and_refuses_a_foreign_per_query_file(tmp_path, tiny_model, pairs_file, capsys):
