@@ -1,12 +1,12 @@
 """One sweep point on its own: train a setting and score its validation split only, never test.
 
-A QLoRA point at the shipped 3 epochs on Disfl-QA costs about two hours on 2 CPU cores, so when one
+A QLoRA point at the shipped 3 epochs on Disfl-QA costs about three hours on 2 CPU cores, so when one
 new setting is to be compared with a finished run, retraining the finished one inside a fresh
-``finetune sweep`` doubles the cost. This trains exactly what a sweep point trains (``as_point``:
+``finetune sweep`` doubles the cost. This trains exactly what a sweep point trains (``finetune.sweep.run_point``:
 the given splits file, no export, no ``eval.also``, no merge; ``selection=True`` scores the
 validation queries in place of the test split) and prints its validation NDCG@10 beside the base
 model's. It resumes a point cut off mid-training. ``--final RUN_DIR`` then runs the chosen point's
-final run, as a sweep's ``final/`` does: the point's training is reused and the test split is
+final run, as a sweep's ``final/`` does (``run_final``): the point's training is reused and the test split is
 scored, once.
 
     python benchmarks/val_point.py recipes/qlora.yaml data=$DISFL_QA train.eval_steps=44 train.lr=1e-3 \\
@@ -33,29 +33,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from finetune.recipe import load_recipe
-    from finetune.run import run_recipe
-    from finetune.sweep import as_point, reusable_training, unfinished_training
+    from finetune.sweep import run_final, run_point
 
     recipe = load_recipe(args.recipe, args.overrides)
-    splits = Path(args.splits)
-    point = Path(args.dir)
+    splits, point = Path(args.splits), Path(args.dir)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if not (point / "metrics.json").is_file():
-        partial = unfinished_training(point, recipe.kind)
-        run_recipe(
-            as_point(recipe, splits),
-            run_dir=str(point),
-            resume=str(point) if partial is not None else None,
-            overwrite=partial is None,
-            selection=True,
-            command=command,
-        )
+        run_point(recipe, splits, point, command, str(point))
     metrics = json.loads((point / "metrics.json").read_text())
     base, val = metrics["base"]["ndcg@10"], metrics["tuned"]["ndcg@10"]
     print(f"{point}: validation NDCG@10 {base:.4f} -> {val:.4f} ({100 * (val / base - 1):+.2f}%)")
     if args.final:
-        final = recipe.model_copy(update={"splits": recipe.splits.model_copy(update={"file": str(splits)})})
-        run_recipe(final, run_dir=args.final, command=command, trained_in=reusable_training(point, recipe.kind, print))
+        run_final(recipe, splits, point, Path(args.final), command)
 
 
 if __name__ == "__main__":

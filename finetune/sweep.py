@@ -205,6 +205,44 @@ def unfinished_training(point: Path, kind: str) -> Path | None:
     return point_checkpoint(point, kind) if (point / "recipe.yaml").is_file() else None
 
 
+def run_point(recipe, splits_file: Path, run_dir: Path, command: str, label: str, echo=print, stop_behind=None):
+    """Train one point and score its validation queries only, continuing a point cut off mid-training.
+
+    Args:
+        recipe: The point's recipe (:func:`as_point` is applied here).
+        splits_file: The splits every point and the final run share.
+        run_dir: The point's run directory.
+        command: Recorded in the run directory.
+        label: How the cut-off line names the point, e.g. ``point 3``.
+        echo: Where that line goes (the run itself prints nothing).
+        stop_behind: A qlora point: the leader's validation curve (:func:`finetune.qlora.behind.Leader`).
+    """
+    from finetune.run import run_recipe
+
+    partial = unfinished_training(run_dir, recipe.kind)
+    if partial is not None:
+        echo(f"  {label} was cut off; continuing from {partial.name}")
+    run_recipe(
+        as_point(recipe, splits_file),
+        run_dir=str(run_dir),
+        resume=str(run_dir) if partial is not None else None,
+        overwrite=partial is None,
+        selection=True,
+        echo=lambda *_: None,
+        command=command,
+        stop_behind=stop_behind,
+    )
+
+
+def run_final(recipe, splits_file: Path, point: Path, run_dir: Path, command: str, echo=print) -> None:
+    """The chosen point's final run on the shared splits: its training taken over where it can be, test scored once."""
+    from finetune.run import run_recipe
+
+    final = recipe.model_copy(update={"splits": recipe.splits.model_copy(update={"file": str(splits_file)})})
+    trained_in = reusable_training(point, recipe.kind, echo)
+    run_recipe(final, run_dir=str(run_dir), overwrite=True, echo=echo, command=command, trained_in=trained_in)
+
+
 def as_point(recipe, splits_file: Path):
     """A point's recipe for selection: the sweep's splits, no extra sets and no merge (the final run has them)."""
     update = {"splits": recipe.splits.model_copy(update={"file": str(splits_file)})}
@@ -237,7 +275,6 @@ def run_sweep(
             take seconds.
     """
     from finetune.data import load_data
-    from finetune.run import run_recipe
     from finetune.splits import make_splits
     from finetune.sweep_report import write_report
 
@@ -275,19 +312,8 @@ def run_sweep(
     for i, point in enumerate(points):
         run_dir = out / "points" / f"{i:03d}"
         if not (run_dir / "metrics.json").is_file():
-            partial = unfinished_training(run_dir, recipe.kind)
-            if partial is not None:
-                echo(f"  point {i} was cut off; continuing from {partial.name}")
-            run_recipe(
-                as_point(point.recipe, splits_file),
-                run_dir=str(run_dir),
-                resume=str(run_dir) if partial is not None else None,
-                overwrite=partial is None,
-                selection=True,
-                echo=lambda *_: None,
-                command=f"{command}  # point {i}: {point.label()}",
-                stop_behind=leader_of(out, rows, margin),
-            )
+            command_i = f"{command}  # point {i}: {point.label()}"
+            run_point(point.recipe, splits_file, run_dir, command_i, f"point {i}", echo, leader_of(out, rows, margin))
         metrics = json.loads((run_dir / "metrics.json").read_text())
         rows.append(
             {
@@ -307,17 +333,8 @@ def run_sweep(
         echo(f"  [{i + 1}/{len(points)}] {point.label()}: val NDCG@10 {rows[-1]['val_ndcg@10']:.4f}{why}")
     best = max(rows, key=lambda r: r["val_ndcg@10"])  # max keeps the first of equals: grid order
     chosen = points[best["point"]].recipe
-    final = chosen.model_copy(update={"splits": chosen.splits.model_copy(update={"file": str(splits_file)})})
     echo(f"chosen on validation: {points[best['point']].label()}; its final run scores the test split")
     if not (out / "final" / "metrics.json").is_file():
-        reuse = reusable_training(out / best["run"], recipe.kind, echo)
-        run_recipe(
-            final,
-            run_dir=str(out / "final"),
-            overwrite=True,
-            echo=echo,
-            command=f"{command}  # final run",
-            trained_in=reuse,
-        )
+        run_final(chosen, splits_file, out / best["run"], out / "final", f"{command}  # final run", echo)
     write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
     return out
