@@ -31,6 +31,8 @@ def summarize(run_dir: Path) -> dict:
         "kind": metrics["kind"],
         "backend": metrics.get("backend"),
         "splits": metrics["splits"],
+        # "val" for a sweep point (or benchmarks/val_point.py): base and tuned are validation scores then
+        "scored_split": metrics.get("scored_split", "test"),
         "base": {k: metrics["base"][k] for k in KEYS},
         "tuned": {k: metrics["tuned"][k] for k in KEYS},
         "tuned_as_trained": {k: metrics["tuned_as_trained"][k] for k in KEYS}
