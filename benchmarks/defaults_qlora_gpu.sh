@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The QLoRA defaults check at full length on both data sets, for a CUDA GPU: one key at a time
 # around recipes/qlora.yaml, each a `python -m finetune sweep` on the FAQ and on Disfl-QA at the
-# recipe's 3 epochs (on 2 CPU cores a Disfl-QA point costs about an hour, so the CPU check swept
-# some keys there at 1 epoch or 80 steps). benchmarks/pick_defaults.py then chooses each key by the
+# recipe's 3 epochs (on 2 CPU cores a 3-epoch Disfl-QA point costs about an hour with in-batch
+# negatives and three with mined ones, so the CPU check swept some keys there at 1 epoch or 80 steps). benchmarks/pick_defaults.py then chooses each key by the
 # mean relative validation gain over both sets. Last, full fine-tuning on each set's sweep splits,
 # for the "within 1 point of full fine-tuning" check. No test score takes part in any choice.
 #
