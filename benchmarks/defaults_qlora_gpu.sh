@@ -2,8 +2,9 @@
 # The QLoRA defaults check at full length on both data sets, for a CUDA GPU: one key at a time
 # around recipes/qlora.yaml, each a `python -m finetune sweep` on the FAQ and on Disfl-QA at the
 # recipe's 3 epochs (on 2 CPU cores a 3-epoch Disfl-QA point costs about an hour with in-batch
-# negatives and three with mined ones, so the CPU check swept some keys there at 1 epoch or 80 steps). benchmarks/pick_defaults.py then chooses each key by the
-# mean relative validation gain over both sets. Last, full fine-tuning on each set's sweep splits,
+# negatives and three with mined ones, so the CPU check swept some keys there at 1 epoch or 80
+# steps). benchmarks/pick_defaults.py then chooses each key by the mean relative validation gain
+# over both sets. Last, full fine-tuning on each set's sweep splits,
 # for the "within 1 point of full fine-tuning" check. No test score takes part in any choice.
 #
 #   bash benchmarks/defaults_qlora_gpu.sh                        # every key: lr negatives r batch epochs
