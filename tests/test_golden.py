@@ -2,8 +2,8 @@
 
 The numbers were produced by these same runs (torch 2.13.0 CPU, sentence-transformers 6.3.0, peft 0.21.2,
 bitsandbytes 0.50.2, on the project's AMD EPYC machine with AVX2). The QLoRA tuned number depends on the CPU too:
-bitsandbytes' CPU backend takes other nf4 kernels where torch reports AVX512 (``backends/cpu/ops.py``). It was
-0.4559 on the project's earlier machine; sentence-transformers 6.2.0 or accelerate 1.15 give 0.4540 here alike.
+bitsandbytes' CPU backend takes other nf4 kernels where torch reports AVX512 (``backends/cpu/ops.py``). Where torch
+reports AVX512 it is 0.4559, pinned beside; sentence-transformers 6.2.0 or accelerate 1.15 give 0.4540 here alike.
 A deliberate change of behaviour updates them in the same commit, saying why; an accidental one (a changed
 default, split, loss, prompt or pooling) shows up here first.
 """
@@ -11,6 +11,7 @@ default, split, loss, prompt or pooling) shows up here first.
 import json
 
 import pytest
+import torch
 from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_recipe
 
 from finetune.recipe import validate_recipe
@@ -20,6 +21,7 @@ GOLDEN = {  # test NDCG@10; the tiny model is random, so tuned need not beat bas
     "adapter": {"base": 0.4611, "tuned": 0.4515},
     "qlora": {"base": 0.4611, "tuned": 0.4540},
 }
+QLORA_TUNED_AVX512 = 0.4559  # bitsandbytes' other nf4 kernels, where torch reports AVX512 (module docstring)
 
 
 def _metrics(raw) -> dict:
@@ -38,4 +40,7 @@ def test_tiny_runs_reproduce_their_pinned_metrics(kind, tiny_model, pairs_file, 
         raw = qlora_recipe(data, tiny_model, tmp_path, steps=8)
     metrics = _metrics(raw)
     got = {row: round(metrics[row]["ndcg@10"], 4) for row in ("base", "tuned")}
-    assert got == pytest.approx(GOLDEN[kind], abs=2e-4)
+    expected = dict(GOLDEN[kind])
+    if kind == "qlora" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        expected["tuned"] = QLORA_TUNED_AVX512
+    assert got == pytest.approx(expected, abs=2e-4)
