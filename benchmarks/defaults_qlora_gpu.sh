@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The QLoRA defaults check at full length on both data sets, for a CUDA GPU: one key at a time
 # around recipes/qlora.yaml, each a `python -m finetune sweep` on the FAQ and on Disfl-QA at the
-# recipe's 3 epochs (on 2 CPU cores a 3-epoch Disfl-QA point costs about an hour with in-batch
+# recipe's 5 epochs (on 2 CPU cores a 3-epoch Disfl-QA point costs about an hour with in-batch
 # negatives and three with mined ones, so the CPU check swept some keys there at 1 epoch or 80
 # steps). benchmarks/pick_defaults.py then chooses each key by the mean relative validation gain
 # over both sets. Last, full fine-tuning on each set's sweep splits,
@@ -24,7 +24,7 @@ declare -A grid=(
   [negatives]="negatives.strategy=none,mined"
   [r]="lora.r=8,16,32"
   [batch]="train.batch_size=16,32,64"
-  [epochs]="train.epochs=2,3,5"
+  [epochs]="train.epochs=3,5,8"
 )
 declare -A data=(
   [faq]=""

@@ -170,7 +170,7 @@ def test_adapter_and_qlora_recipes_score_identical_test_queries(tiny_model, pair
 
 @pytest.mark.slow
 def test_qlora_recipe_on_the_real_model_improves_the_faq(tmp_path):
-    """The shipped recipe, real all-MiniLM-L6-v2 in 4-bit, FAQ, mined negatives; about 5 minutes on 2 CPU cores."""
+    """The shipped recipe, real all-MiniLM-L6-v2 in 4-bit, FAQ, mined negatives; about 8 minutes on 2 CPU cores."""
     from finetune.cli import main
 
     assert main(["run", "recipes/qlora.yaml", f"output.dir={tmp_path}"]) == 0
