@@ -3,7 +3,8 @@
 The numbers were produced by these same runs (torch 2.13.0 CPU, sentence-transformers 6.3.0, peft 0.21.2,
 bitsandbytes 0.50.2, on the project's AMD EPYC machine with AVX2). The QLoRA tuned number depends on the CPU too:
 bitsandbytes' CPU backend takes other nf4 kernels where torch reports AVX512 (``backends/cpu/ops.py``). Where torch
-reports AVX512 it is 0.4559, pinned beside; sentence-transformers 6.2.0 or accelerate 1.15 give 0.4540 here alike.
+reports AVX512 it is 0.4559, pinned beside; on the AVX2 machine sentence-transformers 6.2.0 or accelerate 1.15
+give 0.4540 alike.
 A deliberate change of behaviour updates them in the same commit, saying why; an accidental one (a changed
 default, split, loss, prompt or pooling) shows up here first.
 """
