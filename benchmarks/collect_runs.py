@@ -23,6 +23,18 @@ def label(run_dir: Path) -> str:
     return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name == "final" else run_dir.name
 
 
+def seconds(metrics: dict) -> dict | None:
+    """The run's seconds, per step over the steps its last process ran.
+
+    A resumed run's seconds start at its checkpoint; runs written before this was fixed in the
+    runner divided them by all its steps, so per_step is derived again here from what they wrote.
+    """
+    seconds, resumed = metrics.get("seconds"), metrics.get("resumed_from_step")
+    if seconds and resumed and metrics.get("train_steps"):
+        seconds = {**seconds, "per_step": seconds["train"] / max(1, metrics["train_steps"] - resumed)}
+    return seconds
+
+
 def summarize(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
@@ -50,7 +62,7 @@ def summarize(run_dir: Path) -> dict:
         },
         "train_steps": metrics.get("train_steps"),
         "resumed_from_step": metrics.get("resumed_from_step"),
-        "seconds": metrics.get("seconds"),
+        "seconds": seconds(metrics),
         "wall_seconds": metrics.get("wall_seconds"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
         "peak_gpu_mb": metrics.get("peak_gpu_mb"),

@@ -105,6 +105,8 @@ def test_qlora_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, tin
     assert main(["run", recipe, "--run-dir", str(tmp_path / "straight")]) == 0
     resumed, straight = (json.loads((d / "metrics.json").read_text()) for d in (killed, tmp_path / "straight"))
     assert resumed["resumed_from_step"] >= 30 and resumed["train_steps"] == straight["train_steps"] == 150
+    ran = resumed["train_steps"] - resumed["resumed_from_step"]  # the seconds are this process's only
+    assert resumed["seconds"]["per_step"] == pytest.approx(resumed["seconds"]["train"] / ran)
     assert resumed["tuned"]["ndcg@10"] == pytest.approx(straight["tuned"]["ndcg@10"], abs=2e-3)
     # the loss logged over the last steps (train_loss itself only averages the steps since the resume)
     last = [[h["loss"] for h in m["log_history"] if "loss" in h and h["step"] > 100] for m in (resumed, straight)]

@@ -317,12 +317,13 @@ class QLoRARun:
             "precision": precision,
             "optimizer": optimizer,
             "batch_size": self.recipe.train.batch_size,
-            # per_step includes evaluation and checkpointing; step_time counts optimizer steps only
+            # per_step includes evaluation and checkpointing, over the steps this process ran (a resumed
+            # run's seconds start at its checkpoint); step_time counts optimizer steps only
             "also": also,
             "merge": merge,
             "seconds": {
                 "train": train_seconds,
-                "per_step": train_seconds / max(1, result.global_step),
+                "per_step": train_seconds / max(1, result.global_step - (resumed_from or 0)),
                 "evaluate_also": also_seconds,
             },
             "step_time": timer.summary(),
