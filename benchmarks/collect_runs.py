@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 
 from finetune.qlora.behind import val_ndcg_key
+from finetune.timing import seconds_per_step
 
 KEYS = ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
 
@@ -24,14 +25,11 @@ def label(run_dir: Path) -> str:
 
 
 def seconds(metrics: dict) -> dict | None:
-    """The run's seconds, per step over the steps its last process ran.
-
-    A resumed run's seconds start at its checkpoint; runs written before this was fixed in the
-    runner divided them by all its steps, so per_step is derived again here from what they wrote.
-    """
-    seconds, resumed = metrics.get("seconds"), metrics.get("resumed_from_step")
-    if seconds and resumed and metrics.get("train_steps"):
-        seconds = {**seconds, "per_step": seconds["train"] / max(1, metrics["train_steps"] - resumed)}
+    """The run's seconds, with per_step derived again by ``seconds_per_step`` from what the run
+    wrote: older runs divided a resumed run's seconds by all its steps, not the steps it ran."""
+    seconds, steps = metrics.get("seconds"), metrics.get("train_steps")
+    if seconds and "per_step" in seconds and steps:
+        seconds = {**seconds, "per_step": seconds_per_step(seconds["train"], steps, metrics.get("resumed_from_step"))}
     return seconds
 
 
@@ -107,7 +105,7 @@ def main() -> None:
     )
     for r in runs:
         trained = r["tuned_as_trained"]["ndcg@10"] if r["tuned_as_trained"] else float("nan")
-        step = (r["seconds"] or {}).get("per_step", float("nan"))
+        step = (r["seconds"] or {}).get("per_step") or float("nan")  # None: no step trained
         median = (r["step_time"] or {}).get("median_s") or float("nan")
         print(
             f"{r['run']:<40}{r['base']['ndcg@10']:>8.4f}{r['tuned']['ndcg@10']:>8.4f}{trained:>11.4f}{step:>8.2f}"

@@ -15,6 +15,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def seconds_per_step(train_seconds: float, train_steps: int, resumed_from: int | None) -> float | None:
+    """Training seconds per step over the steps this process ran, evaluation and checkpointing included.
+
+    A resumed run's seconds start at its checkpoint, so they are divided by the steps since then;
+    a run that trained no step (a final run reusing a sweep point's training) has no such figure.
+
+    Example::
+        >>> seconds_per_step(430.0, 875, 660)
+        2.0
+        >>> seconds_per_step(0.1, 875, 875) is None
+        True
+    """
+    ran = train_steps - (resumed_from or 0)
+    return train_seconds / ran if ran > 0 else None
+
+
 class StepTimer(TrainerCallback):
     """Times each optimizer step from ``on_step_begin`` to ``on_step_end``, so evaluation and
     checkpointing between steps are not counted. On CUDA it synchronises at both ends, because

@@ -143,7 +143,7 @@ def test_a_qlora_final_run_reuses_the_chosen_points_training_and_equals_a_plain_
     chosen = out / summary["points"][summary["chosen"]["point"]]["run"]
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert final["training_reused_from"] == str(chosen) and final["step_time"]["steps_timed"] == 0
-    assert final["train_steps"] == 8 and final["resumed_from_step"] == 8
+    assert final["train_steps"] == 8 and final["resumed_from_step"] == 8 and final["seconds"]["per_step"] is None
     overrides = [f"splits.file={out / 'splits.json'}", f"train.lr={summary['chosen']['settings']['train.lr']}"]
     plain = json.loads((run_recipe(load_recipe(path, overrides), echo=lambda *_: None) / "metrics.json").read_text())
     assert final["tuned_as_trained"]["ndcg@10"] == pytest.approx(plain["tuned_as_trained"]["ndcg@10"], abs=1e-6)

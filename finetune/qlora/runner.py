@@ -36,7 +36,7 @@ from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to
 from finetune.qlora.targets import summarise
 from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
 from finetune.splits import Splits
-from finetune.timing import StepTimer
+from finetune.timing import StepTimer, seconds_per_step
 
 logger = logging.getLogger(__name__)
 
@@ -317,13 +317,12 @@ class QLoRARun:
             "precision": precision,
             "optimizer": optimizer,
             "batch_size": self.recipe.train.batch_size,
-            # per_step includes evaluation and checkpointing, over the steps this process ran (a resumed
-            # run's seconds start at its checkpoint); step_time counts optimizer steps only
+            # per_step includes evaluation and checkpointing; step_time counts optimizer steps only
             "also": also,
             "merge": merge,
             "seconds": {
                 "train": train_seconds,
-                "per_step": train_seconds / max(1, result.global_step - (resumed_from or 0)),
+                "per_step": seconds_per_step(train_seconds, result.global_step, resumed_from),
                 "evaluate_also": also_seconds,
             },
             "step_time": timer.summary(),
