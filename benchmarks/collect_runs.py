@@ -13,6 +13,7 @@ import json
 import platform
 from pathlib import Path
 
+from finetune.evaluation import HEADLINE
 from finetune.qlora.behind import val_ndcg_key
 from finetune.timing import seconds_per_step
 
@@ -45,6 +46,8 @@ def summarize(run_dir: Path) -> dict:
         "scored_split": metrics.get("scored_split", "test"),
         "base": {k: metrics["base"][k] for k in KEYS},
         "tuned": {k: metrics["tuned"][k] for k in KEYS},
+        "significance": metrics.get("significance"),  # tuned - base, paired over the scored queries
+        "table": {row: {k: metrics[row][k] for k in HEADLINE if k in metrics[row]} for row in ("base", "tuned")},
         "tuned_as_trained": {k: metrics["tuned_as_trained"][k] for k in KEYS}
         if "tuned_as_trained" in metrics
         else None,

@@ -51,6 +51,14 @@ def _aligns(r) -> bool:
     return bool(set(r.modes()) & {"alignment_only", "both"})
 
 
+def _validates(r) -> bool:
+    """The run will have validation queries: a fraction, a splits file, or a BEIR folder's own dev split."""
+    return r.splits.val_fraction > 0 or bool(r.splits.file) or (r.data.type == "beir" and r.splits.use_predefined)
+
+
+VALIDATES = "the run has validation queries (splits.val_fraction above 0, a splits.file, or a BEIR dev split)"
+
+
 def _model_rules(section: str, kinds: tuple[str, ...]) -> list[Rule]:
     api, local = "provider is openai_compatible", "provider is local"
 
@@ -316,6 +324,23 @@ RULES: list[Rule] = [
         ("domains.per_domain=false", "domains.test_fraction=0.5"),
         kinds=("cross_adapter",),
     ),
+    # settings that act through validation scores
+    Rule(
+        "train.patience",
+        _validates,
+        VALIDATES,
+        ("splits.val_fraction=0", "train.patience=3"),
+        "or set splits.val_fraction above 0",
+        kinds=("adapter", "cross_adapter"),
+    ),
+    Rule(
+        "train.load_best_model_at_end",
+        _validates,
+        VALIDATES,
+        ("splits.val_fraction=0", "train.load_best_model_at_end=false"),
+        "or set splits.val_fraction above 0",
+        kinds=("qlora",),
+    ),
     # qlora: LoRA settings are for method lora, quantisation settings for nf4
     Rule(
         "backend",
@@ -416,7 +441,6 @@ ALWAYS: set[str] = {
             "weight_decay",
             "warmup_ratio",
             "grad_clip",
-            "patience",
             "save_every",
             "max_steps",
             "scheduler",
@@ -425,7 +449,6 @@ ALWAYS: set[str] = {
             "gradient_checkpointing",
             "eval_steps",
             "save_total_limit",
-            "load_best_model_at_end",
             "logging_steps",
             "max_grad_norm",
         )

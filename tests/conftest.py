@@ -165,3 +165,21 @@ def adapter_recipe(data, model: Path, tmp_path: Path, **sections) -> dict:
     }
     raw.update(sections)
     return raw
+
+
+def score_on_run_split(run_dir: Path, model_folder: Path, trust_remote_code: bool = False) -> dict:
+    """Test metrics of ``model_folder``, loaded by plain sentence-transformers, on ``run_dir``'s own saved test split.
+
+    Reads the data through the run's resolved ``recipe.yaml`` and its ``splits.json`` only, as a user would.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.data import load_data
+    from finetune.evaluation import build_evaluator, evaluate
+    from finetune.recipe import load_recipe
+    from finetune.splits import Splits
+
+    data = load_data(load_recipe(str(run_dir / "recipe.yaml")).data)
+    test = Splits.load(run_dir / "splits.json").test
+    model = SentenceTransformer(str(model_folder), device="cpu", trust_remote_code=trust_remote_code)
+    return evaluate(build_evaluator(data, test, "test"), model)

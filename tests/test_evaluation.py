@@ -76,3 +76,74 @@ def test_evaluator_matches_a_real_model(tiny_model):
     d = model.encode(list(data.corpus.values()), convert_to_tensor=True)
     lookup = EmbeddingLookup(list(data.queries.values()), q, list(data.corpus.values()), d)
     assert evaluate(evaluator, lookup) == pytest.approx(evaluate(evaluator, model))
+
+
+def _hits(scores: dict[str, float]) -> list[dict]:
+    """The parent's result rows for one query, in the order given (not sorted)."""
+    return [{"corpus_id": d, "score": s} for d, s in scores.items()]
+
+
+def test_per_query_values_with_several_relevant_documents_and_exact_ties():
+    """Hand-made rankings: two relevant documents (one outside the top 10), and a three-way tie at the top.
+
+    Each value is worked out by hand; the means must also be the parent's own figures, which it
+    reads off the same result lists.
+    """
+    corpus = {f"d{i:02d}": f"doc {i}" for i in range(12)}
+    data = RetrievalData(
+        queries={"split": "a", "both": "b", "tie": "c"},
+        corpus=corpus,
+        relevant={"split": {"d01", "d11"}, "both": {"d00", "d03"}, "tie": {"d05"}},
+    )
+    evaluator = build_evaluator(data, ["split", "both", "tie"])
+    descending = {d: 1.0 - i / 20 for i, d in enumerate(["d04", "d06", "d01", *[f"d0{j}" for j in (7, 8, 9)]])}
+    descending |= {"d10": 0.6, "d02": 0.55, "d00": 0.5, "d03": 0.45, "d05": 0.4, "d11": 0.1}
+    results = [
+        _hits(dict(reversed(descending.items()))),  # split: d01 3rd, d11 12th
+        _hits({"d00": 0.9, "d09": 0.8, "d03": 0.7, **{d: 0.1 for d in corpus if d not in ("d00", "d09", "d03")}}),
+        # tie: d05 is listed first, but ties are broken by corpus id, so d02 ranks first and d05 second
+        _hits({"d05": 0.9, "d09": 0.9, "d02": 0.9, **{d: 0.1 for d in corpus if d not in ("d05", "d09", "d02")}}),
+    ]
+    parent = evaluator.compute_metrics([list(r) for r in results])
+    per_query = evaluator.per_query
+    ideal_two = 1 + 1 / math.log2(3)
+    assert per_query["split"] == pytest.approx(
+        {"ndcg@10": (1 / math.log2(4)) / ideal_two, "mrr@10": 1 / 3, "accuracy@1": 0.0, "recall@10": 0.5}
+    )
+    assert per_query["both"] == pytest.approx(
+        {"ndcg@10": (1 + 1 / math.log2(4)) / ideal_two, "mrr@10": 1.0, "accuracy@1": 1.0, "recall@10": 1.0}
+    )
+    assert per_query["tie"] == pytest.approx(
+        {"ndcg@10": 1 / math.log2(3), "mrr@10": 0.5, "accuracy@1": 0.0, "recall@10": 1.0}
+    )
+    assert all(0 <= v <= 1 for row in per_query.values() for v in row.values())
+    means = {
+        m: sum(row[m] for row in per_query.values()) / 3 for m in ("ndcg@10", "mrr@10", "accuracy@1", "recall@10")
+    }
+    assert means == pytest.approx(
+        {
+            "ndcg@10": parent["ndcg@k"][10],
+            "mrr@10": parent["mrr@k"][10],
+            "accuracy@1": parent["accuracy@k"][1],
+            "recall@10": parent["recall@k"][10],
+        },
+        abs=1e-12,
+    )
+
+
+def test_per_query_means_equal_the_evaluators_figures_with_tied_embeddings():
+    """End to end through :func:`evaluate`: duplicated documents tie exactly, and queries have two positives."""
+    docs = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.6, 0.8, 0]])
+    queries = torch.tensor([[1.0, 0.1, 0], [0, 1.0, 0.2], [0.3, 0.3, 1.0], [0.5, 0.5, 0.5]])
+    texts = [f"d{i}" for i in range(len(docs))]
+    data = RetrievalData(
+        queries={f"q{i}": f"q{i}" for i in range(4)},
+        corpus={t: t for t in texts},
+        relevant={"q0": {"d1"}, "q1": {"d3", "d4"}, "q2": {"d4", "d0"}, "q3": {"d5", "d2"}},
+    )
+    lookup = EmbeddingLookup(list(data.queries.values()), queries, texts, docs)
+    scores = evaluate(build_evaluator(data, list(data.queries)), lookup)
+    assert scores.per_query["q0"]["mrr@10"] == 0.5  # d0 and d1 tie; d0 wins on corpus id
+    for metric in ("ndcg@10", "mrr@10", "accuracy@1", "recall@10"):
+        mean = sum(row[metric] for row in scores.per_query.values()) / 4
+        assert mean == pytest.approx(scores[metric], abs=1e-12), metric

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_recipe, write_beir
+from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_recipe, score_on_run_split, write_beir
 from sentence_transformers import SentenceTransformer
 
 from finetune.cli import main
@@ -82,11 +82,21 @@ def test_adapter_merge_scale_auto_chooses_on_validation_and_exports_the_choice(
     base = grid[0]["other"]
     allowed = [r for r in grid if r["other"] >= base - 1e-12]  # max_drop 0: never below the base on the extra set
     assert chosen == max(allowed, key=lambda r: r["in_domain"])["s"]
-    if chosen == 0.0:  # s = 0 is the base model: the export is the identity adapter
-        assert metrics["tuned"]["ndcg@10"] == pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
+    # the tuned row is the exported model, at the chosen s
+    assert metrics["tuned"]["ndcg@10"] == pytest.approx(score_on_run_split(run_dir, run_dir / "model")["ndcg@10"])
     assert metrics["also"]["other"]["tuned"]["ndcg@10"] == pytest.approx(
         _plain_score(run_dir / "model", beir_folder), abs=1e-6
     )
+
+
+def test_adapter_merge_scale_zero_is_the_base_model(pairs_file, tiny_model, tmp_path):
+    """s = 0 scales the adapter's residual away: the tuned row is the base row, and the export the base model."""
+    raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, merge={"scale": 0})
+    raw["train"].update(lr=3e-2, epochs=8)
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["merge"]["scale"] == 0.0 and metrics["tuned"] == pytest.approx(metrics["base"], abs=1e-6)
+    assert metrics["merge"]["test_at_scale_1"]["in_domain"] != pytest.approx(metrics["base"]["ndcg@10"], abs=1e-6)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -122,9 +132,12 @@ def test_bad_merge_settings_fail_with_one_line(pairs_file, tiny_model, tmp_path,
         )
 
 
-def test_qlora_merge_scale_auto_scores_the_grid_with_rescaled_lora(pairs_file, tiny_model, beir_folder, tmp_path):
+@pytest.mark.parametrize("grid", [[0.0, 1.0], [1.0]])
+def test_qlora_merge_scale_auto_scores_the_grid_with_rescaled_lora(
+    pairs_file, tiny_model, beir_folder, tmp_path, grid
+):
     data = {"path": str(pairs_file), "columns": COLUMNS_PAIRS}
-    merge = {"scale": "auto", "grid": [0.0, 1.0]}
+    merge = {"scale": "auto", "grid": grid}
     raw = qlora_recipe(data, tiny_model, tmp_path, steps=4, merge=merge, eval={"also": [str(beir_folder)]})
     run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -135,16 +148,21 @@ def test_qlora_merge_scale_auto_scores_the_grid_with_rescaled_lora(pairs_file, t
     extra = load_extra_sets([DataConfig(path=str(beir_folder))], SplitConfig(), 42)[0]
     plain, exported = (SentenceTransformer(str(p), device="cpu") for p in (tiny_model, run_dir / "model"))
     val = load_extra_sets([DataConfig(**data)], SplitConfig(), 42)[0]
-    assert rows[0.0]["other"] == pytest.approx(evaluate(build_evaluator(extra.data, extra.val, "v"), plain)["ndcg@10"])
+    if 0.0 in rows:
+        assert rows[0.0]["other"] == pytest.approx(
+            evaluate(build_evaluator(extra.data, extra.val, "v"), plain)["ndcg@10"]
+        )
     assert rows[merge["scale"]]["in_domain"] == pytest.approx(
         evaluate(build_evaluator(val.data, val.val, "v"), exported)["ndcg@10"], abs=1e-6
     )
     assert (
-        merge["scale"] == max(merge["grid"], key=lambda r: r["in_domain"])["s"] and (run_dir / "merge.png").is_file()
+        merge["scale"] == max((r for r in merge["grid"] if r["s"] in grid), key=lambda r: r["in_domain"])["s"]
+        and (run_dir / "merge.png").is_file()
     )
     # s = 1 on test is recorded after the choice, for reference; at s = 1 it is the tuned row itself
     assert set(merge["test_at_scale_1"]) == {"in_domain", "other"}
-    if merge["scale"] == 1.0:
+    assert metrics["tuned"]["ndcg@10"] == pytest.approx(score_on_run_split(run_dir, run_dir / "model")["ndcg@10"])
+    if grid == [1.0]:  # s = 1 is the only choice
         assert merge["test_at_scale_1"]["in_domain"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel
 
 from finetune.errors import FinetuneError
-from finetune.field_rules import ALWAYS, RULES
+from finetune.field_rules import ALWAYS, RULES, ineffective
 from finetune.kinds import KINDS
 from finetune.recipe import apply_overrides, load_recipe, validate_recipe
 
@@ -50,14 +50,25 @@ def test_each_rule_refuses_its_witness(kind, rule):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_defaults_and_shipped_recipes_pass(kind):
-    validate_recipe(dict(BASE[kind]))
+def test_defaults_set_nothing_inert(kind):
+    recipe = validate_recipe(dict(BASE[kind]))
+    assert recipe.kind == kind and ineffective(recipe) == []
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p) for p in Path("recipes").glob("*.yaml")))
-def test_shipped_recipes_set_nothing_inert(recipe):
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_the_shipped_recipes_are_found():
+    """Found from the test file, not the working directory, so they are never silently skipped."""
+    assert {"recipes/adapter.yaml", "recipes/qlora.yaml", "recipes/cross_adapter.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_shipped_recipes_set_nothing_inert(recipe, monkeypatch):
     """Every shipped recipe validates, sets nothing inert, and starts with the command that runs it."""
-    load_recipe(recipe)
+    monkeypatch.chdir(ROOT)
+    assert ineffective(load_recipe(recipe)) == []
     assert f"python -m finetune run {recipe}" in Path(recipe).read_text().split("kind:")[0]
 
 
@@ -73,6 +84,13 @@ def test_a_builtin_type_with_a_path_is_refused(beir_dir):
         match=r"data\.path=.* has no effect unless data\.type is pairs, beir or hf; remove it .*, or pass data=PATH",
     ):
         load_recipe("recipes/adapter.yaml", [f"data.path={beir_dir}", "data.type=builtin"])
+
+
+def test_an_hf_path_wins_over_data_name(tmp_path):
+    """An hf recipe reads a save_to_disk folder when data.path is set, so a data.name beside it is inert."""
+    with pytest.raises(FinetuneError, match=r"data\.name='org/set' has no effect unless data\.type is builtin, or hf"):
+        validate_recipe({"kind": "adapter", "data": {"type": "hf", "path": str(tmp_path), "name": "org/set"}})
+    assert validate_recipe({"kind": "adapter", "data": {"type": "hf", "name": "org/set"}}).data.name == "org/set"
 
 
 def test_the_message_names_the_file_field_and_fix():

@@ -4,7 +4,8 @@ The numbers were produced by these same runs (torch 2.13.0 CPU, sentence-transfo
 bitsandbytes 0.50.2, on the project's AMD EPYC machine with AVX2). The QLoRA tuned number depends on the CPU too:
 bitsandbytes' CPU backend takes other nf4 kernels where torch reports AVX512 (``backends/cpu/ops.py``). Where torch
 reports AVX512 it is 0.4559, pinned beside; on the AVX2 machine sentence-transformers 6.2.0 or accelerate 1.15
-give 0.4540 alike.
+give 0.4540 alike. On any other CPU (ARM, say) no number is pinned: each is held to twice the spread measured
+between the two pinned platforms, so the test still catches a changed result without failing on float noise.
 A deliberate change of behaviour updates them in the same commit, saying why; an accidental one (a changed
 default, split, loss, prompt or pooling) shows up here first.
 """
@@ -22,7 +23,31 @@ GOLDEN = {  # test NDCG@10; the tiny model is random, so tuned need not beat bas
     "adapter": {"base": 0.4611, "tuned": 0.4515},
     "qlora": {"base": 0.4611, "tuned": 0.4540},
 }
-QLORA_TUNED_AVX512 = 0.4559  # bitsandbytes' other nf4 kernels, where torch reports AVX512 (module docstring)
+# Per CPU capability, where a number differs from GOLDEN: bitsandbytes' other nf4 kernels under AVX512
+PLATFORM = {"AVX512": {"qlora": {"tuned": 0.4559}}}
+# Elsewhere (ARM, another kernel set), no number is pinned; each must lie within twice the spread measured
+# between the pinned platforms (0.0019, the qlora tuned row), and never closer than the rounding (2e-4).
+SPREAD = max(
+    abs(PLATFORM[cap][kind][row] - GOLDEN[kind][row])
+    for cap in PLATFORM
+    for kind in PLATFORM[cap]
+    for row in PLATFORM[cap][kind]
+)
+
+
+def expected(kind: str, capability: str) -> tuple[dict, float]:
+    """The pinned numbers for this CPU and the tolerance they are held to.
+
+    >>> expected("qlora", "AVX2")
+    ({'base': 0.4611, 'tuned': 0.454}, 0.0002)
+    >>> expected("qlora", "AVX512")[0]["tuned"]
+    0.4559
+    >>> round(expected("qlora", "NO AVX")[1], 4)
+    0.0038
+    """
+    if capability == "AVX2" or capability in PLATFORM:
+        return dict(GOLDEN[kind]) | PLATFORM.get(capability, {}).get(kind, {}), 2e-4
+    return dict(GOLDEN[kind]), max(2e-4, 2 * SPREAD)
 
 
 def _metrics(raw) -> dict:
@@ -36,12 +61,13 @@ def test_tiny_runs_reproduce_their_pinned_metrics(kind, tiny_model, pairs_file, 
     if kind == "adapter":
         # no validation split: the last epoch is kept, so every training step shows in the number
         raw = adapter_recipe(data, tiny_model, tmp_path, splits={"val_fraction": 0.0})
+        del raw["train"]["patience"]  # early stopping acts on validation scores: there are none
         raw["train"].update(epochs=5)
     else:
         raw = qlora_recipe(data, tiny_model, tmp_path, steps=8)
     metrics = _metrics(raw)
     got = {row: round(metrics[row]["ndcg@10"], 4) for row in ("base", "tuned")}
-    expected = dict(GOLDEN[kind])
-    if kind == "qlora" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        expected["tuned"] = QLORA_TUNED_AVX512
-    assert got == pytest.approx(expected, abs=2e-4)
+    capability = torch.backends.cpu.get_cpu_capability()
+    capability = "AVX512" if capability.startswith("AVX512") else capability
+    want, tolerance = expected(kind, capability)
+    assert got == pytest.approx(want, abs=tolerance), f"CPU capability {capability}"

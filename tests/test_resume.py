@@ -1,5 +1,6 @@
 """Kill a run with SIGKILL mid-training, resume it, and get the metrics of an uninterrupted run."""
 
+import itertools
 import json
 import os
 import signal
@@ -54,7 +55,11 @@ def _epoch(state: Path) -> int:
 
 def test_adapter_run_killed_mid_training_resumes_to_the_same_metrics(tmp_path, tiny_model):
     raw = adapter_recipe(
-        None, tiny_model, tmp_path, train={"epochs": 40, "batch_size": 2, "patience": None, "lr": 1e-3}
+        None,
+        tiny_model,
+        tmp_path,
+        train={"epochs": 40, "batch_size": 2, "patience": None, "lr": 1e-3},
+        adapter={"type": "mlp", "hidden_dim": 32, "dropout": 0.3},  # dropout: the global RNG must be restored
     )
     recipe = _write(tmp_path, raw, 300)
     killed = tmp_path / "killed"
@@ -127,3 +132,73 @@ def test_resume_refuses_a_different_recipe_and_a_finished_run(tmp_path, tiny_mod
     assert main(["run", recipe, "--run-dir", str(tmp_path / "done")]) == 0
     assert main(["run", recipe, "--resume", str(tmp_path / "done")]) == 2
     assert "this run has finished; nothing to resume" in capsys.readouterr().err
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_adapter_resume_with_dropout_equals_the_uninterrupted_run(tmp_path):
+    """Dropout draws from torch's global RNG: a resumed run must restore it to retrace the same updates.
+
+    The "kill" is a validation call that raises after epoch 3 (its checkpoint is written by then);
+    the resumed loop starts in a process whose global RNG has moved on, as a new process's would.
+    """
+    from finetune.adapter.checkpoint import load_training_state
+    from finetune.adapter.config import AdapterTrainConfig, LossConfig
+    from finetune.adapter.modules import build_adapter
+    from finetune.adapter.negatives import NegativeSampler, relevance_keys
+    from finetune.adapter.train import train_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=-1)
+    docs = torch.nn.functional.normalize(queries + 0.3 * torch.randn(40, 16, generator=gen), dim=-1)
+    pairs = torch.stack([torch.arange(40), torch.arange(40)], dim=1)
+    config = AdapterTrainConfig(epochs=6, batch_size=8, lr=1e-2, patience=None, warmup_ratio=0.0)
+    scores = itertools.count()
+
+    def run(checkpoint, kill_after=None, resume_from=None):
+        torch.manual_seed(1234 if resume_from is None else 999)  # a resumed process's RNG is elsewhere
+        adapter = build_adapter("mlp", 16, hidden_dim=32, dropout=0.5)
+        calls = []
+
+        def validate(a):
+            calls.append(1)
+            if kill_after is not None and len(calls) > kill_after + 1:  # call 1 scores epoch 0
+                raise _Killed
+            return float(next(scores))  # always improving, across runs too: the last epoch is kept
+
+        sampler = NegativeSampler(docs, relevance_keys(pairs, len(docs)), per_query=0)
+        history = train_adapter(
+            adapter, queries, docs, pairs, sampler, LossConfig(), config, 0, validate, checkpoint, resume_from
+        )
+        return adapter.state_dict(), history
+
+    straight, _ = run(tmp_path / "straight.pt")
+    killed = tmp_path / "killed.pt"
+    with pytest.raises(_Killed):
+        run(killed, kill_after=3)
+    state = load_training_state(killed)
+    assert state["epoch"] == 3
+    resumed, history = run(killed, resume_from=state)
+    assert [h["epoch"] for h in history] == list(range(7))
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_a_half_written_qlora_checkpoint_is_skipped(tmp_path):
+    """A checkpoint folder without ``trainer_state.json`` (killed while saving) is never resumed from."""
+    from finetune.qlora.trainer import latest_checkpoint
+
+    for step, complete in ((9, True), (20, True), (100, True), (110, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-100"  # by step number, not by name
+    (tmp_path / "checkpoint-100" / "trainer_state.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    for step in (9, 20):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    assert latest_checkpoint(tmp_path) is None

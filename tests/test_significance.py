@@ -45,6 +45,32 @@ def test_no_difference_is_not_significant_and_a_consistent_gain_is():
     )
 
 
+def test_p_value_matches_exact_enumeration_of_sign_flips():
+    """With 12 queries all 4096 sign patterns can be enumerated: the sampled p-value must agree with the exact one."""
+    import itertools
+
+    diffs = np.array([0.3, -0.1, 0.25, 0.0, 0.4, -0.2, 0.15, 0.05, 0.1, -0.05, 0.35, 0.2])
+    base = {f"q{i}": 0.5 for i in range(12)}
+    tuned = {f"q{i}": 0.5 + d for i, d in enumerate(diffs)}
+    observed = abs(diffs.mean())
+    flips = [abs((np.array(signs) * diffs).mean()) for signs in itertools.product((-1.0, 1.0), repeat=12)]
+    exact = np.mean([f >= observed - 1e-12 for f in flips])
+    got = paired_difference(base, tuned, resamples=40_000, seed=0)
+    assert got["p_value"] == pytest.approx(exact, abs=0.004) and got["difference"] == pytest.approx(diffs.mean())
+
+
+def test_interval_is_the_95_percent_bootstrap_interval_of_the_mean():
+    """For 400 queries the bootstrap distribution of the mean is close to normal: mean +- 1.96 sd / sqrt(n)."""
+    rng = np.random.default_rng(5)
+    diffs = rng.normal(0.03, 0.2, size=400)
+    base = {f"q{i}": 0.5 for i in range(400)}
+    got = paired_difference(base, {q: 0.5 + d for q, d in zip(base, diffs)}, resamples=20_000, seed=1)
+    half = 1.96 * diffs.std() / np.sqrt(len(diffs))
+    assert got["ci_low"] == pytest.approx(diffs.mean() - half, abs=0.08 * half)
+    assert got["ci_high"] == pytest.approx(diffs.mean() + half, abs=0.08 * half)
+    assert got["significant"] == (got["ci_low"] > 0 or got["ci_high"] < 0)
+
+
 def test_different_query_sets_are_refused():
     with pytest.raises(FinetuneError, match="not over the same queries"):
         paired_difference({"a": 1.0, "b": 0.0}, {"a": 1.0, "c": 0.0})
