@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finetune.data import RetrievalData
-from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
+from finetune.evaluation import HEADLINE, EmbeddingLookup, build_evaluator, evaluate
 
 
 def _known_case():
@@ -147,3 +147,22 @@ def test_per_query_means_equal_the_evaluators_figures_with_tied_embeddings():
     for metric in ("ndcg@10", "mrr@10", "accuracy@1", "recall@10"):
         mean = sum(row[metric] for row in scores.per_query.values()) / 4
         assert mean == pytest.approx(scores[metric], abs=1e-12), metric
+
+
+def test_cutoffs_at_five_and_ten_and_a_query_with_more_than_ten_relevant_documents():
+    """accuracy@5 and precision@5 with the first hit at rank 6; NDCG@10's ideal capped at 10 of 12 relevant."""
+    corpus = {f"d{i:02d}": f"doc {i}" for i in range(30)}
+    data = RetrievalData(
+        queries={"late": "a", "many": "b"},
+        corpus=corpus,
+        relevant={"late": {"d05"}, "many": {f"d{i:02d}" for i in range(12)}},
+    )
+    evaluator = build_evaluator(data, ["late", "many"])
+    ranked = [_hits({d: 1.0 - i / 100 for i, d in enumerate(corpus)})] * 2  # d00 first, d05 sixth
+    parent = evaluator.compute_metrics([list(r) for r in ranked])
+    assert parent["accuracy@k"][5] == 0.5 and parent["accuracy@k"][10] == 1.0  # "late" misses the top 5
+    assert parent["precision@k"][5] == pytest.approx((0 + 5 / 5) / 2)
+    assert evaluator.per_query["many"]["ndcg@10"] == pytest.approx(1.0)  # ten relevant in the top 10: ideal
+    assert evaluator.per_query["many"]["recall@10"] == pytest.approx(10 / 12)
+    data3, lookup, _ = _known_case()
+    assert set(HEADLINE) <= evaluate(build_evaluator(data3, ["q0", "q1", "q2"]), lookup).keys()

@@ -12,7 +12,7 @@ from finetune.cli import main
 from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
-from finetune.significance import PER_QUERY, compare_rows, paired_difference
+from finetune.significance import PER_QUERY, compare_rows, mean_interval, paired_difference
 
 
 def test_per_query_means_equal_the_evaluators_figures(tiny_model, pairs_file):
@@ -139,3 +139,12 @@ def test_compare_reports_intervals_and_refuses_a_foreign_per_query_file(tmp_path
     assert main(["compare", str(first), str(second), "--out", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "per_query.jsonl: its base rows are not the run's test queries" in err[0]
+
+
+def test_mean_interval_is_the_95_percent_bootstrap_interval_of_one_models_mean():
+    rng = np.random.default_rng(7)
+    values = rng.random(400)
+    low, high = mean_interval(list(values), resamples=20_000, seed=2)
+    half = 1.96 * values.std() / np.sqrt(len(values))
+    assert low == pytest.approx(values.mean() - half, abs=0.08 * half)
+    assert high == pytest.approx(values.mean() + half, abs=0.08 * half)
