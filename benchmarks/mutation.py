@@ -36,7 +36,7 @@ MODULES = {
     "finetune/evaluation.py": {"tests": ["tests/test_evaluation.py", "tests/test_significance.py"]},
     "finetune/significance.py": {"tests": ["tests/test_significance.py"]},
     "finetune/field_rules.py": {"tests": ["tests/test_field_rules.py", "tests/test_bad_input.py"]},
-    "finetune/adapter/checkpoint.py": {"tests": ["tests/test_resume.py"], "k": "dropout or half or refuses"},
+    "finetune/adapter/checkpoint.py": {"tests": ["tests/test_resume.py"], "k": "dropout or half or refuse"},
     "finetune/qlora/trainer.py": {
         "tests": ["tests/test_resume.py"],
         "k": "half",

@@ -202,3 +202,16 @@ def test_a_half_written_qlora_checkpoint_is_skipped(tmp_path):
     for step in (9, 20):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").unlink()
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_of_another_adapter_shape_is_refused_in_one_line(tmp_path):
+    from finetune.adapter.checkpoint import restore
+    from finetune.adapter.modules import build_adapter
+    from finetune.errors import FinetuneError
+
+    saved, live = build_adapter("linear", 8), build_adapter("linear", 16)
+    optimizer = torch.optim.AdamW(live.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = {"adapter": saved.state_dict()}
+    with pytest.raises(FinetuneError, match=r"adapter weights do not fit this recipe's adapter \(delta.bias: \(8,\)"):
+        restore(state, live, optimizer, schedule, torch.Generator(), where=tmp_path / "state.pt")
