@@ -39,20 +39,21 @@ def main() -> None:
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)
     job = CrossAdapterRun(recipe, data, splits, "cpu", EmbeddingCache(recipe.cache.dir, recipe.cache.enabled))
-    small_all, large_all = job.small_extra, job.large_extra
+    cells = job.cells
+    small_all, large_all = cells.small.texts, cells.large.texts
     experiment = job.experiments[0]
-    small_alone = job.zero_shot(splits.test)["small model alone"]["ndcg@10"]
+    small_alone = cells.zero_shot(splits.test)["small model alone"]["ndcg@10"]
     rows = []
     for n in args.counts:
-        job.small_extra, job.large_extra = small_all[:n], large_all[:n]
-        job._aligned.clear()  # the alignment fit is memoised per objective; refit on the new texts
+        cells.small.texts, cells.large.texts = small_all[:n], large_all[:n]
+        cells.aligned.clear()  # the alignment fit is memoised per objective; refit on the new texts
         for objective in args.objectives:
-            projection, info = job.train("alignment_only", objective, experiment)
+            projection, info = cells.fit("alignment_only", objective, experiment)
             rows.append(
                 {
                     "texts": min(n, len(small_all)),
                     "objective": objective,
-                    "test_ndcg@10": job.projected(splits.test, projection)["ndcg@10"],
+                    "test_ndcg@10": cells.projected(splits.test, projection)["ndcg@10"],
                     "chosen": {k: v for k, v in info["alignment"].items() if k != "grid"},
                 }
             )
@@ -60,8 +61,8 @@ def main() -> None:
     print("| alignment texts | " + " | ".join(args.objectives) + " |")
     print("|---|" + "---|" * len(args.objectives))
     for n in dict.fromkeys(r["texts"] for r in rows):
-        cells = [f"{r['test_ndcg@10']:.4f}" for r in rows if r["texts"] == n]
-        print(f"| {n} | " + " | ".join(cells) + " |")
+        scores = [f"{r['test_ndcg@10']:.4f}" for r in rows if r["texts"] == n]
+        print(f"| {n} | " + " | ".join(scores) + " |")
     write_result(args.name, {"data": data.source, "texts": args.texts, "small_alone": small_alone, "rows": rows})
 
 

@@ -73,7 +73,7 @@ def measure(name: str) -> dict:
     from peft import LoraConfig
     from transformers import AutoModel
 
-    from finetune.qlora.targets import auto_targets
+    from finetune.lora_targets import auto_targets
 
     config = config_of(name)
     with torch.device("meta"):
@@ -111,8 +111,8 @@ def saved_bytes(name: str, trainable: str, seq: int = 512) -> tuple[int, int]:
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import AutoModel
 
+    from finetune.lora_targets import auto_targets
     from finetune.memory.activations import profile
-    from finetune.qlora.targets import auto_targets
 
     gc.collect()  # the previous check's model, before this one is built
     config = config_of(name, seq)

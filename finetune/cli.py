@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a killed run from its last checkpoint (default: the newest unfinished run of this recipe)",
     )
     run.add_argument("--overwrite", action="store_true", help="replace --run-dir if it exists")
+    validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+    _compare_parser(sub)
+    _plan_and_sweep_parsers(sub)
+    _synth_parsers(sub)
+    return parser
+
+
+def _compare_parser(sub) -> None:
     compare = sub.add_parser(
         "compare", help="run (or read) several recipes on one splits file; write a table and a chart"
     )
@@ -51,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="runs/compare", help="where comparison.md/.json/.png go (default runs/compare)"
     )
     compare.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+
+
+def _plan_and_sweep_parsers(sub) -> None:
     plan = sub.add_parser(
         "plan", help="predict a qlora recipe's peak GPU memory (nf4 LoRA, 16-bit LoRA, full); no GPU, no weights"
     )
@@ -74,8 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "the same epoch, twice in a row (default 0.02; 0: train every point to the end)",
     )
     sweep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _synth_parsers(sub)
-    return parser
 
 
 def _synth_parsers(sub) -> None:
@@ -141,52 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    # bitsandbytes warns at import about an optional hub-fetched CPU kernel; its built-in path is used.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if not args.verbose:  # the evaluator logs every metric; the run prints its own table
-        for name in ("sentence_transformers", "transformers", "httpx", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _configure_logging(args.verbose)
     try:
-        from finetune.recipe import load_recipe
-
-        if args.command == "compare":
-            return _compare(args)
-        if args.command in ("synth", "chunk"):
-            return _synth(args)
-        if args.command == "sweep":
-            from finetune.sweep import run_sweep
-
-            run_sweep(
-                args.recipe,
-                args.grid,
-                args.budget,
-                args.dir,
-                command="python -m finetune " + shlex.join(argv),
-                stop_behind=args.stop_behind,
-            )
-            return 0
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.command == "validate":
-            return _validate(recipe, args)
-        if args.command == "plan":
-            return _plan(recipe, args)
-        from finetune.qlora.backend import preload_unsloth
-
-        preload_unsloth(recipe)  # before run imports transformers
-        from finetune.run import run_recipe
-
-        run_recipe(
-            recipe,
-            force_recache=args.force_recache,
-            command="python -m finetune " + shlex.join(argv),
-            run_dir=args.run_dir,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-        return 0
+        return _dispatch(args, "python -m finetune " + shlex.join(argv))
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -195,29 +160,71 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _plan(recipe, args) -> int:
-    from finetune.memory.command import parse_memory, plan_table
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns at import about an optional hub-fetched CPU kernel; its built-in path is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not verbose:  # the evaluator logs every metric; the run prints its own table
+        for name in ("sentence_transformers", "transformers", "httpx", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
-    if recipe.kind != "qlora":
-        raise FinetuneError(
-            f"plan predicts encoder training memory, and kind {recipe.kind} trains on cached embeddings; use a "
-            "kind: qlora recipe",
-            where=args.recipe,
+
+def _dispatch(args, command: str) -> int:
+    from finetune.kinds import KINDS
+    from finetune.recipe import load_recipe
+
+    if args.command == "compare":
+        return _compare(args)
+    if args.command in ("synth", "chunk"):
+        return _synth(args)
+    if args.command == "sweep":
+        from finetune.sweep import run_sweep
+
+        run_sweep(
+            args.recipe,
+            args.grid,
+            args.budget,
+            args.dir,
+            command=command,
+            stop_behind=args.stop_behind,
         )
-    memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    print(plan_table(recipe, memory))
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        return _validate(recipe, args)
+    if args.command == "plan":
+        return _plan(recipe, args)
+    KINDS[recipe.kind].preload(recipe)  # before run imports transformers
+    from finetune.run import run_recipe
+
+    run_recipe(
+        recipe,
+        force_recache=args.force_recache,
+        command=command,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _plan(recipe, args) -> int:
+    from finetune.kinds import KINDS
+
+    print(KINDS[recipe.kind].memory_plan(recipe, args.gpu_memory, where=args.recipe))
     return 0
 
 
 def _compare(args) -> int:
     from pathlib import Path
 
-    from finetune.qlora.backend import preload_unsloth
+    from finetune.kinds import KINDS
     from finetune.recipe import load_recipe
 
     for entry in args.entries:
         if Path(entry).is_file():
-            preload_unsloth(load_recipe(entry, args.overrides))  # before anything imports transformers
+            recipe = load_recipe(entry, args.overrides)
+            KINDS[recipe.kind].preload(recipe)  # before anything imports transformers
     from finetune.compare import gather_runs, write_comparison
 
     runs = gather_runs(args.entries, data=args.data, splits_file=args.splits, overrides=args.overrides)

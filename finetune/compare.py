@@ -107,8 +107,9 @@ def _check_same_test_queries(runs: list[Path]) -> None:
 
 
 def _label(metrics: dict) -> str:
-    if metrics["kind"] == "qlora":
-        backend = metrics.get("backend", "")
+    """The recipe's name, with how the encoder trained when the run trained one (its ``backend`` record)."""
+    if "backend" in metrics:
+        backend = metrics["backend"]
         quant = "nf4" if "quantization nf4" in backend else "16-bit" if metrics.get("method") == "lora" else ""
         return f"{metrics['recipe']} ({metrics.get('method', 'lora')}{', ' + quant if quant else ''})"
     return metrics["recipe"]

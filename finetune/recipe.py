@@ -7,19 +7,17 @@ field, e.g. ``recipes/adapter.yaml: train.epoch: unknown field (did you mean 'ep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune.adapter.config import AdapterRecipe
-from finetune.cross.config import CrossAdapterRecipe
+from finetune.config import RecipeCore
 from finetune.errors import FinetuneError, did_you_mean
 from finetune.field_rules import check_fields
 from finetune.kinds import KINDS
-from finetune.qlora.config import QLoRARecipe
 
-Recipe = Union[AdapterRecipe, QLoRARecipe, CrossAdapterRecipe]
+Recipe = RecipeCore  # every kind's schema subclasses it (finetune.kinds.KINDS names them)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -98,7 +96,7 @@ def validate_recipe(raw: dict[str, Any], where: str = "recipe", check: bool = Tr
     except ValidationError as exc:
         raise FinetuneError(_describe(exc, cls), where=where) from None
     if check:
-        check_fields(recipe, where)
+        check_fields(recipe, KINDS[kind].field_rules(), where)
     return recipe
 
 

@@ -13,6 +13,7 @@ import torch
 from finetune import distributed
 from finetune.atomic import write_json, write_text
 from finetune.cache import EmbeddingCache
+from finetune.contract import RunOptions, Start
 from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.extra_sets import extra_table
@@ -46,74 +47,78 @@ def run_recipe(
     overwrite: bool = False,
     selection: bool = False,
     stop_behind=None,
-    trained_in: Path | None = None,
+    adopt: Path | None = None,
 ) -> Path:
     """Run ``recipe`` end to end and return its run directory.
 
-    Everything that can fail on bad input (data, splits, model, negatives, the run directory) is
-    checked before anything is written, so a bad recipe leaves nothing behind. Under a launcher
-    with several processes, every rank trains and only rank 0 writes.
+    Everything that can fail on bad input is checked before anything is written, so a bad recipe
+    leaves nothing behind. Under a launcher with several processes, every rank trains; rank 0 writes.
 
     Args:
         recipe: A validated recipe (see :func:`finetune.recipe.load_recipe`).
         force_recache: Recompute cached embeddings.
         command: The command line, recorded in the run directory.
         echo: Where the before/after table is printed.
-        run_dir: An exact folder for the run (default ``<output.dir>/<name>-<timestamp>``).
-        resume: Continue a killed run: ``"latest"`` or its folder (adapter and qlora recipes).
-        overwrite: Replace ``run_dir`` if it exists.
-        selection: A sweep point (:mod:`finetune.sweep`): the validation queries stand in for the test
-            split, which is never scored, and nothing is exported.
-        stop_behind: A sweep point of a qlora recipe: stop training when its validation curve is clearly
-            behind this :class:`~finetune.qlora.behind.Leader`.
-        trained_in: A qlora sweep's final run: the chosen point's run directory. Its training is this
-            run's (same recipe, splits and seed), so its checkpoints and end weights are taken over and no step
-            is trained.
+        run_dir, overwrite: An exact folder for the run (default ``<output.dir>/<name>-<timestamp>``),
+            and whether to replace it if it exists.
+        resume: Continue a killed run: ``"latest"`` or its folder (kinds that are ``resumable``).
+        selection: A sweep point: validation stands in for the test split (never scored); no export.
+        stop_behind: A point of a kind that ``stops_behind``: the leader's curve (``qlora.behind.Leader``).
+        adopt: A sweep's final run (kinds that ``reuses_training``): the chosen point, whose training is this run's.
 
     Returns:
-        The run directory, holding ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
+        The run directory: ``recipe.yaml``, ``splits.json``, ``metrics.json``, ``versions.json`` and outputs.
 
     Example (not run: it needs a model, data or a server)::
         run_dir = run_recipe(load_recipe("recipes/adapter.yaml"))
         json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     """
     seed_everything(recipe.seed)
-    kind = KINDS[recipe.kind]
     if resume is not None:
-        kind.refuse_resume()
+        KINDS[recipe.kind].refuse_resume()
     recipe_yaml = dump_recipe(recipe)
     path, resuming = prepare_run_dir(recipe.output.dir, recipe.name, recipe_yaml, run_dir, resume, overwrite)
-    data = load_data(recipe.data)
-    splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
-    if selection:
-        splits = splits.for_selection()
+    data, splits = _data_and_splits(recipe, path, resuming, selection)
     device = pick_device(recipe.device)
     distributed.init(device)
-    main = distributed.is_main()
-    say = echo if main else (lambda *_: None)
-    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if kind.caches_embeddings else None
+    say = echo if distributed.is_main() else (lambda *_: None)
+    options = RunOptions(export=not selection, stop_behind=stop_behind)
+    job = _set_up(recipe, data, splits, device, force_recache, options, say)  # writes nothing
+
+    run_dir = _claim(path, resuming, overwrite, recipe_yaml, splits, command, say)
+    start = Start.resume() if resuming else Start.adopt(adopt) if adopt is not None else Start.fresh()
+    t0 = time.perf_counter()
+    job.train(run_dir, start)
+    outcome = job.finish(run_dir)
+    result = _result(recipe, device, data, splits, selection, outcome, time.perf_counter() - t0)
+    if distributed.is_main():
+        _write_and_print(run_dir, recipe, result, outcome.per_query(), len(splits.test), selection, say)
+    return run_dir
+
+
+def _data_and_splits(recipe: Recipe, path: Path, resuming: bool, selection: bool):
+    """The recipe's data and its splits: a resumed run's own, else made with the recipe's seed."""
+    data = load_data(recipe.data)
+    splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
+    return data, splits.for_selection() if selection else splits
+
+
+def _set_up(recipe: Recipe, data, splits: Splits, device: str, force_recache: bool, options: RunOptions, say):
+    """The kind's runner, set up (models, embeddings, checks) before anything is written."""
     say(
         f"data: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits {splits.counts()} "
         f"({splits.method})"
     )
-    job = kind.runner_class()(recipe, data, splits, device, cache, echo=say)  # checks everything; writes nothing
-    job.export = not selection
-    if stop_behind is not None:
-        job.stop_behind = stop_behind
-    if trained_in is not None:
-        job.trained_in = trained_in
+    kind = KINDS[recipe.kind]
+    cache = EmbeddingCache(recipe.cache.dir, recipe.cache.enabled, force_recache) if kind.caches_embeddings else None
+    job = kind.runner_class()(recipe, data, splits, device, cache, echo=say, options=options)
     if cache is not None:
         say(f"device: {device}; embedding cache: {cache.hits} hit(s), {cache.misses} miss(es) in {cache.directory}")
+    return job
 
-    run_dir = distributed.share(claim_run_dir(path, resuming, overwrite) if main else None)
-    if main and resuming:
-        say(f"resuming {run_dir}")
-        write_text(run_dir / "command.txt", (run_dir / "command.txt").read_text(encoding="utf-8") + command + "\n")
-    elif main:
-        write_run_header(run_dir, recipe_yaml, splits, command)
-    t0 = time.perf_counter()
-    result = job.fit(run_dir, resume=resuming)
-    per_query = result.pop("per_query", None)
+
+def _result(recipe: Recipe, device: str, data, splits: Splits, selection: bool, outcome, seconds: float) -> dict:
+    """``metrics.json``: the run's own fields around the outcome's."""
     result = {
         "recipe": recipe.name,
         "kind": recipe.kind,
@@ -121,20 +126,35 @@ def run_recipe(
         "splits": splits.counts(),
         "scored_split": "val" if selection else "test",
         "n_corpus": len(data.corpus),
-        **result,
-        "wall_seconds": time.perf_counter() - t0,
+        **outcome.metrics(),
+        "wall_seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
     if distributed.world_size() > 1:
         result["world_size"] = distributed.world_size()
-    if not main:
-        return run_dir
+    return result
+
+
+def _claim(path: Path, resuming: bool, overwrite: bool, recipe_yaml: str, splits, command: str, say) -> Path:
+    """The run directory, claimed by rank 0 (shared with the others), with its header written or extended."""
+    main = distributed.is_main()
+    run_dir = distributed.share(claim_run_dir(path, resuming, overwrite) if main else None)
+    if main and resuming:
+        say(f"resuming {run_dir}")
+        write_text(run_dir / "command.txt", (run_dir / "command.txt").read_text(encoding="utf-8") + command + "\n")
+    elif main:
+        write_run_header(run_dir, recipe_yaml, splits, command)
+    return run_dir
+
+
+def _write_and_print(run_dir: Path, recipe, result: dict, per_query, n_test: int, selection: bool, say) -> None:
+    """``per_query.jsonl``, the paired test, ``metrics.json`` (last: without it a run is unfinished); the table."""
     if per_query:
         write_per_query(run_dir / "per_query.jsonl", per_query)
         result["significance"] = compare_rows(per_query, seed=recipe.seed)
-    write_json(run_dir / "metrics.json", result)  # written last: a run directory without it is unfinished
+    write_json(run_dir / "metrics.json", result)
     scored = "validation split (a sweep point)" if selection else "test split"
-    say(f"\n{recipe.name}: {scored}, {len(splits.test)} queries against {len(data.corpus)} documents")
+    say(f"\n{recipe.name}: {scored}, {n_test} queries against {result['n_corpus']} documents")
     say(metrics_table({"base": result["base"], "tuned": result["tuned"]}))
     if result.get("also"):
         say(extra_table(result["also"]))
@@ -143,7 +163,6 @@ def run_recipe(
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
         say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
     say(f"\nrun directory: {run_dir}")
-    return run_dir
 
 
 def _resumed_splits(run_dir: Path, data) -> Splits:

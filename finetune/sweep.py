@@ -28,6 +28,7 @@ from finetune.atomic import write_json
 from finetune.config import EvalConfig, MergeConfig
 from finetune.errors import FinetuneError
 from finetune.field_rules import default_override, ineffective
+from finetune.kinds import KINDS
 from finetune.recipe import load_recipe
 
 NOT_SWEPT = ("eval.", "merge.", "splits.", "output.", "cache.", "name")
@@ -105,12 +106,8 @@ def plan_points(path: str, arguments: list[str], budget: int | None = None) -> t
     """
     fixed, grid = parse_grid(arguments)
     recipe = load_recipe(path, fixed)
-    if recipe.kind == "cross_adapter":
-        raise FinetuneError(
-            "a cross_adapter run already chooses its ridge, mix and epoch on validation; sweep adapter or qlora "
-            "recipes",
-            where=path,
-        )
+    if not KINDS[recipe.kind].sweepable:
+        raise FinetuneError(KINDS[recipe.kind].not_sweepable, where=path)
     if recipe.splits.val_fraction <= 0 and not recipe.splits.file:
         raise FinetuneError("a sweep chooses on validation queries; set splits.val_fraction above 0", where=path)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
@@ -134,7 +131,8 @@ def resolve_point(path: str, fixed: list[str], settings: dict[str, str], notes: 
     label = " ".join(f"{k}={v}" for k, v in settings.items())
     overrides, effective = fixed + [f"{k}={v}" for k, v in settings.items()], dict(settings)
     try:
-        for rule, value, default in ineffective(load_recipe(path, overrides, check=False)):
+        loose = load_recipe(path, overrides, check=False)
+        for rule, value, default in ineffective(loose, KINDS[loose.kind].field_rules()):
             reset = default_override(rule, default)
             if reset is None:  # a whole section: the strict load below says what to remove
                 continue
@@ -153,7 +151,7 @@ def stop_margin(kind: str, stop_behind: float | None, path: str) -> float | None
     """The margin behind the leader at which a point stops (None: points train to the end)."""
     if stop_behind is not None and stop_behind < 0:
         raise FinetuneError(f"--stop-behind is an NDCG@10 margin, 0 or more; got {stop_behind}", where="sweep")
-    if kind != "qlora":
+    if not KINDS[kind].stops_behind:
         if stop_behind:
             raise FinetuneError(
                 "--stop-behind is for qlora sweeps; adapter points train in seconds and stop on their own "
@@ -178,17 +176,13 @@ def leader_of(out: Path, rows: list[dict], margin: float | None):
 
 
 def point_checkpoint(point: Path, kind: str) -> Path | None:
-    """The newest checkpoint a QLoRA point kept (None: none kept, or an adapter point: those retrain in seconds)."""
-    if kind != "qlora":
-        return None
-    from finetune.qlora.trainer import latest_checkpoint
-
-    return latest_checkpoint(point / "checkpoints")
+    """The newest checkpoint a point kept (None: none kept, or a kind whose points retrain in seconds)."""
+    return KINDS[kind].latest_checkpoint(point)
 
 
 def reusable_training(point: Path, kind: str, echo) -> Path | None:
     """The chosen point's run directory, when the final run can take over its training (qlora, checkpoints kept)."""
-    if kind != "qlora":
+    if not KINDS[kind].reuses_training:
         return None
     if point_checkpoint(point, kind) is None:
         echo(f"{point} kept no checkpoint, so the final run trains the chosen point again")
@@ -239,8 +233,8 @@ def run_final(recipe, splits_file: Path, point: Path, run_dir: Path, command: st
     from finetune.run import run_recipe
 
     final = recipe.model_copy(update={"splits": recipe.splits.model_copy(update={"file": str(splits_file)})})
-    trained_in = reusable_training(point, recipe.kind, echo)
-    run_recipe(final, run_dir=str(run_dir), overwrite=True, echo=echo, command=command, trained_in=trained_in)
+    adopt = reusable_training(point, recipe.kind, echo)
+    run_recipe(final, run_dir=str(run_dir), overwrite=True, echo=echo, command=command, adopt=adopt)
 
 
 def as_point(recipe, splits_file: Path):
@@ -274,15 +268,11 @@ def run_sweep(
             (default 0.02; 0 trains every point to the end). Not for adapter sweeps, whose points
             take seconds.
     """
-    from finetune.data import load_data
-    from finetune.splits import make_splits
     from finetune.sweep_report import write_report
 
     recipe, points, notes = plan_points(path, arguments, budget)
     margin = stop_margin(recipe.kind, stop_behind, path)
-    from finetune.qlora.backend import preload_unsloth
-
-    preload_unsloth(recipe)  # before anything imports transformers
+    KINDS[recipe.kind].preload(recipe)  # before anything imports transformers
     plan = {"recipe": path, "arguments": arguments, "budget": budget, "points": [p.settings for p in points]}
     if margin is not None:
         plan["stop_behind"] = margin
@@ -291,17 +281,7 @@ def run_sweep(
         if directory
         else Path(recipe.output.dir) / f"{recipe.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    splits_file = out / "splits.json"
-    if (out / "plan.json").is_file():
-        if json.loads((out / "plan.json").read_text()) != plan:
-            raise FinetuneError("holds a different sweep; pass a new --dir, or the same command", where=str(out))
-        echo(f"resuming the sweep in {out}")
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise FinetuneError("exists and is not a sweep directory; pass a new --dir", where=str(out))
-        splits = make_splits(load_data(recipe.data), recipe.splits, recipe.seed)
-        splits.save(splits_file)
-        write_json(out / "plan.json", plan)
+    splits_file = _sweep_directory(out, plan, recipe, echo)
     for note in notes:
         echo(f"sweep: {note}")
     echo(
@@ -314,20 +294,7 @@ def run_sweep(
         if not (run_dir / "metrics.json").is_file():
             command_i = f"{command}  # point {i}: {point.label()}"
             run_point(point.recipe, splits_file, run_dir, command_i, f"point {i}", echo, leader_of(out, rows, margin))
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        rows.append(
-            {
-                "point": i,
-                "settings": point.settings,
-                "val_ndcg@10": metrics["tuned"]["ndcg@10"],
-                "base_val_ndcg@10": metrics["base"]["ndcg@10"],
-                "seconds": metrics["wall_seconds"],
-                "run": str(run_dir.relative_to(out)),
-                "stopped_behind": metrics.get("stopped_behind"),
-                # a resumed point's wall_seconds are the resumed call's only: the table says so
-                "resumed_from_step": metrics.get("resumed_from_step"),
-            }
-        )
+        rows.append(_point_row(i, point, run_dir, out))
         stopped = rows[-1]["stopped_behind"]
         why = f" (stopped at epoch {stopped['epoch']:.2f}: behind the leader)" if stopped else ""
         echo(f"  [{i + 1}/{len(points)}] {point.label()}: val NDCG@10 {rows[-1]['val_ndcg@10']:.4f}{why}")
@@ -338,3 +305,39 @@ def run_sweep(
         run_final(chosen, splits_file, out / best["run"], out / "final", f"{command}  # final run", echo)
     write_report(out, plan, rows, best, json.loads((out / "final" / "metrics.json").read_text()), echo)
     return out
+
+
+def _sweep_directory(out: Path, plan: dict, recipe, echo=print) -> Path:
+    """Start the sweep in ``out`` (its plan and the split every point shares), or resume the same plan there;
+    return the splits file."""
+    from finetune.data import load_data
+    from finetune.splits import make_splits
+
+    splits_file = out / "splits.json"
+    if (out / "plan.json").is_file():
+        if json.loads((out / "plan.json").read_text()) != plan:
+            raise FinetuneError("holds a different sweep; pass a new --dir, or the same command", where=str(out))
+        echo(f"resuming the sweep in {out}")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise FinetuneError("exists and is not a sweep directory; pass a new --dir", where=str(out))
+        splits = make_splits(load_data(recipe.data), recipe.splits, recipe.seed)
+        splits.save(splits_file)
+        write_json(out / "plan.json", plan)
+    return splits_file
+
+
+def _point_row(i: int, point: Point, run_dir: Path, out: Path) -> dict:
+    """A finished point's row of the sweep table, read from its ``metrics.json``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "point": i,
+        "settings": point.settings,
+        "val_ndcg@10": metrics["tuned"]["ndcg@10"],
+        "base_val_ndcg@10": metrics["base"]["ndcg@10"],
+        "seconds": metrics["wall_seconds"],
+        "run": str(run_dir.relative_to(out)),
+        "stopped_behind": metrics.get("stopped_behind"),
+        # a resumed point's wall_seconds are the resumed call's only: the table says so
+        "resumed_from_step": metrics.get("resumed_from_step"),
+    }

@@ -183,3 +183,13 @@ def score_on_run_split(run_dir: Path, model_folder: Path, trust_remote_code: boo
     test = Splits.load(run_dir / "splits.json").test
     model = SentenceTransformer(str(model_folder), device="cpu", trust_remote_code=trust_remote_code)
     return evaluate(build_evaluator(data, test, "test"), model)
+
+
+def fit(runner, run_dir: Path) -> dict:
+    """A runner's train and finish phases from a fresh start, as ``run_recipe`` calls them: the
+    metrics it would write (``per_query`` included)."""
+    from finetune.contract import Start
+
+    runner.train(run_dir, Start.fresh())
+    outcome = runner.finish(run_dir)
+    return {**outcome.metrics(), "per_query": outcome.per_query()}

@@ -1,4 +1,4 @@
-"""Fields that ``field_rules.ALWAYS`` says always act: changing each one changes what the run does.
+"""Fields that a kind's ``rules.ALWAYS`` says always act: changing each one changes what the run does.
 
 ``ALWAYS`` is the escape from the no-inert-setting rule, so an entry there must be earned. Each entry
 below has a witness: a value other than the default and an observable (the training loop's weights,
@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import COLUMNS_PAIRS
 
-from finetune.field_rules import ALWAYS
+from finetune.kinds import KINDS
+
+ALWAYS = frozenset().union(*(kind.always_fields() for kind in KINDS.values()))
 
 ADAPTER_TRAIN = {  # adapter and cross_adapter share the loop (finetune.adapter.train.train_adapter)
     "train.epochs": 4,
@@ -104,7 +106,9 @@ def qlora_run(tiny_model, tmp_path_factory):
 
 
 def _arguments(run, tmp_path) -> dict:
-    args = run._arguments(tmp_path, True, ["anchor", "positive"], 40).to_dict()
+    from finetune.qlora.train import arguments
+
+    args = arguments(run.recipe, "cpu", tmp_path, "eval_val_cosine_ndcg@10", None, 40).to_dict()
     return {k: v for k, v in args.items() if k not in ("output_dir", "logging_dir")}
 
 

@@ -225,7 +225,7 @@ def test_train_head_trains_the_dense_layers(world):
 def test_auto_targets_fall_back_to_every_linear_layer_but_heads():
     from transformers import BertConfig, BertModel
 
-    from finetune.qlora.targets import auto_targets
+    from finetune.lora_targets import auto_targets
 
     model = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
     names, rule = auto_targets(model, "some-new-architecture")

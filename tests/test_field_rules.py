@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel
 
 from finetune.errors import FinetuneError
-from finetune.field_rules import ALWAYS, RULES, ineffective
+from finetune.field_rules import ineffective
 from finetune.kinds import KINDS
 from finetune.recipe import apply_overrides, load_recipe, validate_recipe
 
@@ -28,16 +28,17 @@ def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_field_is_classified(kind):
     """A new field must say when it has an effect (a rule) or that it always does (ALWAYS)."""
-    ruled = {r.path for r in RULES if kind in r.kinds}
+    ruled = {r.path for r in KINDS[kind].field_rules()}
+    always = KINDS[kind].always_fields()
     unclassified = [
         path
         for path in _leaves(KINDS[kind].schema)
-        if path not in ALWAYS and not any(path == p or path.startswith(p + ".") for p in ruled)
+        if path not in always and not any(path == p or path.startswith(p + ".") for p in ruled)
     ]
-    assert not unclassified, f"{kind}: add these to field_rules.RULES or ALWAYS: {unclassified}"
+    assert not unclassified, f"{kind}: add these to {KINDS[kind].rules}.RULES or ALWAYS: {unclassified}"
 
 
-CASES = [(kind, rule) for rule in RULES for kind in rule.kinds]
+CASES = [(kind, rule) for kind in sorted(KINDS) for rule in KINDS[kind].field_rules()]
 
 
 @pytest.mark.parametrize("kind, rule", CASES, ids=[f"{k}:{r.path}:{i}" for i, (k, r) in enumerate(CASES)])
@@ -52,7 +53,7 @@ def test_each_rule_refuses_its_witness(kind, rule):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_defaults_set_nothing_inert(kind):
     recipe = validate_recipe(dict(BASE[kind]))
-    assert recipe.kind == kind and ineffective(recipe) == []
+    assert recipe.kind == kind and ineffective(recipe, KINDS[kind].field_rules()) == []
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,8 @@ def test_the_shipped_recipes_are_found():
 def test_shipped_recipes_set_nothing_inert(recipe, monkeypatch):
     """Every shipped recipe validates, sets nothing inert, and starts with the command that runs it."""
     monkeypatch.chdir(ROOT)
-    assert ineffective(load_recipe(recipe)) == []
+    loaded = load_recipe(recipe)
+    assert ineffective(loaded, KINDS[loaded.kind].field_rules()) == []
     assert f"python -m finetune run {recipe}" in Path(recipe).read_text().split("kind:")[0]
 
 
@@ -105,6 +107,7 @@ def test_the_message_names_the_file_field_and_fix():
 def test_max_steps_caps_the_epochs(tiny_model, pairs_file, tmp_path):
     """Both settings act: max_steps stops early, epochs stop a step limit that is longer than the epochs."""
     from finetune.data import load_data
+    from finetune.qlora import train as training
     from finetune.qlora.runner import QLoRARun
     from finetune.splits import make_splits
 
@@ -118,7 +121,7 @@ def test_max_steps_caps_the_epochs(tiny_model, pairs_file, tmp_path):
     recipe = validate_recipe(raw)
     data = load_data(recipe.data)
     run = QLoRARun(recipe, data, make_splits(data, recipe.splits, recipe.seed), "cpu")
-    rows = len(run._train_dataset())
-    assert run._max_steps(rows) == 2 * -(-rows // 8)
+    rows = len(training.train_dataset(run.data, run.splits.train, run.negatives))
+    assert training.max_steps(recipe.train, rows) == 2 * -(-rows // 8)
     recipe.train.max_steps = 3
-    assert run._max_steps(rows) == 3
+    assert training.max_steps(recipe.train, rows) == 3

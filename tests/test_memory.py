@@ -12,8 +12,8 @@ from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.memory.activations import _count_saved, meta_encoder, profile
 from finetune.memory.plan import EncoderShape, Setup, estimate, largest_fit, optimizer_bytes, weight_bytes
-from finetune.memory.recipe_plan import shape_of
 from finetune.qlora.backend import build_encoder, select_backend
+from finetune.qlora.plan import shape_of
 from finetune.recipe import validate_recipe
 
 COLUMNS = {"query": "question", "positive": "answer", "id": "id", "domain": "category"}
@@ -165,7 +165,7 @@ def test_plan_bad_input_is_one_line(tiny_model, pairs_file, tmp_path, capsys, ar
 
 
 def test_too_little_memory_says_what_fits(tiny_model, pairs_file, tmp_path):
-    from finetune.memory.command import plan_table
+    from finetune.qlora.plan_command import plan_table
 
     recipe = _recipe(tiny_model, pairs_file, tmp_path, model={"name": str(tiny_model), "max_seq_length": 64})
     shape, _ = shape_of(recipe.model)
@@ -269,7 +269,7 @@ def _run(recipe, tmp_path):
 def test_qlora_matryoshka_reports_each_size_and_auto_mini_batch(tiny_model, pairs_file, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
-    import finetune.memory.recipe_plan as recipe_plan
+    import finetune.qlora.plan as recipe_plan
     from finetune.matryoshka import truncate
 
     recipe = _recipe(
@@ -402,7 +402,7 @@ def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
 
 
 def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_model, pairs_file, tmp_path, monkeypatch):
-    import finetune.memory.recipe_plan as recipe_plan
+    import finetune.qlora.plan as recipe_plan
 
     def broken(recipe, device):
         raise NotImplementedError("an op without a meta kernel")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import adapter_recipe
+from conftest import adapter_recipe, fit
 
 from finetune.config import NegativesConfig
 from finetune.data.dataset import RetrievalData
@@ -111,6 +111,7 @@ def test_triplet_loss_without_negatives_is_refused(tmp_path, tiny_model, pairs_f
 def test_qlora_dataset_gets_mined_negative_columns_and_trains(tmp_path, tiny_model, pairs_file):
     from finetune.data import load_data
     from finetune.qlora.runner import QLoRARun
+    from finetune.qlora.train import train_dataset
     from finetune.splits import make_splits
 
     raw = {
@@ -127,7 +128,7 @@ def test_qlora_dataset_gets_mined_negative_columns_and_trains(tmp_path, tiny_mod
     data = load_data(recipe.data)
     splits = make_splits(data, recipe.splits, recipe.seed)
     run = QLoRARun(recipe, data, splits, "cpu")
-    dataset = run._train_dataset()
+    dataset = train_dataset(run.data, run.splits.train, run.negatives)
     assert dataset.column_names == ["anchor", "positive", "negative_1", "negative_2"]
     relevant_texts = {data.queries[q]: {data.corpus[d] for d in data.relevant[q]} for q in splits.train}
     for row in dataset:
@@ -146,5 +147,5 @@ def test_qlora_dataset_gets_mined_negative_columns_and_trains(tmp_path, tiny_mod
         if d not in data.relevant[q]
     ]
     assert run.negatives.by_query[q] == ranked[:2]
-    metrics = run.fit(tmp_path / "run")
+    metrics = fit(run, tmp_path / "run")
     assert metrics["negatives"]["strategy"] == "mined" and metrics["train_steps"] == 2

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import qlora_recipe
+from conftest import fit, qlora_recipe
 from sentence_transformers import SentenceTransformer
 
 from finetune.data import load_data
@@ -101,7 +101,7 @@ def trained(tiny_model, tmp_path_factory):
     run = QLoRARun(recipe, data, splits, "cpu")
     run_dir = tmp / "run"
     run_dir.mkdir()
-    result = run.fit(run_dir)
+    result = fit(run, run_dir)
     return run, result, run_dir, [data.queries[q] for q in splits.test]
 
 

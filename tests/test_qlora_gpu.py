@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import qlora_recipe
+from conftest import fit, qlora_recipe
 from sentence_transformers import SentenceTransformer
 
 from finetune.data import load_data
@@ -51,7 +51,7 @@ def _fit(tiny_model, pairs_file, tmp_path, backend, method, quantization):
     run = QLoRARun(recipe, data, splits, "cuda")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    return run, run.fit(run_dir), run_dir, [data.queries[q] for q in splits.test]
+    return run, fit(run, run_dir), run_dir, [data.queries[q] for q in splits.test]
 
 
 @pytest.mark.parametrize("backend, method, quantization", CASES)

@@ -15,17 +15,20 @@ from finetune.adapter.modules import build_adapter, save_adapter
 from finetune.adapter.negatives import build_sampler, relevant_pairs
 from finetune.adapter.train import train_adapter
 from finetune.cache import EmbeddingCache
+from finetune.contract import RunOptions, Start
 from finetune.data.dataset import RetrievalData
 from finetune.data.readers import read_rows
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
-from finetune.extra_sets import ExtraSet, load_extra_sets, score_extra_sets
+from finetune.extra_sets import ExtraSet, load_extra_sets
 from finetune.matryoshka import check_against_dimension, dims_line, ndcg_by_dimension
-from finetune.merge_scale import check_can_choose_scale, choose_scale, merge_line, plot_tradeoff, scale_adapter
+from finetune.merge_scale import check_can_choose_scale, scale_adapter
 from finetune.models import load_frozen_encoder
+from finetune.outcome import Outcome, choose_merge, score_also, swapped
 from finetune.splits import Splits
 
 logger = logging.getLogger(__name__)
+CURRENT = object()  # _score's default: the adapter _at() put in place
 
 
 class AdapterRun:
@@ -38,10 +41,8 @@ class AdapterRun:
         device: Where to train.
         cache: The embedding cache.
         echo: Where progress lines go (rank 0's print).
+        options: What the caller decides (:class:`~finetune.kinds.RunOptions`: export or not).
     """
-
-    resumable = True
-    export = True
 
     def __init__(
         self,
@@ -51,8 +52,10 @@ class AdapterRun:
         device: str,
         cache: EmbeddingCache,
         echo=print,
+        options: RunOptions = RunOptions(),
     ):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
+        self.options, self._evaluators, self._current = options, {}, None
         encoder = load_frozen_encoder(recipe.model, device)
         self.model, self.model_source, self.prompts = encoder.model, encoder.source, encoder.prompts
         echo(f"model: {self.model_source}; {self.prompts.describe()}")
@@ -76,7 +79,7 @@ class AdapterRun:
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
         self.extra_embeddings = [x.embed(cache, self.prompts, encode) for x in self.extra]
-        self.encode_seconds = time.perf_counter() - t0
+        self.seconds = {"encode": time.perf_counter() - t0}
         pool = self._negative_pool(cache, encode)
         # mined/BM25 negatives are found here, so a problem with them stops the run before it writes anything
         self.sampler, self.negatives_stats = build_sampler(
@@ -121,34 +124,29 @@ class AdapterRun:
         """``[P, 2]`` (query row, document row) for every relevant document of ``query_ids``."""
         return relevant_pairs(self.data, query_ids, self._row_of_text, self._row_of_doc)
 
-    def fit(self, run_dir: Path, resume: bool = False) -> dict:
-        """Train, evaluate base and tuned on the test split, save adapter and export; return the metrics.
-
-        With ``resume``, training continues from ``run_dir/checkpoint/state.pt`` when it exists.
-        """
+    def train(self, run_dir: Path, start: Start) -> None:
+        """Score the base model on test, then train the adapter (``start`` resume: from
+        ``run_dir/checkpoint/state.pt`` when it exists)."""
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
-        test = build_evaluator(self.data, self.splits.test, "test", batch_size=recipe.model.batch_size)
         t0 = time.perf_counter()
-        base = evaluate(test, self.lookup(), corpus_embeddings=self.documents)
-        eval_seconds = time.perf_counter() - t0
-
+        self.base = self._score("test", None)
+        self.seconds["evaluate_base"] = time.perf_counter() - t0
         adapter = build_adapter(
             recipe.adapter.type, self.documents.shape[1], recipe.adapter.hidden_dim, recipe.adapter.dropout
         ).to(self.device)
         validate = None
         if self.splits.val:
-            val = build_evaluator(self.data, self.splits.val, "val")
-            validate = lambda a: evaluate(val, self.lookup(a), corpus_embeddings=self.documents)["ndcg@10"]  # noqa: E731
-        train_pairs = self.pairs(self.splits.train)
+            validate = lambda a: self._score("val", None, a)["ndcg@10"]  # noqa: E731
         checkpoint = run_dir / "checkpoint" / "state.pt"
-        state = load_training_state(checkpoint) if resume and checkpoint.is_file() else None
+        state = load_training_state(checkpoint) if start.mode == "resume" and checkpoint.is_file() else None
+        self.resumed_from_epoch = state["epoch"] if state else None
         t0 = time.perf_counter()
-        history = train_adapter(
+        self.history = train_adapter(
             adapter,
             self.queries.to(self.device),
             self.documents.to(self.device),
-            train_pairs,
+            self.pairs(self.splits.train),
             self.sampler,
             recipe.loss,
             recipe.train,
@@ -157,45 +155,55 @@ class AdapterRun:
             checkpoint=checkpoint,
             resume_from=state,
         )
-        train_seconds = time.perf_counter() - t0
-        adapter, merge = self._merge(adapter, run_dir, test)
-        tuned = evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)
-        matryoshka = self._by_dimension(adapter) if recipe.loss.matryoshka_dims else None
-        t0 = time.perf_counter()
-        also = score_extra_sets(
-            self.extra, lambda x, which: self._score_extra(x, adapter if which == "tuned" else None)
-        )
-        also_seconds = time.perf_counter() - t0
+        self.seconds["train"] = time.perf_counter() - t0
+        self.trained = adapter
 
+    def finish(self, run_dir: Path) -> Outcome:
+        """Choose the merge scale, score tuned on test (and the extra sets), save the adapter and export."""
+        scale, merge = choose_merge(
+            self.recipe, self._at, self._score, self.extra, run_dir, "adapter residual", self.echo
+        )
+        adapter = self.trained if scale == 1.0 else scale_adapter(self.trained, scale)
+        tuned = self._score("test", None, adapter)
+        matryoshka = self._by_dimension(adapter) if self.recipe.loss.matryoshka_dims else None
+        also, self.seconds["evaluate_also"] = score_also(
+            self.extra, lambda split, x: self._score(split, x, None), lambda split, x: self._score(split, x, adapter)
+        )
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
         drift = None
-        if recipe.model.provider == "local" and self.export:  # an API model has no weights to put in a folder
-            exported = export_adapter_model(self.model, adapter, run_dir / "model")
-            drift = self._check_export(exported, adapter)
-        return {
-            "base": base,
-            "tuned": tuned,
-            "per_query": {"base": base.per_query, "tuned": tuned.per_query},  # written by run_recipe
-            "history": history,
-            "train_pairs": len(train_pairs),
-            "resumed_from_epoch": state["epoch"] if state else None,
+        if self.recipe.model.provider == "local" and self.options.export:  # an API model has no weights to save
+            drift = self._check_export(export_adapter_model(self.model, adapter, run_dir / "model"), adapter)
+        record = {
+            "history": self.history,
+            "train_pairs": len(self.pairs(self.splits.train)),
+            "resumed_from_epoch": self.resumed_from_epoch,
             "negatives": self.negatives_stats,
             "trainable_parameters": sum(p.numel() for p in adapter.parameters()),
             "document_embeddings_recomputed": False,
             "model_source": self.model_source,
             "prompts": {"query": self.prompts.query, "document": self.prompts.document},
             "export_max_abs_diff": drift,
-            "also": also,
-            "merge": merge,
-            "matryoshka": matryoshka,
-            "seconds": {
-                "encode": self.encode_seconds,
-                "train": train_seconds,
-                "evaluate_base": eval_seconds,
-                "evaluate_also": also_seconds,
-            },
         }
+        seconds = {k: self.seconds[k] for k in ("encode", "train", "evaluate_base", "evaluate_also")}
+        return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds)
+
+    def _score(self, split: str, extra: ExtraSet | None, adapter=CURRENT) -> dict:
+        """The evaluator's metrics on ``split`` of the run's data (or of an ``eval.also`` set), queries
+        through ``adapter`` (None: the base model; by default the one :meth:`_at` put in place)."""
+        adapter = self._current if adapter is CURRENT else adapter
+        if extra is not None:
+            documents, queries = self.extra_embeddings[self.extra.index(extra)]
+            transform = None if adapter is None else (lambda q: adapter(q.to(self.device)).cpu())
+            return extra.score_embeddings(queries, documents, transform, split, self.recipe.model.batch_size)
+        if split not in self._evaluators:
+            ids = self.splits.test if split == "test" else self.splits.val
+            self._evaluators[split] = build_evaluator(self.data, ids, split, batch_size=self.recipe.model.batch_size)
+        return evaluate(self._evaluators[split], self.lookup(adapter), corpus_embeddings=self.documents)
+
+    def _at(self, s: float):
+        """The trained adapter with its residual scaled by ``s``, in place for :meth:`_score`."""
+        return swapped(self, "_current", scale_adapter(self.trained, s))
 
     def _by_dimension(self, adapter) -> dict:
         """Test NDCG@10 at each ``loss.matryoshka_dims`` size, base and tuned (truncated, not re-encoded)."""
@@ -208,44 +216,6 @@ class AdapterRun:
         }
         self.echo(dims_line(scores["base"], scores["tuned"]))
         return scores
-
-    def _merge(self, adapter, run_dir: Path, test) -> tuple[torch.nn.Module, dict]:
-        """The adapter at ``merge.scale`` (``auto``: chosen on validation), and the choice with its grid.
-
-        Once s is chosen, the test split is scored at s = 1 too, for the record only."""
-        config = self.recipe.merge
-        if config.scale == 1.0:
-            return adapter, {"scale": 1.0}
-        grid, chosen, seconds = None, config.scale, 0.0
-        if config.scale == "auto":
-            val = build_evaluator(self.data, self.splits.val, "val")
-
-            def validate(s: float) -> dict[str, float]:
-                scaled = scale_adapter(adapter, s)
-                out = {"in_domain": evaluate(val, self.lookup(scaled), corpus_embeddings=self.documents)["ndcg@10"]}
-                return out | {x.label: self._score_extra(x, scaled, "val")["ndcg@10"] for x in self.extra}
-
-            t0 = time.perf_counter()
-            chosen, grid = choose_scale(config.grid, validate, config.max_drop)
-            seconds = time.perf_counter() - t0
-            if self.extra:
-                plot_tradeoff(grid, chosen, run_dir / "merge.png", f"{self.recipe.name}: adapter residual x s")
-        unscaled = {"in_domain": evaluate(test, self.lookup(adapter), corpus_embeddings=self.documents)["ndcg@10"]}
-        unscaled |= {x.label: self._score_extra(x, adapter)["ndcg@10"] for x in self.extra}
-        self.echo(merge_line(chosen, grid is not None, unscaled))
-        return scale_adapter(adapter, chosen), {
-            "scale": chosen,
-            "max_drop": config.max_drop,
-            "grid": grid,
-            "seconds": seconds,
-            "test_at_scale_1": unscaled,
-        }
-
-    def _score_extra(self, extra: ExtraSet, adapter=None, split: str = "test") -> dict:
-        """The evaluator's metrics on an ``eval.also`` set's test (or val) split, queries through ``adapter``."""
-        documents, queries = self.extra_embeddings[self.extra.index(extra)]
-        transform = None if adapter is None else (lambda q: adapter(q.to(self.device)).cpu())
-        return extra.score_embeddings(queries, documents, transform, split, self.recipe.model.batch_size)
 
     def _check_export(self, exported, adapter) -> float:
         """The exported model, with its own saved prompts, must give the toolkit's adapted query

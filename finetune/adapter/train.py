@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.adapter.checkpoint import restore, save_training_state
+from finetune.adapter.checkpoint import TrainState, save_training_state
 from finetune.adapter.config import AdapterTrainConfig, LossConfig
 from finetune.adapter.losses import infonce_loss, triplet_loss
 from finetune.adapter.negatives import NegativeSampler
@@ -55,100 +54,75 @@ def train_adapter(
     Returns:
         One dict per epoch: ``epoch``, ``loss``, ``val_ndcg@10``.
     """
+    steps = math.ceil(len(pairs) / config.batch_size) * config.epochs
+    state = start_state(adapter, config, steps, seed, documents.device)
+    if resume_from is not None:
+        state.load_dict(resume_from, where=checkpoint)
+        logger.info("resumed from %s after epoch %d", checkpoint, state.epoch)
+    else:  # epoch 0: the untrained adapter, i.e. the base model
+        state.record(0, None, validate(adapter) if validate else None)
+    step = LossStep(queries, documents, sampler, loss_config, state.generator)
+    first = state.epoch + 1
+    stopped = validate is not None and early_stop(state.stale, config.patience)  # killed after early stopping
+    epochs = range(first, first if stopped else config.epochs + 1)
+    bar = tqdm(epochs, desc="train adapter", unit="epoch", initial=first - 1, total=config.epochs)
+    for epoch in bar:
+        loss = run_epoch(state, step, pairs, config, epoch, checkpoint)
+        score = validate(adapter) if validate else None
+        state.record(epoch, loss, score)
+        bar.set_postfix(loss=f"{loss:.4f}", **({"val_ndcg": f"{score:.4f}"} if score is not None else {}))
+        if checkpoint is not None and (epoch % config.save_every == 0 or epoch == config.epochs):
+            save_training_state(checkpoint, state.to_dict())
+        if score is not None and early_stop(state.stale, config.patience):
+            logger.info("early stop at epoch %d: no validation gain for %d epochs", epoch, state.stale)
+            break
+    bar.close()
+    state.restore_best()
+    return state.history
+
+
+def start_state(
+    adapter: torch.nn.Module, config: AdapterTrainConfig, steps: int, seed: int, device: torch.device
+) -> TrainState:
+    """A fresh training state: AdamW, the warmup-then-linear-decay schedule over ``steps``, the seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    device = documents.device
-    total = math.ceil(len(pairs) / config.batch_size) * config.epochs
     # the fused kernel does AdamW's elementwise update in one pass: ~30% less time per step on CPU here
     optimizer = torch.optim.AdamW(
         adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda")
     )
-    schedule = linear_warmup_decay(optimizer, int(config.warmup_ratio * total), total)
-    step = LossStep(queries, documents, sampler, loss_config, generator)
+    schedule = linear_warmup_decay(optimizer, int(config.warmup_ratio * steps), steps)
+    return TrainState(adapter, optimizer, schedule, generator, history=[])
 
-    if resume_from is not None:
-        state = resume_from
-        restore(state, adapter, optimizer, schedule, generator, where=checkpoint)
-        best, best_state, best_epoch, stale, history = (
-            state["best"],
-            state["best_state"],
-            state["best_epoch"],
-            state["stale"],
-            state["history"],
-        )
-        logger.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
-    else:
-        best = validate(adapter) if validate else None  # epoch 0: the base model
-        best_state, best_epoch, stale = copy.deepcopy(adapter.state_dict()), 0, 0
-        history = [{"epoch": 0, "loss": None, "val_ndcg@10": best}]
-    first = history[-1]["epoch"] + 1
-    stopped = validate is not None and early_stop(stale, config.patience)  # killed after early stopping
-    bar = tqdm(
-        range(first, first if stopped else config.epochs + 1),
-        desc="train adapter",
-        unit="epoch",
-        initial=first - 1,
-        total=config.epochs,
-    )
-    for epoch in bar:
-        adapter.train()
-        order = torch.randperm(len(pairs), generator=generator)
-        losses = []
-        for start in range(0, len(pairs), config.batch_size):
-            loss = step(adapter, pairs[order[start : start + config.batch_size]].to(device))
-            if not torch.isfinite(loss):
-                kept = (
-                    f"the last good checkpoint is kept in {checkpoint}"
-                    if checkpoint and checkpoint.is_file()
-                    else "no checkpoint was saved yet"
-                )
-                raise FinetuneError(
-                    f"loss is {loss.item()} at epoch {epoch}; training stopped and {kept}; lower train.lr or check "
-                    "the data",
-                    where="training",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
 
-        adapter.eval()
-        score = validate(adapter) if validate else None
-        history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "val_ndcg@10": score})
-        bar.set_postfix(
-            loss=f"{history[-1]['loss']:.4f}", **({"val_ndcg": f"{score:.4f}"} if score is not None else {})
-        )
-        if score is None or score > best:  # without validation, the last epoch is kept
-            best, best_state, best_epoch, stale = score, copy.deepcopy(adapter.state_dict()), epoch, 0
-        else:
-            stale += 1
-        if checkpoint is not None and (epoch % config.save_every == 0 or epoch == config.epochs):
-            save_training_state(
-                checkpoint,
-                {
-                    "epoch": epoch,
-                    "adapter": adapter.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "best": best,
-                    "best_state": best_state,
-                    "best_epoch": best_epoch,
-                    "stale": stale,
-                },
+def run_epoch(
+    state: TrainState, step: LossStep, pairs: torch.Tensor, config: AdapterTrainConfig, epoch: int, checkpoint
+) -> float:
+    """One pass over ``pairs`` in a seeded order; returns the mean loss. A non-finite loss stops the run
+    with one line, saying whether a checkpoint is kept."""
+    adapter, device = state.adapter, step.documents.device
+    adapter.train()
+    order = torch.randperm(len(pairs), generator=state.generator)
+    losses = []
+    for start in range(0, len(pairs), config.batch_size):
+        loss = step(adapter, pairs[order[start : start + config.batch_size]].to(device))
+        if not torch.isfinite(loss):
+            kept = "no checkpoint was saved yet"
+            if checkpoint and checkpoint.is_file():
+                kept = f"the last good checkpoint is kept in {checkpoint}"
+            raise FinetuneError(
+                f"loss is {loss.item()} at epoch {epoch}; training stopped and {kept}; lower train.lr or check "
+                "the data",
+                where="training",
             )
-        if score is not None and early_stop(stale, config.patience):
-            logger.info("early stop at epoch %d: no validation gain for %d epochs", epoch, stale)
-            break
-    bar.close()
-    adapter.load_state_dict(best_state)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.grad_clip)
+        state.optimizer.step()
+        state.schedule.step()
+        losses.append(loss.item())
     adapter.eval()
-    logger.info("kept epoch %d (val NDCG@10 %s)", best_epoch, f"{best:.4f}" if best is not None else "n/a")
-    return history
+    return sum(losses) / len(losses)
 
 
 def linear_warmup_decay(

@@ -146,7 +146,7 @@ class CrossAdapterRecipe(RecipeCore):
 
     @model_validator(mode="after")
     def _closed_form_is_linear(self):
-        if "scores" in self.alignment.objectives() and self.projection.type != "linear" and self._aligns():
+        if "scores" in self.alignment.objectives() and self.projection.type != "linear" and self.aligns():
             raise ValueError(
                 "alignment.objective scores is a closed-form linear map; set projection.type: linear, or "
                 "alignment.objective: identical_text for an mlp"
@@ -160,7 +160,7 @@ class CrossAdapterRecipe(RecipeCore):
             raise ValueError("alignment.objective: list each of scores, identical_text at most once")
         return self
 
-    def _aligns(self) -> bool:
+    def aligns(self) -> bool:
         return bool(set(self.modes()) & {"alignment_only", "both"})
 
     def local_models(self) -> bool:

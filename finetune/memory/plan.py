@@ -146,7 +146,7 @@ class EncoderShape:
         ]
 
     def lora_targets(self, setup: Setup) -> list[str]:
-        from finetune.qlora.targets import resolve_targets
+        from finetune.lora_targets import resolve_targets
 
         return resolve_targets(self._meta, setup.lora_targets)[0]
 

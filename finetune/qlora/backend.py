@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.lora_targets import resolve_targets, summarise
 from finetune.memory.activations import set_checkpointing
 from finetune.qlora.config import QLoRARecipe
-from finetune.qlora.stack import override_pooling, set_head_trainable
-from finetune.qlora.targets import resolve_targets, summarise
+from finetune.qlora.stack import check_fidelity, check_pooling_inputs, cosine_to, override_pooling, set_head_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def _keep_cpu_weights_trainable(model) -> None:
 
 
 def lora_targets(model, recipe: QLoRARecipe) -> list[str]:
-    """Full names of the layers inside ``model[0].auto_model`` that get LoRA (see :mod:`finetune.qlora.targets`)."""
+    """Full names of the layers inside ``model[0].auto_model`` that get LoRA (see :mod:`finetune.lora_targets`)."""
     names, rule = resolve_targets(model[0].auto_model, recipe.lora.target_modules)
     if rule:
         logger.info("LoRA targets by the %s: %s", rule, summarise(names))
@@ -291,3 +291,38 @@ def parameter_counts(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def training_sample(data, train_ids: list[str]) -> tuple[list[str], list[str]]:
+    """A few of the run's own train queries and their documents, for the fidelity checks."""
+    ids = train_ids[:8]
+    docs = list(dict.fromkeys(d for q in ids for d in sorted(data.relevant[q])))[:8]
+    return [data.queries[q] for q in ids], [data.corpus[d] for d in docs]
+
+
+def build_checked(recipe, choice, reference, queries: list[str], documents: list[str], pooling_overridden: bool):
+    """The training model, built after proving that the recipe's stack is the checkpoint's.
+
+    Returns:
+        ``(model, lora_targets, fidelity)``: the fidelity check's numbers, with how far 4-bit (or
+        16-bit) rounding moves the embeddings.
+    """
+    check_pooling_inputs(reference, queries)
+    exact = recipe.quantization == "none" and choice.compute_dtype == torch.float32 and choice.backend != "unsloth"
+    if not exact:  # the 4-bit/16-bit model differs by rounding: check the full-precision build instead
+        built, _ = build_encoder(recipe, choice, quantize=False)
+        fidelity = check_fidelity(built, reference, queries, documents, pooling_overridden)
+        del built
+    model, lora_targets = build_encoder(recipe, choice, reference=reference)
+    if exact:  # at step 0 LoRA adds nothing, so the training model itself must match
+        fidelity = check_fidelity(model, reference, queries, documents, pooling_overridden)
+    ours, theirs = [type(m).__name__ for m in model.children()], [type(m).__name__ for m in reference.children()]
+    if ours != theirs:
+        raise FinetuneError(
+            f"the training model's modules {' -> '.join(ours)} are not the checkpoint's {' -> '.join(theirs)}",
+            where="fidelity check",
+        )
+    if not pooling_overridden:  # how far 4-bit (or 16-bit) rounding moves the embeddings, for the record
+        cos = cosine_to(reference, model, queries, documents)
+        fidelity.update(training_model_min_cosine=float(cos.min()), training_model_mean_cosine=float(cos.mean()))
+    return model, lora_targets, fidelity

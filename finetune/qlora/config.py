@@ -16,7 +16,7 @@ class LoraSection(Section):
     ``target_modules: auto`` picks the attention and MLP projections per architecture (BERT:
     query, key, value, dense; MPNet: q, k, v, o; ModernBERT: Wqkv, Wo, Wi; Qwen/Gemma/Llama/
     Mistral: q/k/v/o_proj, gate/up/down_proj) and every linear layer but heads for any other
-    (see :mod:`finetune.qlora.targets`); a list names layers (``[q_proj, v_proj]``) or full paths.
+    (see :mod:`finetune.lora_targets`); a list names layers (``[q_proj, v_proj]``) or full paths.
     ``train_head`` also trains, in full, the checkpoint's modules after pooling (Dense layers).
     """
 

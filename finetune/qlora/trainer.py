@@ -83,6 +83,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def run_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a qlora run directory (its ``checkpoints/`` folder)."""
+    return latest_checkpoint(run_dir / "checkpoints")
+
+
 def adopt_checkpoints(source: Path, folder: Path) -> Path:
     """Copy a finished run's checkpoints into ``folder``, as if trained there; return the newest.
 

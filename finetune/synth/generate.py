@@ -81,16 +81,9 @@ def synthesize(
         report = synthesize(load_chunks("docs/"), "pairs.jsonl", settings)
     """
     template = load_template(settings.prompt)
-    header = {
-        "model": settings.model,
-        "base_url": settings.base_url,
-        "per_chunk": settings.per_chunk,
-        "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
-    }
+    header = _header(settings, template)
     resume = progress_path(out)
-    finished = _read_progress(resume, header)
-    wanted = {c.id: _digest(c.text) for c in chunks}
-    finished = {cid: rec for cid, rec in finished.items() if wanted.get(cid) == rec["hash"]}
+    finished, wanted = _still_current(resume, header, chunks)
     pending = [c for c in chunks if c.id not in finished]
     report = SynthReport(chunks=len(chunks), done_before=len(finished))
     client = OpenAIClient(settings.base_url, settings.api_key_env, settings.timeout, settings.max_retries)
@@ -124,6 +117,23 @@ def synthesize(
     report.retries = client.retries
     report.pairs, report.dropped = _write_pairs(chunks, finished, Path(out))
     return report
+
+
+def _header(settings: SynthSettings, template: str) -> dict:
+    """What a progress file was written under; a file with another header is not resumed."""
+    return {
+        "model": settings.model,
+        "base_url": settings.base_url,
+        "per_chunk": settings.per_chunk,
+        "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+    }
+
+
+def _still_current(resume: Path, header: dict, chunks: list[Chunk]) -> tuple[dict, dict]:
+    """The finished chunks of the progress file whose text is unchanged, and every chunk's text digest."""
+    wanted = {c.id: _digest(c.text) for c in chunks}
+    finished = _read_progress(resume, header)
+    return {cid: rec for cid, rec in finished.items() if wanted.get(cid) == rec["hash"]}, wanted
 
 
 def _ask(

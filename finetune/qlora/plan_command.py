@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from finetune.errors import FinetuneError
 from finetune.memory.plan import METHODS, GiB, estimate, largest_fit
-from finetune.memory.recipe_plan import method_of, setup_of, shape_of
+from finetune.qlora.plan import method_of, setup_of, shape_of
 
 _UNITS = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, "": GiB}
 
@@ -108,3 +108,8 @@ def _check_fits(recipe, shape, setup, memory: int) -> None:
         f"{'mini-batch 1' if setup.cached else 'batch 2'} ({smallest / GiB:.2f} GiB needed); {instead}",
         where="--gpu-memory",
     )
+
+
+def plan_text(recipe, gpu_memory: str | None = None) -> str:
+    """``python -m finetune plan``'s output for ``recipe``: the table, with ``gpu_memory`` (``16GiB``) parsed."""
+    return plan_table(recipe, parse_memory(gpu_memory) if gpu_memory else None)
