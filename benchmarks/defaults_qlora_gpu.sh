@@ -4,8 +4,10 @@
 # recipe's 5 epochs (on 2 CPU cores a 3-epoch Disfl-QA point costs about an hour with in-batch
 # negatives and three with mined ones, so the CPU check swept some keys there at 1 epoch or 80
 # steps). benchmarks/pick_defaults.py then chooses each key by the mean relative validation gain
-# over both sets. Last, full fine-tuning on each set's sweep splits,
-# for the "within 1 point of full fine-tuning" check. No test score takes part in any choice.
+# over both sets. Last, full fine-tuning on each set's sweep splits, for the "within 1 point of
+# full fine-tuning" check: once at recipes/full.yaml's defaults, and once as a sweep of its own over
+# lr x negatives x epochs (12 points a set; FULL_GRID), whose final run is the validation choice,
+# so both methods are compared at settings chosen the same way. No test score takes part in any choice.
 #
 #   bash benchmarks/defaults_qlora_gpu.sh                        # every key: lr negatives r batch epochs
 #   bash benchmarks/defaults_qlora_gpu.sh negatives r            # some keys
@@ -13,12 +15,14 @@
 # A sweep resumes where it stopped (runs/gpu-defaults/<set>-<key>), so a run cut off by a time limit
 # continues when the same command runs again. Writes benchmarks/results/defaults_qlora_gpu_<key>.json
 # and defaults_qlora_gpu_test.json (each sweep's final run and the full fine-tuning runs).
-# Environment: PYTHON (default python), DISFL (default ../shared/data/disfl_qa),
+# Environment: PYTHON (default python), DISFL (default ../shared/data/disfl_qa), FULL_GRID (the full
+# fine-tuning sweep's grid),
 # EXTRA (more overrides for every run, e.g. "device=cpu train.max_steps=2" to try the script).
 set -uo pipefail
 py=${PYTHON:-python}
 dir=runs/gpu-defaults
 read -r -a extra <<<"${EXTRA:-device=cuda}"
+read -r -a full_grid <<<"${FULL_GRID:-train.lr=5e-5,1e-4,2e-4 negatives.strategy=none,mined train.epochs=3,5}"
 declare -A grid=(
   [lr]="train.lr=2e-4,5e-4,1e-3"
   [negatives]="negatives.strategy=none,mined"
@@ -57,6 +61,10 @@ for set in faq disfl; do
     "$py" -m finetune run recipes/full.yaml ${data[$set]} "${extra[@]}" "splits.file=$splits" --run-dir "$full" --overwrite \
       || echo "== $set full FAILED (exit $?)"
   fi
+  echo "== $set full fine-tuning swept: ${full_grid[*]}"
+  # shellcheck disable=SC2086
+  "$py" -m finetune sweep recipes/full.yaml ${data[$set]} "${extra[@]}" "splits.file=$splits" "${full_grid[@]}" \
+    --dir "$dir/$set-fullgrid" || echo "== $set full sweep FAILED (exit $?)"
   for run in "$dir"/"$set"-*/final "$full"; do [ -f "$run/metrics.json" ] && finals+=("$run"); done
 done
 [ ${#finals[@]} -gt 0 ] && "$py" benchmarks/collect_runs.py "${finals[@]}" --out benchmarks/results/defaults_qlora_gpu_test.json

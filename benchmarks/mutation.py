@@ -35,8 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = {
     "finetune/evaluation.py": {"tests": ["tests/test_evaluation.py", "tests/test_significance.py"]},
     "finetune/significance.py": {"tests": ["tests/test_significance.py"]},
-    "finetune/field_rules.py": {"tests": ["tests/test_field_rules.py", "tests/test_bad_input.py"]},
-    "finetune/adapter/checkpoint.py": {"tests": ["tests/test_resume.py"], "k": "dropout or half or refuse"},
+    **{
+        rules: {"tests": ["tests/test_field_rules.py", "tests/test_bad_input.py"]}
+        for rules in (
+            "finetune/field_rules.py",
+            "finetune/adapter/rules.py",
+            "finetune/qlora/rules.py",
+            "finetune/cross/rules.py",
+        )
+    },
+    "finetune/adapter/checkpoint.py": {
+        "tests": ["tests/test_resume.py", "tests/test_adapter.py"],
+        "k": "dropout or half or refuse or keep_best or early_stopping",
+    },
     "finetune/qlora/trainer.py": {
         "tests": ["tests/test_resume.py"],
         "k": "half",
@@ -44,9 +55,9 @@ MODULES = {
     },
     "finetune/qlora/stack.py": {"tests": ["tests/test_checkpoint_stack.py"], "functions": ["check_fidelity"]},
     "finetune/adapter/runner.py": {"tests": ["tests/test_exported_model.py"], "functions": ["_check_export"]},
-    "finetune/qlora/runner.py": {
+    "finetune/qlora/export.py": {
         "tests": ["tests/test_exported_model.py", "tests/test_qlora.py"],
-        "functions": ["_check_export", "_save"],
+        "functions": ["check_export", "save"],
     },
     "finetune/cross/runner.py": {"tests": ["tests/test_exported_model.py"], "functions": ["_check_export", "_export"]},
 }
@@ -192,8 +203,12 @@ def main(argv=None) -> int:
         return worker(args.worker, args.timeout, args.limit or 0)
     copy = Path(tempfile.mkdtemp(prefix="mutation-")) / "repo"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "runs", ".gpu_proof*", "__pycache__"))
-    previous = json.loads(args.out.read_text()).get("modules", {}) if args.out.is_file() else {}
-    modules = dict(previous)
+    before = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    previous = before.get("modules", {})
+    modules = {m: rows for m, rows in previous.items() if m in MODULES}  # modules since moved are dropped
+    runs = before.get("runs", []) + (
+        [] if args.explain_only else [{"date": time.strftime("%Y-%m-%d %H:%M"), "modules": args.modules}]
+    )
     for module in [] if args.explain_only else args.modules:
         modules[module] = check_module(copy, module, MODULES[module], args.timeout, args.limit)
     explained = json.loads(args.explain.read_text()) if args.explain else {}
@@ -202,6 +217,7 @@ def main(argv=None) -> int:
         if r["outcome"] == "survived" and r["id"] in explained:
             r["why_not_a_gap"] = explained[r["id"]]
     killed = sum(r["outcome"] != "survived" for r in rows)
+    equivalent = sum(r.get("why_not_a_gap", "").startswith("equivalent") for r in rows if r["outcome"] == "survived")
     summary = {
         module: {"mutants": len(rs), "killed": sum(r["outcome"] != "survived" for r in rs)}
         for module, rs in modules.items()
@@ -213,6 +229,9 @@ def main(argv=None) -> int:
         "mutation",
         {
             "killed_share": killed / len(rows) if rows else None,
+            # the usual mutation score: equivalent mutants (no test could tell them apart) left out
+            "killed_share_of_non_equivalent": killed / (len(rows) - equivalent) if rows else None,
+            "runs": runs,
             "target": 0.9,
             "by_module": summary,
             "survivors": [r for r in rows if r["outcome"] == "survived"],
@@ -220,7 +239,9 @@ def main(argv=None) -> int:
         },
         args.out,
     )
-    print(json.dumps(summary, indent=1), f"killed {killed}/{len(rows)}")
+    print(
+        json.dumps(summary, indent=1), f"killed {killed}/{len(rows)}; {equivalent} survivors explained as equivalent"
+    )
     return 0
 
 

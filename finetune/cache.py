@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune.atomic import save_tensors
+from finetune.stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class EmbeddingCache:
             normalize: L2-normalise the embeddings.
             devices: Encode in one process per device (sentence-transformers' multi-process pool).
         """
+        with stage("encoding"):
+            return self._encode(model, identity, texts, task, prompt, batch_size, normalize, devices)
+
+    def _encode(self, model, identity, texts, task, prompt, batch_size, normalize, devices) -> torch.Tensor:
         path = self.directory / f"{self.key(model, identity, texts, task, prompt, normalize)}.safetensors"
         if self.enabled and not self.force and path.is_file():
             from safetensors.torch import load_file

@@ -15,7 +15,9 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 from sentence_transformers.util import cos_sim
 
 from finetune.data.dataset import RetrievalData
+from finetune.stages import stage
 
+STAGE_OF = {"val": "validation", "test": "test evaluation"}
 HEADLINE = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@5", "accuracy@10", "recall@10")
 
 
@@ -29,6 +31,11 @@ class PerQueryEvaluator(InformationRetrievalEvaluator):
     """
 
     per_query: dict[str, dict[str, float]] = {}
+
+    def __call__(self, model, *args, **kwargs):
+        # validation inside training, the test split, and each eval.also set are stages of their own
+        with stage(STAGE_OF.get(self.name, "other evaluation")):
+            return super().__call__(model, *args, **kwargs)
 
     def compute_metrics(self, queries_result_list: list[object]):
         per_query = {}
@@ -61,8 +68,9 @@ def build_evaluator(
     batch_size: int = 64,
     corpus_prompt: str | None = None,
     map_at: int = 100,
+    corpus_ids: Sequence[str] | None = None,
 ) -> PerQueryEvaluator:
-    """An evaluator over ``query_ids`` against the whole corpus.
+    """An evaluator over ``query_ids`` against the whole corpus (or the documents ``corpus_ids``).
 
     Args:
         data: Queries, corpus and relevance.
@@ -73,13 +81,15 @@ def build_evaluator(
         corpus_prompt: Prepended to each document, if given; otherwise the model's own document prompt applies.
         map_at: The MAP cut-off, which is also how deep each query's ranking is read (100 for the
             run's own table; 10 where only top-10 metrics are reported, which reads a tenth as much).
+        corpus_ids: Score against these documents only (validation's candidate set,
+            :mod:`finetune.candidates`); default the whole corpus.
 
     Returns:
         An ``InformationRetrievalEvaluator`` with accuracy/precision/recall@1,3,5,10, MRR@10, NDCG@10, MAP@``map_at``.
     """
     return PerQueryEvaluator(
         queries={q: data.queries[q] for q in query_ids},
-        corpus=data.corpus,
+        corpus=data.corpus if corpus_ids is None else {d: data.corpus[d] for d in corpus_ids},
         relevant_docs={q: data.relevant[q] for q in query_ids},
         accuracy_at_k=[1, 3, 5, 10],
         precision_recall_at_k=[1, 3, 5, 10],

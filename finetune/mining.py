@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from finetune.config import NegativesConfig
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
+from finetune.stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ def find_negatives(
     """
     if not query_ids:
         raise FinetuneError("no training queries to find negatives for", where="negatives")
+    with stage("mining"):
+        return _find(data, query_ids, config, model, seed, batch_size, query_prompt, document_prompt)
+
+
+def _find(data, query_ids, config, model, seed, batch_size, query_prompt, document_prompt) -> MinedNegatives:
     if config.strategy == "mined":
         if model is None:
             raise ValueError("mined negatives need a model")

@@ -25,6 +25,7 @@ from finetune.rundir import claim_run_dir, prepare_run_dir, write_run_header
 from finetune.significance import compare_rows
 from finetune.significance import describe as describe_significance
 from finetune.splits import Splits, make_splits
+from finetune.stages import Stages, stage, stage_table
 from finetune.timing import peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -78,28 +79,39 @@ def run_recipe(
         KINDS[recipe.kind].refuse_resume()
     recipe_yaml = dump_recipe(recipe)
     path, resuming = prepare_run_dir(recipe.output.dir, recipe.name, recipe_yaml, run_dir, resume, overwrite)
-    data, splits = _data_and_splits(recipe, path, resuming, selection)
-    device = pick_device(recipe.device)
-    distributed.init(device)
-    say = echo if distributed.is_main() else (lambda *_: None)
-    options = RunOptions(export=not selection, stop_behind=stop_behind)
-    job = _set_up(recipe, data, splits, device, force_recache, options, say)  # writes nothing
+    with Stages() as clock:
+        data, splits = _data_and_splits(recipe, path, resuming, selection)
+        device = pick_device(recipe.device)
+        distributed.init(device)
+        say = echo if distributed.is_main() else (lambda *_: None)
+        options = RunOptions(export=not selection, stop_behind=stop_behind)
+        with stage("set up"):
+            job = _set_up(recipe, data, splits, device, force_recache, options, say)  # writes nothing
 
-    run_dir = _claim(path, resuming, overwrite, recipe_yaml, splits, command, say)
-    start = Start.resume() if resuming else Start.adopt(adopt) if adopt is not None else Start.fresh()
-    t0 = time.perf_counter()
-    job.train(run_dir, start)
-    outcome = job.finish(run_dir)
-    result = _result(recipe, device, data, splits, selection, outcome, time.perf_counter() - t0)
+        run_dir = _claim(path, resuming, overwrite, recipe_yaml, splits, command, say)
+        start = Start.resume() if resuming else Start.adopt(adopt) if adopt is not None else Start.fresh()
+        t0 = time.perf_counter()
+        with stage("training"):
+            job.train(run_dir, start)
+        with stage("finish"):
+            outcome = job.finish(run_dir)
+        result = _result(recipe, device, data, splits, selection, outcome, time.perf_counter() - t0)
+        per_query = outcome.per_query()
+        if per_query and distributed.is_main():
+            with stage("significance"):
+                result["significance"] = compare_rows(per_query, seed=recipe.seed)
+    result["stages"] = clock.record()
     if distributed.is_main():
-        _write_and_print(run_dir, recipe, result, outcome.per_query(), len(splits.test), selection, say)
+        _write_and_print(run_dir, recipe, result, per_query, len(splits.test), selection, say)
     return run_dir
 
 
 def _data_and_splits(recipe: Recipe, path: Path, resuming: bool, selection: bool):
     """The recipe's data and its splits: a resumed run's own, else made with the recipe's seed."""
-    data = load_data(recipe.data)
-    splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
+    with stage("load data"):
+        data = load_data(recipe.data)
+    with stage("splits"):
+        splits = _resumed_splits(path, data) if resuming else make_splits(data, recipe.splits, recipe.seed)
     return data, splits.for_selection() if selection else splits
 
 
@@ -151,7 +163,6 @@ def _write_and_print(run_dir: Path, recipe, result: dict, per_query, n_test: int
     """``per_query.jsonl``, the paired test, ``metrics.json`` (last: without it a run is unfinished); the table."""
     if per_query:
         write_per_query(run_dir / "per_query.jsonl", per_query)
-        result["significance"] = compare_rows(per_query, seed=recipe.seed)
     write_json(run_dir / "metrics.json", result)
     scored = "validation split (a sweep point)" if selection else "test split"
     say(f"\n{recipe.name}: {scored}, {n_test} queries against {result['n_corpus']} documents")
@@ -162,6 +173,7 @@ def _write_and_print(run_dir: Path, recipe, result: dict, per_query, n_test: int
         say(describe_significance(result["significance"], "validation" if selection else "test"))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
         say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
+    say("\n" + stage_table(result["stages"]))
     say(f"\nrun directory: {run_dir}")
 
 

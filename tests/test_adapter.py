@@ -192,3 +192,19 @@ def test_warmup_then_linear_decay_schedule():
         optimizer.step()
         schedule.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_keep_best_keeps_the_first_of_tied_epochs_and_counts_stale_ones():
+    """Validation ties keep the earlier epoch (fewer steps, same score); each epoch without a gain counts once."""
+    from finetune.adapter.checkpoint import TrainState
+
+    adapter = build_adapter("linear", 4)
+    state = TrainState(adapter, None, None, None, history=[])
+    for epoch, score in enumerate([0.3, 0.5, 0.5, 0.4]):
+        with torch.no_grad():
+            adapter.delta.weight.fill_(epoch)
+        state.keep(epoch, score)
+    assert (state.best, state.best_epoch, state.stale) == (0.5, 1, 2)
+    assert bool((state.best_state["delta.weight"] == 1).all())
+    state.keep(4, 0.6)
+    assert (state.best_epoch, state.stale) == (4, 0)

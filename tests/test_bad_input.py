@@ -43,6 +43,30 @@ def _beir(tmp_path: Path, qrels_line: str) -> str:
     return str(folder)
 
 
+def _bytes(tmp_path: Path, name: str, raw: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return str(path)
+
+
+def _latin1_pairs(tmp_path: Path, suffix: str) -> str:
+    """A pair file saved as Latin-1: its third line holds 'é' as the single byte 0xe9."""
+    if suffix == ".csv":
+        raw = "question,answer\nwhat is a,it is a\nwhat is caf\xe9,a place\n".encode("latin-1")
+    else:
+        rows = [{"question": "what is a", "answer": "it is a"}, {"question": "x", "answer": "y"}]
+        rows.append({"question": "what is caf\xe9", "answer": "a place"})
+        raw = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1")
+    return _bytes(tmp_path, f"latin1{suffix}", raw)
+
+
+def _beir_with(tmp_path: Path, file: str, edit) -> str:
+    """The BEIR folder with ``file`` rewritten by ``edit`` (bytes -> bytes)."""
+    folder = write_beir(tmp_path / "beir")
+    (folder / file).write_bytes(edit((folder / file).read_bytes()))
+    return str(folder)
+
+
 def _unfinished_run(tmp_path, recipe) -> Path:
     """A finished run made unfinished again (its metrics.json removed), so --resume takes it."""
     run = tmp_path / "broken-run"
@@ -153,6 +177,34 @@ CASES = [
             f"data.path={_file(t, 'd.jsonl', ''.join(json.dumps(dict(x, id='same')) + chr(10) for x in make_pairs(2)))}",  # noqa: E501
         ],
         ["d.jsonl row 2: duplicate id 'same'"],
+    ),
+    (
+        "jsonl not utf-8",
+        lambda t, r, raw: [r, f"data.path={_latin1_pairs(t, '.jsonl')}"],
+        ["latin1.jsonl line 3: not UTF-8 text (byte 0xe9 at column 26); save the file as UTF-8"],
+    ),
+    (
+        "csv not utf-8",
+        lambda t, r, raw: [r, f"data.path={_latin1_pairs(t, '.csv')}"],
+        ["latin1.csv line 3: not UTF-8 text (byte 0xe9 at column 12)"],
+    ),
+    (
+        "beir corpus not utf-8",
+        lambda t, r, raw: [r, "data=" + _beir_with(t, "corpus.jsonl", lambda b: b.replace(b"issue 5", b"issu\xe9 5"))],
+        ["corpus.jsonl line 6: not UTF-8 text"],
+    ),
+    (
+        "beir qrels not utf-8",
+        lambda t, r, raw: [r, "data=" + _beir_with(t, "qrels/train.tsv", lambda b: b + b"q1\tdoc\xff\t1\n")],
+        ["train.tsv line 32: not UTF-8 text (byte 0xff at column 7)"],
+    ),
+    (
+        "beir document with neither text nor title",
+        lambda t, r, raw: [
+            r,
+            "data=" + _beir_with(t, "corpus.jsonl", lambda b: b + json.dumps({"_id": "blank", "title": " "}).encode()),
+        ],
+        ["corpus.jsonl line 42: document 'blank' has neither 'text' nor 'title'; fill one or drop the row"],
     ),
     (
         "qrels unknown document",

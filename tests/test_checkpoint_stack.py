@@ -19,6 +19,7 @@ from finetune.cli import main
 from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.evaluation import build_evaluator, evaluate
+from finetune.qlora.backend import training_sample
 from finetune.recipe import load_recipe
 from finetune.splits import Splits
 
@@ -188,6 +189,9 @@ def test_explicit_pooling_overrides_and_is_reported(world, capsys):
     assert SentenceTransformer(str(run_dir / "model"), device="cpu")[1].pooling_mode == "mean"
     plain = _plain_score(model, load_recipe(str(run_dir / "recipe.yaml")).data, run_dir)
     assert metrics["base"]["ndcg@10"] == pytest.approx(plain["ndcg@10"], abs=1e-9)  # base keeps the checkpoint's
+    data = load_data(load_recipe(str(run_dir / "recipe.yaml")).data)
+    queries, documents = training_sample(data, Splits.load(run_dir / "splits.json").train)
+    assert metrics["fidelity"]["texts"] == len(queries) + len(documents) > len(queries)
 
 
 def test_recipe_prompts_override_the_checkpoints_everywhere(world):

@@ -106,6 +106,20 @@ def test_beir_folder_keeps_its_split_and_whole_corpus(beir_dir):
     assert data.relevant["q7"] == {"doc7"}
 
 
+def test_beir_document_with_a_title_and_no_text_is_kept(tmp_path):
+    folder = write_beir(tmp_path / "b", n=8)
+    with (folder / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "titled", "title": "Roof repair", "text": ""}) + "\n")
+    assert load_data(DataConfig(path=str(folder))).corpus["titled"] == "Roof repair"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("\ufeffquery,positive\nwhat is a,it is a\nwhat is b,it is b\n".encode("utf-8"))
+    data = load_data(DataConfig(path=str(path)))
+    assert sorted(data.queries.values()) == ["what is a", "what is b"]
+
+
 def test_beir_qrels_naming_unknown_document(tmp_path):
     folder = write_beir(tmp_path / "b", n=8)
     with (folder / "qrels" / "test.tsv").open("a") as f:

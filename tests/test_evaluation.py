@@ -166,3 +166,13 @@ def test_cutoffs_at_five_and_ten_and_a_query_with_more_than_ten_relevant_documen
     assert evaluator.per_query["many"]["recall@10"] == pytest.approx(10 / 12)
     data3, lookup, _ = _known_case()
     assert set(HEADLINE) <= evaluate(build_evaluator(data3, ["q0", "q1", "q2"]), lookup).keys()
+
+
+def test_lookup_similarities_are_cosine_like_a_model():
+    """Mining (sentence-transformers' ``mine_hard_negatives``) scores positives with ``similarity_pairwise``."""
+    from sentence_transformers.util import cos_sim
+
+    a, b = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.randn(3, 4)
+    lookup = EmbeddingLookup([], torch.empty(0, 4))
+    assert torch.allclose(lookup.similarity(a, b), cos_sim(a, b))
+    assert torch.allclose(lookup.similarity_pairwise(a, b), cos_sim(a, b).diagonal())

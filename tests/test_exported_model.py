@@ -42,14 +42,26 @@ def test_qlora_export_scores_what_the_run_reported(tiny_model, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # the mutation this guards against is only visible if the two differ on this run
     assert metrics["tuned_as_trained"] != metrics["tuned"]
+    assert 0.9 < metrics["export"]["as_trained_min_cosine"] < 1  # nf4 rounding, measured, not assumed away
 
 
-def test_cross_adapter_export_scores_what_the_run_reported(tiny_model, tiny_model_wide, pairs_file, tmp_path):
+@pytest.mark.parametrize("projection_input", ["large", "both"])
+def test_cross_adapter_export_scores_what_the_run_reported(
+    projection_input, tiny_model, tiny_model_wide, pairs_file, tmp_path
+):
+    """With prompts on both encoders (each its own), so an export that dropped one would score otherwise."""
+    prompts = {"query_prompt": "find: ", "document_prompt": "passage: "}
     raw = {
         "kind": "cross_adapter",
         "name": "cross",
-        "query_model": {"name": str(tiny_model_wide), "batch_size": 16},
-        "document_model": {"name": str(tiny_model), "batch_size": 16},
+        "query_model": {"name": str(tiny_model_wide), "batch_size": 16, **prompts},
+        "document_model": {
+            "name": str(tiny_model),
+            "batch_size": 16,
+            "query_prompt": "ask: ",
+            "document_prompt": "doc: ",
+        },
+        "projection": {"input": projection_input},
         "data": {"path": str(pairs_file), "columns": COLUMNS_PAIRS},
         "mode": ["both", "label_only"],
         "train_ratios": [1.0],

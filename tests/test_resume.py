@@ -215,3 +215,19 @@ def test_a_checkpoint_of_another_adapter_shape_is_refused_in_one_line(tmp_path):
     state = {"adapter": saved.state_dict()}
     with pytest.raises(FinetuneError, match=r"adapter weights do not fit this recipe's adapter \(delta.bias: \(8,\)"):
         restore(state, live, optimizer, schedule, torch.Generator(), where=tmp_path / "state.pt")
+
+
+class _Payload:  # not a tensor, number or string: only a full unpickler builds it
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused_unread(tmp_path):
+    """``weights_only`` loading: a checkpoint that would run code when unpickled is refused in one line."""
+    from finetune.adapter.checkpoint import load_training_state
+    from finetune.errors import FinetuneError
+
+    path = tmp_path / "training_state.pt"
+    torch.save({"epoch": 1, "payload": _Payload()}, path)
+    with pytest.raises(FinetuneError, match="cannot read the checkpoint .*delete it to restart"):
+        load_training_state(path)

@@ -148,3 +148,20 @@ def test_mean_interval_is_the_95_percent_bootstrap_interval_of_one_models_mean()
     half = 1.96 * values.std() / np.sqrt(len(values))
     assert low == pytest.approx(values.mean() - half, abs=0.08 * half)
     assert high == pytest.approx(values.mean() + half, abs=0.08 * half)
+
+
+def test_every_query_can_be_drawn_by_the_bootstrap():
+    """Only the first query (in id order) differs: a resampler that skipped it would give the interval [0, 0]."""
+    base = {f"q{i}": 0.5 for i in range(3)}
+    tuned = dict(base, q0=1.0)
+    got = paired_difference(base, tuned, resamples=4000, seed=0)
+    # q0 drawn in all 3 places has probability 1/27 > 2.5%, so the upper bound is the mean of three 0.5s
+    assert (got["ci_low"], got["ci_high"]) == (0.0, pytest.approx(0.5))
+    assert mean_interval([1.0, 0.0, 0.0], resamples=4000, seed=0) == (0.0, pytest.approx(1.0))
+
+
+def test_sign_flips_that_tie_the_observed_difference_count():
+    """Four equal gains: exactly 2 of the 16 sign patterns reach the observed |mean|, so p is 1/8, not ~0."""
+    base = {f"q{i}": 0.25 for i in range(4)}
+    got = paired_difference(base, {q: 0.75 for q in base}, resamples=40_000, seed=0)
+    assert got["p_value"] == pytest.approx(2 / 16, abs=0.005)

@@ -17,7 +17,7 @@ from finetune.adapter.train import train_adapter
 from finetune.cache import EmbeddingCache
 from finetune.contract import RunOptions, Start
 from finetune.data.dataset import RetrievalData
-from finetune.data.readers import read_rows
+from finetune.data.readers import read_rows, read_text
 from finetune.errors import FinetuneError
 from finetune.evaluation import EmbeddingLookup, build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets
@@ -26,6 +26,7 @@ from finetune.merge_scale import check_can_choose_scale, scale_adapter
 from finetune.models import load_frozen_encoder
 from finetune.outcome import Outcome, choose_merge, score_also, swapped
 from finetune.splits import Splits
+from finetune.stages import stage
 
 logger = logging.getLogger(__name__)
 CURRENT = object()  # _score's default: the adapter _at() put in place
@@ -102,7 +103,7 @@ class AdapterRun:
         if path.suffix.lower() in (".txt", ".md"):
             if not path.is_file():
                 raise FinetuneError("file not found", where=f"negatives.file {path}")
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         else:
             texts = [str(r.get("text", "")).strip() for r in read_rows(path)]
             texts = [t for t in texts if t]
@@ -173,7 +174,8 @@ class AdapterRun:
         save_adapter(adapter, run_dir / "adapter")
         drift = None
         if self.recipe.model.provider == "local" and self.options.export:  # an API model has no weights to save
-            drift = self._check_export(export_adapter_model(self.model, adapter, run_dir / "model"), adapter)
+            with stage("export"):
+                drift = self._check_export(export_adapter_model(self.model, adapter, run_dir / "model"), adapter)
         record = {
             "history": self.history,
             "train_pairs": len(self.pairs(self.splits.train)),

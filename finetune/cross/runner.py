@@ -32,6 +32,7 @@ from finetune.extra_sets import load_extra_sets
 from finetune.outcome import Outcome
 from finetune.significance import paired_metric
 from finetune.splits import Splits
+from finetune.stages import stage
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class CrossAdapterRun:
         drift = None
         if self.options.export:
             save_projection(cell.projection, run_dir / "projection")
-            drift = self._export(run_dir, cell.projection)
+            with stage("export"):
+                drift = self._export(run_dir, cell.projection)
         zero = self.cells.zero_shot(exp.tests["test"])
         t0 = time.perf_counter()
         also = self.also.score(cell.projection.to(self.device), self.device)

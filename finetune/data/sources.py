@@ -6,12 +6,13 @@ Each becomes a :class:`~finetune.data.dataset.RetrievalData` through :func:`load
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 from finetune.config import ColumnsConfig, DataConfig
 from finetune.data.dataset import RetrievalData
-from finetune.data.readers import iter_jsonl, read_rows
+from finetune.data.readers import iter_jsonl, numbered_jsonl, read_rows, read_text
 from finetune.errors import FinetuneError, did_you_mean
 
 FAQ_COLUMNS = ColumnsConfig(query="q", positive="a", id="id", domain="category")
@@ -117,13 +118,18 @@ def load_beir(path: str | Path) -> RetrievalData:
         if not (root / name).is_file():
             raise FinetuneError(f"BEIR folder has no {name}", where=str(root))
     corpus = {}
-    for row in iter_jsonl(root / "corpus.jsonl"):
+    for lineno, row in numbered_jsonl(root / "corpus.jsonl"):
+        where = f"{root / 'corpus.jsonl'} line {lineno}"
         did = str(row.get("_id", ""))
+        # a document with a title and an empty text is kept (BEIR sets have them); one with neither has nothing to find
         text = " ".join(p for p in (str(row.get("title") or "").strip(), str(row.get("text") or "").strip()) if p)
-        if not did or not text:
-            raise FinetuneError("corpus row needs '_id' and 'text'", where=str(root / "corpus.jsonl"))
+        if not did:
+            raise FinetuneError("corpus row has no '_id'; give every document an id", where=where)
+        if not text:
+            message = f"document '{did}' has neither 'text' nor 'title'; fill one or drop the row"
+            raise FinetuneError(message, where=where)
         if did in corpus:
-            raise FinetuneError(f"duplicate document id '{did}'", where=str(root / "corpus.jsonl"))
+            raise FinetuneError(f"duplicate document id '{did}'", where=where)
         corpus[did] = text
     all_queries = {}
     for row in iter_jsonl(root / "queries.jsonl"):
@@ -156,19 +162,19 @@ def load_beir(path: str | Path) -> RetrievalData:
 
 
 def _read_qrels(path: Path):
-    with path.open(newline="", encoding="utf-8") as f:
-        for lineno, parts in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not parts or (lineno == 1 and parts[0] == "query-id"):
-                continue
-            if len(parts) < 2:
-                raise FinetuneError("expected 'query-id<TAB>corpus-id<TAB>score'", where=f"{path} line {lineno}")
-            score = parts[2] if len(parts) > 2 else "1"
-            try:
-                positive = float(score) > 0
-            except ValueError:
-                raise FinetuneError(f"score '{score}' is not a number", where=f"{path} line {lineno}") from None
-            if positive:
-                yield parts[0], parts[1], lineno
+    lines = io.StringIO(read_text(path), newline="")
+    for lineno, parts in enumerate(csv.reader(lines, delimiter="\t"), 1):
+        if not parts or (lineno == 1 and parts[0] == "query-id"):
+            continue
+        if len(parts) < 2:
+            raise FinetuneError("expected 'query-id<TAB>corpus-id<TAB>score'", where=f"{path} line {lineno}")
+        score = parts[2] if len(parts) > 2 else "1"
+        try:
+            positive = float(score) > 0
+        except ValueError:
+            raise FinetuneError(f"score '{score}' is not a number", where=f"{path} line {lineno}") from None
+        if positive:
+            yield parts[0], parts[1], lineno
 
 
 def load_hf(config: DataConfig) -> RetrievalData:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -107,7 +107,18 @@ class QLoRATrainConfig(Section):
         description="keep only each layer's input, recompute the rest in backward: less memory, about one more "
         "forward pass per step (x1.4 to x1.6 measured on a CPU)",
     )
-    eval_steps: int = Field(50, gt=0, description="evaluate and save every N steps")
+    eval_steps: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
+        "auto",
+        description="evaluate and save every N steps; auto: once an epoch (or once, at the end, when "
+        "train.max_steps stops training sooner), so the schedule follows the data's size",
+    )
+    val_documents: Literal["all"] | Annotated[int, Field(gt=0)] = Field(
+        20000,
+        description="validation while training scores against at most N documents, fixed once from the base "
+        "model: every validation positive, each validation query's top documents, and a seeded random sample "
+        "(finetune.candidates); a corpus this size or smaller is used whole; all: always the whole corpus. "
+        "The test split is always scored against the whole corpus",
+    )
     save_total_limit: int = Field(2, gt=0)
     load_best_model_at_end: bool = True
     logging_steps: int = Field(10, gt=0)

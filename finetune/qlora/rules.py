@@ -31,6 +31,13 @@ RULES: tuple[Rule, ...] = (
     ),
     *MERGE_RULES,
     Rule(
+        "train.val_documents",
+        validates,
+        VALIDATES,
+        ("splits.val_fraction=0", "train.val_documents=100"),
+        "or set splits.val_fraction above 0",
+    ),
+    Rule(
         "train.load_best_model_at_end",
         validates,
         VALIDATES,

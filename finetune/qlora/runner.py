@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune import distributed
+from finetune.base_corpus import BaseCorpus
 from finetune.contract import RunOptions, Start
 from finetune.data.dataset import RetrievalData
 from finetune.evaluation import build_evaluator, evaluate
@@ -35,6 +36,7 @@ from finetune.qlora.plan import plan_run
 from finetune.qlora.stack import pooling_mode
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
+from finetune.stages import stage
 from finetune.timing import seconds_per_step
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,10 @@ class QLoRARun:
             recipe, self.choice, self.reference, queries, documents, self.pooling_overridden
         )
         self.trainable, self.total = parameter_counts(self.model)
+        # the checkpoint's corpus embeddings, once: the base row, mining and validation's candidate set share them
+        self.base_corpus = BaseCorpus(self.reference, data, self.prompts, recipe.model.batch_size)
+        cap = recipe.train.val_documents
+        self.val_candidates = self.base_corpus.candidates(splits.val, cap, recipe.seed) if splits.val else None
         self.negatives = self._negatives()
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
@@ -114,7 +120,7 @@ class QLoRARun:
             self.data,
             self.splits.train,
             config,
-            model=self.reference,
+            model=self.base_corpus.as_model(),
             seed=self.recipe.seed,
             batch_size=model.batch_size,
             query_prompt=self.prompts.query,
@@ -126,14 +132,14 @@ class QLoRARun:
         3. restore the best checkpoint. Under several processes every rank trains (data-parallel,
         MNRL gathering the other ranks' embeddings as negatives)."""
         self._scored = self.reference  # the checkpoint exactly as SentenceTransformer(path) loads it
-        self.base = self._score("test", None)
+        self.base = self._score("test", None, corpus_embeddings=self.base_corpus.embeddings)
         t0 = time.perf_counter()
         self.also_base = {x.label: self._score("test", x) for x in self.extra}  # before training moves the model
         self.also_seconds = time.perf_counter() - t0
         self.dims_base = self._by_dimension(self.reference)
         interpolating = self.recipe.method == "full" and self.recipe.merge.scale != 1.0
         self.base_state = _cpu_state(self.model) if interpolating else None
-        del self.reference, self._scored
+        del self.reference, self._scored, self.base_corpus
 
         dataset = training.train_dataset(self.data, self.splits.train, self.negatives)
         val = self._evaluator(self.splits.val, "val") if self.splits.val else None
@@ -158,9 +164,10 @@ class QLoRARun:
         # the model that is exported: the checkpoint's full-precision weights plus the LoRA delta
         lora, scaled = self.recipe.method == "lora", self.recipe.merge.scale != 1.0
         built = lora and distributed.is_main() and (self.options.export or scaled)  # only rank 0 scores and writes
-        self._scored = (
-            export.unquantized_with_lora(self.recipe, self.choice, self.model, self.device) if built else self.model
-        )
+        self._scored = self.model
+        if built:
+            with stage("export"):
+                self._scored = export.unquantized_with_lora(self.recipe, self.choice, self.model, self.device)
         merge = self._merge(run_dir)
         tuned_trained = evaluate(self._evaluator(self.splits.test, "test"), self.model)
         result = self.training.result
@@ -179,7 +186,8 @@ class QLoRARun:
         if self.options.export:
             queries = [self.data.queries[q] for q in self.splits.test[:16]]
             documents = [self.data.corpus[d] for d in list(self.data.corpus)[:16]]
-            self._scored, checked = export.save(run_dir, self.recipe, self.model, self._scored, queries, documents)
+            with stage("export"):
+                self._scored, checked = export.save(run_dir, self.recipe, self.model, self._scored, queries, documents)
             tuned = self._score("test", None)
         else:  # a sweep point: the model as trained, scored on validation, nothing written
             self._scored, tuned = self.model, tuned_trained
@@ -218,6 +226,7 @@ class QLoRARun:
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
             "document_embeddings_recomputed": True,
+            "val_documents": len(self.val_candidates) if self.val_candidates else len(self.data.corpus),
             "train_steps": result.global_step,
             "stopped_behind": self.training.behind.stopped if self.training.behind else None,
             "resumed_from_step": self.training.resumed_from,
@@ -266,9 +275,9 @@ class QLoRARun:
             at(chosen)
         return record
 
-    def _score(self, split: str, extra: ExtraSet | None) -> dict:
+    def _score(self, split: str, extra: ExtraSet | None, corpus_embeddings=None) -> dict:
         """The evaluator's metrics of the model in place (``_scored``) on ``split`` of the run's data, or of
-        an ``eval.also`` set."""
+        an ``eval.also`` set (``corpus_embeddings``: the run's corpus, already encoded by that model)."""
         if extra is not None:
             evaluator = extra.evaluator(split, self.prompts.query, self.prompts.document, self.recipe.model.batch_size)
         else:
@@ -277,12 +286,19 @@ class QLoRARun:
                     self.splits.test if split == "test" else self.splits.val, split
                 )
             evaluator = self._evaluators[split]
-        return evaluate(evaluator, self._scored)
+        return evaluate(evaluator, self._scored, corpus_embeddings)
 
     def _evaluator(self, ids: list[str], name: str):
-        """The shared evaluator over ``ids``, with the run's query and document prompts."""
+        """The shared evaluator over ``ids``, with the run's query and document prompts; validation scores
+        against its candidate set (``train.val_documents``), the test split against the whole corpus."""
         return build_evaluator(
-            self.data, ids, name, self.prompts.query, self.recipe.model.batch_size, corpus_prompt=self.prompts.document
+            self.data,
+            ids,
+            name,
+            self.prompts.query,
+            self.recipe.model.batch_size,
+            corpus_prompt=self.prompts.document,
+            corpus_ids=self.val_candidates if name == "val" else None,
         )
 
     def _by_dimension(self, model) -> dict | None:

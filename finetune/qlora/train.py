@@ -62,12 +62,32 @@ def precision_and_optimizer(recipe, device: str) -> tuple[str, str]:
     return resolved_precision(t, cuda, cuda and torch.cuda.is_bf16_supported()), resolved_optimizer(t, cuda)
 
 
+def steps_per_epoch(train, rows: int) -> int:
+    """Optimizer steps in one pass over ``rows`` training rows (batches across every process)."""
+    return math.ceil(rows / (train.batch_size * distributed.world_size()))
+
+
 def max_steps(train, rows: int) -> int:
     """``train.max_steps`` caps the epochs: training stops at whichever comes first, so both settings act."""
     if train.max_steps <= 0:
         return -1
-    per_epoch = math.ceil(rows / (train.batch_size * distributed.world_size()))
-    return min(train.max_steps, math.ceil(train.epochs * per_epoch))
+    return min(train.max_steps, math.ceil(train.epochs * steps_per_epoch(train, rows)))
+
+
+def eval_steps(train, rows: int) -> int:
+    """Steps between validations (and checkpoints): ``train.eval_steps``, or for ``auto`` one epoch,
+    shortened to the whole run when ``train.max_steps`` ends it within the first epoch.
+
+    Example:
+        >>> from finetune.qlora.config import QLoRATrainConfig
+        >>> eval_steps(QLoRATrainConfig(batch_size=32), rows=352), eval_steps(QLoRATrainConfig(max_steps=4), 352)
+        (11, 4)
+    """
+    if train.eval_steps != "auto":
+        return train.eval_steps
+    total = max_steps(train, rows)
+    per_epoch = steps_per_epoch(train, rows)
+    return per_epoch if total < 0 else max(1, min(per_epoch, total))
 
 
 def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts: dict | None, rows: int):
@@ -95,9 +115,9 @@ def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=prompts,  # the query prompt on anchors, the document prompt on positives and negatives
         eval_strategy="steps" if has_val else "no",
-        eval_steps=t.eval_steps,
+        eval_steps=eval_steps(t, rows),
         save_strategy="steps",
-        save_steps=t.eval_steps,
+        save_steps=eval_steps(t, rows),
         save_total_limit=t.save_total_limit,
         # LoRA checkpoints hold only the adapter, which the trainer cannot load back into a 4-bit
         # model; the runner restores the best one for LoRA, the trainer does it for full models.
