@@ -58,8 +58,8 @@ class BaseCorpus:
                 batch_size=self.batch_size,
                 convert_to_tensor=True,
             ).cpu()
-        relevant = {q: self.data.relevant[q] for q in query_ids}
-        return candidate_ids(self.doc_ids, relevant, queries, self.embeddings, cap, seed, self.model.similarity)
+            relevant = {q: self.data.relevant[q] for q in query_ids}
+            return candidate_ids(self.doc_ids, relevant, queries, self.embeddings, cap, seed, self.model.similarity)
 
 
 class KnownDocuments:

@@ -30,8 +30,6 @@ from collections.abc import Sequence
 import torch
 from sentence_transformers.util import cos_sim
 
-from finetune.stages import stage
-
 
 def candidate_ids(
     doc_ids: Sequence[str],
@@ -60,20 +58,19 @@ def candidate_ids(
     """
     if len(doc_ids) <= cap:
         return list(doc_ids)
-    with stage("candidate set"):
-        keep = {d for ids in relevant.values() for d in ids}
-        hard_until = len(keep) + max(0, cap - len(keep)) // 2
-        # twice the even share of each query, since their top documents overlap each other and the positives
-        depth = max(1, 2 * (hard_until - len(keep)) // max(1, len(relevant)) + 1)
-        ranked = _top(query_embeddings, document_embeddings, min(depth, len(doc_ids)), similarity, chunk)
-        for rank in range(ranked.shape[1]):  # rank by rank, so every query gets its hardest first
-            for row in ranked[:, rank].tolist():
-                if len(keep) >= hard_until:
-                    break
-                keep.add(doc_ids[row])
-        rest = [d for d in doc_ids if d not in keep]
-        keep.update(random.Random(seed).sample(rest, max(0, min(len(rest), cap - len(keep)))))
-        return [d for d in doc_ids if d in keep]
+    keep = {d for ids in relevant.values() for d in ids}
+    hard_until = len(keep) + max(0, cap - len(keep)) // 2
+    # twice the even share of each query, since their top documents overlap each other and the positives
+    depth = max(1, 2 * (hard_until - len(keep)) // max(1, len(relevant)) + 1)
+    ranked = _top(query_embeddings, document_embeddings, min(depth, len(doc_ids)), similarity, chunk)
+    for rank in range(ranked.shape[1]):  # rank by rank, so every query gets its hardest first
+        for row in ranked[:, rank].tolist():
+            if len(keep) >= hard_until:
+                break
+            keep.add(doc_ids[row])
+    rest = [d for d in doc_ids if d not in keep]
+    keep.update(random.Random(seed).sample(rest, max(0, min(len(rest), cap - len(keep)))))
+    return [d for d in doc_ids if d in keep]
 
 
 def _top(queries: torch.Tensor, documents: torch.Tensor, k: int, similarity, chunk: int) -> torch.Tensor:

@@ -90,20 +90,26 @@ def run_recipe(
 
         run_dir = _claim(path, resuming, overwrite, recipe_yaml, splits, command, say)
         start = Start.resume() if resuming else Start.adopt(adopt) if adopt is not None else Start.fresh()
-        t0 = time.perf_counter()
-        with stage("training"):
-            job.train(run_dir, start)
-        with stage("finish"):
-            outcome = job.finish(run_dir)
-        result = _result(recipe, device, data, splits, selection, outcome, time.perf_counter() - t0)
-        per_query = outcome.per_query()
-        if per_query and distributed.is_main():
-            with stage("significance"):
-                result["significance"] = compare_rows(per_query, seed=recipe.seed)
+        result, per_query = _train_and_finish(job, run_dir, start, recipe, device, data, splits, selection)
     result["stages"] = clock.record()
     if distributed.is_main():
         _write_and_print(run_dir, recipe, result, per_query, len(splits.test), selection, say)
     return run_dir
+
+
+def _train_and_finish(job, run_dir: Path, start: Start, recipe: Recipe, device: str, data, splits, selection: bool):
+    """The runner's train and finish phases, then the paired test: ``metrics.json``'s fields and per-query rows."""
+    t0 = time.perf_counter()
+    with stage("training"):
+        job.train(run_dir, start)
+    with stage("finish"):
+        outcome = job.finish(run_dir)
+    result = _result(recipe, device, data, splits, selection, outcome, time.perf_counter() - t0)
+    per_query = outcome.per_query()
+    if per_query and distributed.is_main():
+        with stage("significance"):
+            result["significance"] = compare_rows(per_query, seed=recipe.seed)
+    return result, per_query
 
 
 def _data_and_splits(recipe: Recipe, path: Path, resuming: bool, selection: bool):

@@ -33,6 +33,7 @@ from finetune.qlora.backend import build_checked, parameter_counts, select_backe
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.plan import plan_run
+from finetune.qlora.record import qlora_record
 from finetune.qlora.stack import pooling_mode
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
@@ -196,54 +197,13 @@ class QLoRARun:
         if self.dims_base:
             matryoshka = {"base": self.dims_base, "tuned": self._by_dimension(self._scored)}
             self.echo(dims_line(self.dims_base, matryoshka["tuned"]))
-        record = self._record(self._scored, tuned_trained, checked)
+        record = qlora_record(self, self._scored, tuned_trained, checked)
         seconds = {
             "train": self.training.seconds,
             "per_step": seconds_per_step(self.training.seconds, result.global_step, self.training.resumed_from),
             "evaluate_also": self.also_seconds + seconds,
         }
         return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds)
-
-    def _record(self, merged, tuned_trained: dict, checked: dict | None) -> dict:
-        """The qlora fields of ``metrics.json``: how it trained, on what, and the export's checks."""
-        r, trainer, result = self.recipe, self.training.trainer, self.training.result
-        precision, optimizer = training.precision_and_optimizer(r, self.device)
-        return {
-            "tuned_as_trained": tuned_trained,
-            "backend": self.choice.describe(),
-            "method": r.method,
-            "model": {
-                "stack": describe_stack(merged),
-                "pooling": r.pooling if self.pooling_overridden else self.checkpoint_pooling,
-                "checkpoint_pooling": self.checkpoint_pooling,
-                "lora_targets": self.lora_targets,
-                "head_trained": r.method == "full" or r.lora.train_head,
-            },
-            "prompts": {"query": self.prompts.query, "document": self.prompts.document},
-            "fidelity": self.fidelity,
-            "export": checked,
-            "negatives": self.negatives.stats if self.negatives else {"strategy": "none"},
-            "trainable_parameters": self.trainable,
-            "total_parameters": self.total,
-            "document_embeddings_recomputed": True,
-            "val_documents": len(self.val_candidates) if self.val_candidates else len(self.data.corpus),
-            "train_steps": result.global_step,
-            "stopped_behind": self.training.behind.stopped if self.training.behind else None,
-            "resumed_from_step": self.training.resumed_from,
-            "train_loss": result.training_loss,
-            "training_reused_from": str(self.adopted) if self.adopted else None,
-            "log_history": trainer.state.log_history,
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "peak_gpu_mb": self.gpu_peak,
-            "memory_plan": self.memory.record(self.gpu_peak) if self.memory else None,
-            "loss": describe_loss(r.loss, self.mini_batch_size),
-            "gpu": torch.cuda.get_device_name() if self.device == "cuda" else None,
-            "precision": precision,
-            "optimizer": optimizer,
-            "batch_size": r.train.batch_size,
-            # seconds.per_step includes evaluation and checkpointing; step_time counts optimizer steps only
-            "step_time": self.training.timer.summary(),
-        }
 
     def _merge(self, run_dir: Path) -> dict:
         """Put the trained model at ``merge.scale`` (``auto``: chosen on validation); return the choice.

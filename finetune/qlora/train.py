@@ -96,6 +96,7 @@ def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts
     from sentence_transformers.base.sampler import BatchSamplers
 
     t, cuda, has_val = recipe.train, device == "cuda", metric is not None
+    every = eval_steps(t, rows)
     precision, optimizer = precision_and_optimizer(recipe, device)
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
@@ -115,9 +116,9 @@ def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=prompts,  # the query prompt on anchors, the document prompt on positives and negatives
         eval_strategy="steps" if has_val else "no",
-        eval_steps=eval_steps(t, rows),
+        eval_steps=every,
         save_strategy="steps",
-        save_steps=eval_steps(t, rows),
+        save_steps=every,
         save_total_limit=t.save_total_limit,
         # LoRA checkpoints hold only the adapter, which the trainer cannot load back into a 4-bit
         # model; the runner restores the best one for LoRA, the trainer does it for full models.
