@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -131,6 +132,9 @@ def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: in
     stages = metrics["stages"]
     row = {
         "command": " ".join(command[1:]),
+        "benchmark_command": "python " + " ".join(sys.argv),
+        # 1, 5 and 15-minute load averages at the end: above the 2 cores, other work shared the machine
+        "load_average_at_end": os.getloadavg(),
         "n_corpus": metrics["n_corpus"],
         "wall_s": sum(s["seconds"] for s in stages.values()),
         "peak_rss_mb": metrics["peak_rss_mb"],
@@ -216,14 +220,15 @@ def main() -> None:
     parser.add_argument("--qlora-steps", type=int, default=0, help="train.max_steps (default: one epoch)")
     parser.add_argument("--work", default="runs/scale", help="corpora, runs and logs")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
+    parser.add_argument("--report-only", action="store_true", help="no runs: exponents, targets and PNG of --out")
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows: dict = previous.get("runs", {})  # sizes already measured are kept; rerun ones replaced
-    wiki = wiki_summaries(work / "wheels")
-    for size in args.sizes:
+    wiki = [] if args.report_only else wiki_summaries(work / "wheels")
+    for size in [] if args.report_only else args.sizes:
         folder = build_corpus(Path(args.data), size, work / f"corpus-{size}", wiki)
         for recipe in args.recipes:
             rows.setdefault(recipe, {})[str(size)] = run_recipe(recipe, folder, size, work, args.qlora_steps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from finetune.cache import encode_in_chunks
 from finetune.candidates import candidate_ids
 from finetune.data.dataset import RetrievalData
 from finetune.stages import stage
@@ -34,14 +35,7 @@ class BaseCorpus:
     def __init__(self, model, data: RetrievalData, prompts, batch_size: int):
         self.model, self.data, self.prompts, self.batch_size = model, data, prompts, batch_size
         self.doc_ids = list(data.corpus)
-        with stage("encoding"):
-            self.embeddings = model.encode_document(
-                [data.corpus[d] for d in self.doc_ids],
-                prompt=prompts.document,
-                batch_size=batch_size,
-                convert_to_tensor=True,
-                show_progress_bar=len(self.doc_ids) > 10 * batch_size,
-            ).cpu()
+        self.embeddings = encode_corpus(model, data, prompts, batch_size)
 
     def as_model(self) -> KnownDocuments:
         """The base model with its document embeddings looked up instead of encoded (for mining)."""
@@ -60,6 +54,21 @@ class BaseCorpus:
             ).cpu()
             relevant = {q: self.data.relevant[q] for q in query_ids}
             return candidate_ids(self.doc_ids, relevant, queries, self.embeddings, cap, seed, self.model.similarity)
+
+
+def encode_corpus(model, data: RetrievalData, prompts, batch_size: int) -> torch.Tensor:
+    """The whole corpus through ``model.encode_document`` (raw, as the evaluator would encode it), in corpus
+    order, a chunk at a time (:func:`~finetune.cache.encode_in_chunks`)."""
+    texts = [data.corpus[d] for d in data.corpus]
+    with stage("encoding"):
+        kwargs = dict(prompt=prompts.document, batch_size=batch_size)
+        return torch.from_numpy(encode_in_chunks(model.encode_document, texts, kwargs))
+
+
+def rows_of(data: RetrievalData, embeddings: torch.Tensor, doc_ids: list[str]) -> torch.Tensor:
+    """The rows of corpus-ordered ``embeddings`` for ``doc_ids``, in their order."""
+    row = {d: i for i, d in enumerate(data.corpus)}
+    return embeddings[torch.tensor([row[d] for d in doc_ids], dtype=torch.long)]
 
 
 class KnownDocuments:

@@ -2,7 +2,9 @@
 
 An entry's key hashes the model's identity (its folder's files), the texts in order, the task
 (query/document), prompt, max sequence length and normalisation, so a change to any of them is a
-miss. Entries are safetensors files written atomically.
+miss. Entries are ``.npy`` arrays (no pickle), written chunk by chunk into a memory-mapped file that
+is renamed into place when whole, and read back memory-mapped: a corpus of 10^6 passages never
+has to sit in memory twice, once as encoder outputs and once as the stacked result.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from finetune.atomic import save_tensors
+from finetune.atomic import atomic_path
 from finetune.stages import stage
 
 logger = logging.getLogger(__name__)
+
+
+CHUNK = 32_768  # texts encoded per call: bounds the encoder's own buffers whatever the corpus size
 
 
 def default_cache_dir() -> Path:
@@ -92,26 +98,50 @@ class EmbeddingCache:
             return self._encode(model, identity, texts, task, prompt, batch_size, normalize, devices)
 
     def _encode(self, model, identity, texts, task, prompt, batch_size, normalize, devices) -> torch.Tensor:
-        path = self.directory / f"{self.key(model, identity, texts, task, prompt, normalize)}.safetensors"
+        path = self.directory / f"{self.key(model, identity, texts, task, prompt, normalize)}.npy"
         if self.enabled and not self.force and path.is_file():
-            from safetensors.torch import load_file
-
             self.hits += 1
             logger.info("cache hit: %d %s embeddings from %s", len(texts), task, path)
-            return load_file(str(path))["embeddings"]
+            return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write: the file is never changed
         self.misses += 1
         encode = model.encode_query if task == "query" else model.encode_document
-        embeddings = encode(
-            list(texts),
-            prompt=prompt,
-            batch_size=batch_size,
-            normalize_embeddings=normalize,
-            convert_to_tensor=True,
-            show_progress_bar=len(texts) > batch_size,
-            **({"device": list(devices)} if devices else {}),
-        )
-        embeddings = embeddings.float().cpu().clone()  # a normal tensor, not an inference-mode one
-        if self.enabled:
-            save_tensors(path, {"embeddings": embeddings}, metadata={"task": task, "count": str(len(texts))})
-            logger.info("cached %d %s embeddings at %s", len(texts), task, path)
-        return embeddings
+        kwargs = dict(prompt=prompt, batch_size=batch_size, normalize_embeddings=normalize)
+        if devices:
+            kwargs["device"] = list(devices)
+        if not self.enabled:
+            return torch.from_numpy(encode_in_chunks(encode, texts, kwargs))
+        with atomic_path(path) as tmp:
+            encode_in_chunks(encode, texts, kwargs, file=tmp).flush()
+        logger.info("cached %d %s embeddings at %s", len(texts), task, path)
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def encode_in_chunks(encode, texts: Sequence[str], kwargs: dict, file: Path | None = None, chunk: int = CHUNK):
+    """``encode(texts[i:i + chunk], **kwargs)`` for each chunk, written into one float32 array.
+
+    Args:
+        encode: ``model.encode_query`` or ``model.encode_document``.
+        texts: What to encode.
+        kwargs: The encode call's other arguments (prompt, batch size, normalisation).
+        file: Write into a memory-mapped ``.npy`` file there (the cache's entry) instead of memory.
+        chunk: Texts per call.
+
+    Returns:
+        The ``[len(texts), dim]`` array (a memmap when ``file`` is given).
+    """
+    out = None
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start : start + chunk])
+        rows = encode(part, convert_to_numpy=True, show_progress_bar=len(texts) > kwargs["batch_size"], **kwargs)
+        rows = np.asarray(rows, dtype=np.float32)
+        if out is None:
+            shape = (len(texts), rows.shape[1])
+            out = (
+                np.empty(shape, np.float32)
+                if file is None
+                else np.lib.format.open_memmap(file, "w+", np.float32, shape)
+            )
+        out[start : start + len(part)] = rows
+    if out is None:
+        raise ValueError("no texts to encode")
+    return out

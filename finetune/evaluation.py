@@ -17,7 +17,7 @@ from sentence_transformers.util import cos_sim
 from finetune.data.dataset import RetrievalData
 from finetune.stages import stage
 
-STAGE_OF = {"val": "validation", "test": "test evaluation"}
+STAGE_OF = {"val": "validation", "test": "test evaluation", "as_trained": "as-trained check"}
 HEADLINE = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@5", "accuracy@10", "recall@10")
 
 

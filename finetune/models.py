@@ -96,6 +96,8 @@ def resolve_model(name: str, config_only: bool = False) -> ResolvedModel:
 
 
 CONFIG_FILES = ["*.json", "*/*.json"]  # config.json, modules.json, Dense heads' configs: no weights
+_HUB_FAILED: set[str] = set()  # Hub ids this process could not download: not tried again
+_SAID: set[tuple] = set()  # (name, folder) resolutions already logged
 
 
 def _from_hub(hub_id: str, config_only: bool = False) -> Path | None:
@@ -113,11 +115,13 @@ def _from_hub(hub_id: str, config_only: bool = False) -> Path | None:
             return cached
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or hub_id in _HUB_FAILED:
         return None
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as exc:  # network down, repo missing, gated: fall through to packages
+        # a run resolves its model several times (plan, load, export): one try and one line per process
+        _HUB_FAILED.add(hub_id)
         logger.info("Hub download of %s failed (%s); trying installed packages", hub_id, type(exc).__name__)
         return None
 
@@ -188,7 +192,9 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
     from finetune.prompts import apply_prompts, resolve_prompts
 
     resolved = resolve_model(config.name)
-    logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
+    if (config.name, str(resolved.path)) not in _SAID:
+        _SAID.add((config.name, str(resolved.path)))
+        logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
     if not (resolved.path / "modules.json").is_file():
         logger.warning(
             "%s has no modules.json: sentence-transformers' default stack (mean pooling) is assumed", resolved.path

@@ -18,6 +18,7 @@ from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.extra_sets import extra_table
 from finetune.kinds import KINDS
+from finetune.memory.host import return_freed_memory
 from finetune.models import pick_device
 from finetune.recipe import Recipe, dump_recipe
 from finetune.report import metrics_table, write_per_query
@@ -75,6 +76,7 @@ def run_recipe(
         json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     """
     seed_everything(recipe.seed)
+    return_freed_memory()  # before the first large buffer: freed activations must not stay resident
     if resume is not None:
         KINDS[recipe.kind].refuse_resume()
     recipe_yaml = dump_recipe(recipe)

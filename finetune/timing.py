@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -13,6 +15,15 @@ from transformers import TrainerCallback
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def seconds_per_step(train_seconds: float, train_steps: int, resumed_from: int | None) -> float | None:

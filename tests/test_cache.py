@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,30 @@ def test_encoding_on_two_processes_gives_the_same_embeddings(tmp_path, tiny_mode
     one = EmbeddingCache(tmp_path / "a").encode(m, "id", texts, batch_size=8)
     two = EmbeddingCache(tmp_path / "b").encode(m, "id", texts, batch_size=8, devices=["cpu", "cpu"])
     assert torch.allclose(one, two, atol=1e-5)
+
+
+def test_chunked_encoding_fills_every_row_and_a_hit_is_memory_mapped(tmp_path, model, tiny_model):
+    from finetune.cache import encode_in_chunks
+
+    texts = [f"text number {i}" for i in range(7)]
+    whole = model.encode_document(texts, convert_to_numpy=True)
+    kwargs = {"prompt": None, "batch_size": 4}
+    in_memory = encode_in_chunks(model.encode_document, texts, kwargs, chunk=3)  # chunks of 3, 3, 1
+    on_disk = encode_in_chunks(model.encode_document, texts, kwargs, file=tmp_path / "e.npy", chunk=3)
+    assert in_memory == pytest.approx(whole, abs=1e-6) and on_disk == pytest.approx(whole, abs=1e-6)
+    cache = EmbeddingCache(tmp_path / "cache")
+    first = cache.encode(model, model_identity(tiny_model), texts)
+    again = cache.encode(model, model_identity(tiny_model), texts)
+    assert _mapped_file(again.data_ptr()).endswith(".npy")  # rows read from the cache file, not copied in
+    again[0] = 0  # the caller's copy: the cached file is unchanged
+    assert torch.equal(cache.encode(model, model_identity(tiny_model), texts), first)
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process (Linux), or ''."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 else ""
+    return ""

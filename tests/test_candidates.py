@@ -100,3 +100,26 @@ def test_shuffled_documents_are_looked_up_by_text(run):
     scaled = KnownDocuments(run.base_corpus.model, texts, 3 * run.base_corpus.embeddings)  # rows of norm 3
     normalised = scaled.encode_document(texts[:3], normalize_embeddings=True)  # mining asks for unit rows
     assert normalised.shape == (3, rows.shape[1]) and abs(float((normalised**2).sum(1).mean()) - 1) < 1e-5
+
+
+def test_a_run_past_the_cap_reports_the_full_corpus_and_checks_merging_on_the_test_candidates(tiny_model, tmp_path):
+    """160 documents, cap 48: validation and the as-trained check see 48; the reported rows the whole corpus."""
+    from conftest import make_pairs, score_on_run_split
+
+    from finetune.run import run_recipe
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(160)))
+    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS}, tiny_model, tmp_path, steps=4)
+    raw["train"]["val_documents"] = 48
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_documents"] == 48 and metrics["n_corpus"] == 160
+    check = metrics["export"]["as_trained"]
+    assert check["documents"] == 48 and check["ndcg@10"] == metrics["tuned_as_trained"]["ndcg@10"]
+    assert "as-trained check" in metrics["stages"]
+    # the tuned row is the exported model over all 160 documents, which ranks the positives lower than 48 do
+    assert score_on_run_split(run_dir, run_dir / "model")["ndcg@10"] == pytest.approx(
+        metrics["tuned"]["ndcg@10"], abs=1e-4
+    )
+    assert check["exported_ndcg@10"] > metrics["tuned"]["ndcg@10"]

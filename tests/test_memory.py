@@ -89,12 +89,19 @@ def test_planned_optimizer_state_equals_the_optimizers(optimizer, dtype):
 def test_meta_count_equals_what_real_sdpa_saves(tiny_model):
     """The meta-device count (views folded by object) equals what a real CPU forward with PyTorch's own
     SDPA kernel saves (by storage), with dropout off (with dropout the CPU takes the math kernel)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(tiny_model))
     config.attention_probs_dropout_prob = config.hidden_dropout_prob = 0.0
     meta = meta_encoder(config, torch.float32)
     meta.requires_grad_(True)
+    assert _count_saved(meta, 48) == _real_cpu_saves(config, 48) > 0
+
+
+def _real_cpu_saves(config, seq_length: int) -> int:
+    """Bytes a real CPU forward (PyTorch's own SDPA, train mode) saves for backward, by storage, weights excepted."""
+    from transformers import AutoModel
+
     config._attn_implementation = "sdpa"
     real = AutoModel.from_config(config).train()
     seen, weights = {}, {p.untyped_storage().data_ptr() for p in real.parameters()}
@@ -104,8 +111,24 @@ def test_meta_count_equals_what_real_sdpa_saves(tiny_model):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        real(input_ids=torch.randint(5, 100, (1, 48)))
-    assert _count_saved(meta, 48) == sum(v for k, v in seen.items() if k not in weights) > 0
+        real(input_ids=torch.randint(5, 100, (1, seq_length)))
+    return sum(v for k, v in seen.items() if k not in weights)
+
+
+def test_a_cpu_plan_counts_what_real_training_with_dropout_saves(tiny_model, pairs_file, tmp_path):
+    """Training with the checkpoint's dropout, a CPU takes SDPA's math kernel, which keeps every seq x seq
+    matrix: the CPU plan (``attention="math"``) counts those saves; the fused count would miss them."""
+    from transformers import AutoConfig
+
+    from finetune.qlora.plan import plan_recipe
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    config.attention_probs_dropout_prob = config.hidden_dropout_prob = 0.1
+    saved = _real_cpu_saves(config, 48)
+    math = profile(config, torch.float32, 48, "full", attention="math").total
+    assert math == pytest.approx(saved, rel=0.02)
+    assert profile(config, torch.float32, 48, "full").total < 0.9 * saved  # fused: what a GPU keeps
+    assert plan_recipe(_recipe(tiny_model, pairs_file, tmp_path), "cpu").setup.attention == "math"
 
 
 def test_activation_profile_checkpointing_and_lora(tiny_model):
@@ -349,6 +372,29 @@ def test_plan_fetches_configs_only_and_a_run_never_takes_a_config_only_snapshot(
     assert models._from_hub("org/model") == snapshot
 
 
+def test_a_failed_hub_download_is_tried_and_said_once_per_process(monkeypatch, caplog):
+    """A run resolves its model several times (plan, load, export): offline, one try and one line, not three."""
+    import logging
+
+    import huggingface_hub
+
+    from finetune import models
+
+    calls = []
+
+    def fake_download(hub_id, local_files_only=False, allow_patterns=None):
+        calls.append(local_files_only)
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_HUB_FAILED", set())
+    with caplog.at_level(logging.INFO, logger="finetune.models"):
+        assert [models._from_hub("org/unreachable") for _ in range(3)] == [None] * 3
+    assert calls == [True, False, True, True]  # the local cache is still read each time; the network once
+    assert sum("Hub download of org/unreachable failed" in r.message for r in caplog.records) == 1
+
+
 def test_meta_autocast_follows_cuda_autocast_dtype_rules():
     from finetune.memory.autocast import MetaAutocast
 
@@ -404,18 +450,45 @@ def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
 def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_model, pairs_file, tmp_path, monkeypatch):
     import finetune.qlora.plan as recipe_plan
 
-    def broken(recipe, device):
+    def broken(recipe, device, corpus_size=0):  # noqa: ARG001
         raise NotImplementedError("an op without a meta kernel")
 
     monkeypatch.setattr(recipe_plan, "plan_recipe", broken)
     lines = []
     recipe = _recipe(tiny_model, pairs_file, tmp_path, loss={"cached": True, "mini_batch_size": 4})
-    assert recipe_plan.plan_run(recipe, "cuda", "peft", lines.append) == (None, 4)
-    assert lines == ["memory plan: not available for this model (NotImplementedError)"]
+    assert recipe_plan.plan_run(recipe, "cuda", "peft", lines.append) == (None, 4, False)
+    assert lines == [
+        "memory plan: not available for this model (NotImplementedError)",
+        "train.gradient_checkpointing auto -> off (no memory plan to decide on)",
+    ]
     auto = _recipe(tiny_model, pairs_file, tmp_path, loss={"cached": True, "mini_batch_size": "auto"})
     with pytest.raises(FinetuneError, match="auto needs the memory planner, which failed on this model"):
         recipe_plan.plan_run(auto, "cpu", "peft", lines.append)
-    assert recipe_plan.plan_run(_recipe(tiny_model, pairs_file, tmp_path), "cpu", "peft", lines.append) == (None, None)
+    on = _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": True})
+    assert recipe_plan.plan_run(on, "cpu", "peft", lines.append) == (None, None, True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_checkpointing_auto_turns_on_only_when_the_plan_does_not_fit(
+    tiny_model, pairs_file, tmp_path, monkeypatch, device
+):
+    """auto decides on the plan's peak against the free memory (the step's on a GPU; on a CPU, what the run adds
+    to the process), says so in one line, and a plan that fits stays without checkpointing."""
+    import finetune.qlora.plan as recipe_plan
+
+    recipe = _recipe(tiny_model, pairs_file, tmp_path)
+    plain = recipe_plan.plan_recipe(
+        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), device, 1000
+    )
+    need = plain.estimate.total if device == "cuda" else plain.rss()["total"] - plain.process_bytes
+    for free, on in ((int(need / 0.9) + 2**20, False), (int(need / 0.9) - 2**20, True)):
+        monkeypatch.setattr(recipe_plan, "free_memory", lambda device, free=free: free)
+        lines = []
+        corpus = type("Data", (), {"corpus": dict.fromkeys(range(1000))})
+        plan, _, checkpointing = recipe_plan.plan_run(recipe, device, "peft", lines.append, corpus)
+        assert checkpointing is on and plan.setup.checkpointing is on
+        assert (plan.estimate.activations < plain.estimate.activations) is on
+        assert lines[-1].startswith(f"train.gradient_checkpointing auto -> {'on' if on else 'off'}")
 
 
 def test_plan_refuses_a_frozen_encoder_recipe(tiny_model, pairs_file, tmp_path, capsys):
@@ -424,3 +497,15 @@ def test_plan_refuses_a_frozen_encoder_recipe(tiny_model, pairs_file, tmp_path, 
     assert main(["plan", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert "kind adapter trains on cached embeddings; use a kind: qlora recipe" in err and len(err.splitlines()) == 1
+
+
+def test_the_plan_leaves_the_run_s_random_stream_alone(tiny_model, pairs_file, tmp_path):
+    """Every qlora run plans first; LoRA's initialisation draws after it, so a plan that drew would move it."""
+    from finetune.qlora.plan import plan_recipe
+
+    recipe = _recipe(tiny_model, pairs_file, tmp_path)
+    torch.manual_seed(0)
+    untouched = torch.rand(3)
+    torch.manual_seed(0)
+    plan_recipe(recipe, "cpu")
+    assert torch.equal(torch.rand(3), untouched)

@@ -41,7 +41,9 @@ def test_a_qlora_run_tabulates_its_stages_and_validates_once_an_epoch(tiny_model
     assert [e["step"] for e in evaluations] == [6, 12] and [e["epoch"] for e in evaluations] == [1.0, 2.0]
     stages = metrics["stages"]
     assert stages["validation"]["calls"] == len(evaluations)
-    assert stages["test evaluation"]["calls"] == 3  # base, as trained, exported
+    assert stages["test evaluation"]["calls"] == 2  # base, exported
+    assert stages["as-trained check"]["calls"] == 1  # the 4-bit model as trained, on the test candidates
+    assert stages["encoding"]["calls"] == 2  # the corpus: by the base model, by the exported one
     assert {"load data", "splits", "set up", "training", "export", "significance"} <= set(stages)
     assert abs(sum(row["share"] for row in stages.values()) - 1) < 1e-6
     assert stages["training"]["seconds"] > 0 and stages["export"]["peak_rss_mb"] > 0

@@ -7,8 +7,9 @@ as their base), parameters excepted. So the count follows the model's own code: 
 MLP width, GQA heads, LoRA placement and which inputs a frozen layer does not need to keep.
 
 Attention is counted as a fused kernel keeps it (FlashAttention / memory-efficient SDPA on a
-GPU: q, k, v, the output and a float32 log-sum-exp per head and position), not as the math
-path the meta device would otherwise take, which keeps every seq x seq score matrix.
+GPU: q, k, v, the output and a float32 log-sum-exp per head and position), or, for a CPU run, as
+the math path keeps it (``attention="math"``: every seq x seq score matrix, its softmax and the
+dropout's). Training with attention dropout, a CPU's SDPA takes that path.
 
 Gradient checkpointing keeps only each layer's input, and recomputes one layer at a time in
 backward; :class:`ActivationProfile` holds the pieces to price both.
@@ -84,13 +85,14 @@ class ActivationProfile:
         return self.per_layer if checkpointing else 0
 
 
-def meta_encoder(config, dtype: torch.dtype):
-    """The encoder of ``config`` on the meta device, in ``dtype``, with the planner's attention."""
+def meta_encoder(config, dtype: torch.dtype, attention: str = "fused"):
+    """The encoder of ``config`` on the meta device, in ``dtype``, with the planner's attention
+    (``fused``: a GPU kernel's saves; ``math``: a CPU's, the eager path's)."""
     from transformers import AutoModel
 
     _register()
     config = type(config).from_dict(config.to_dict())  # a copy: the attention choice is ours only
-    config._attn_implementation = ATTENTION
+    config._attn_implementation = ATTENTION if attention == "fused" else "eager"
     config.use_cache = False  # an encoder pass; a cache only warns under checkpointing
     with torch.device("meta"):
         return AutoModel.from_config(config, dtype=dtype)
@@ -135,7 +137,13 @@ def layer_count(config) -> int:
 
 
 def profile(
-    config, dtype: torch.dtype, seq_length: int, trainable: str, lora=None, autocast: torch.dtype | None = None
+    config,
+    dtype: torch.dtype,
+    seq_length: int,
+    trainable: str,
+    lora=None,
+    autocast: torch.dtype | None = None,
+    attention: str = "fused",
 ) -> ActivationProfile:
     """Count one sequence's saved activations for ``config``.
 
@@ -147,11 +155,12 @@ def profile(
         trainable: ``full`` (every weight), ``lora`` (LoRA only: ``lora`` must be given).
         lora: ``(target_names, r)`` for ``trainable="lora"``.
         autocast: The autocast dtype of a GPU run (``torch.bfloat16``), or ``None`` (a CPU run).
+        attention: ``fused`` (a GPU's attention kernels) or ``math`` (a CPU's).
 
     Returns:
         The :class:`ActivationProfile`.
     """
-    model = meta_encoder(config, dtype)
+    model = meta_encoder(config, dtype, attention)
     if trainable == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -61,6 +61,8 @@ class Setup:
         double_quant: nf4 with double quantisation of the block scales.
         lora_r: LoRA rank.
         lora_targets: ``auto`` or names, as ``lora.target_modules``.
+        attention: ``fused`` (a GPU's FlashAttention / memory-efficient kernels) or ``math`` (a CPU's,
+            which keeps every seq x seq score matrix for backward).
     """
 
     batch_size: int
@@ -74,6 +76,7 @@ class Setup:
     double_quant: bool = True
     lora_r: int = 16
     lora_targets: str | tuple[str, ...] = "auto"
+    attention: str = "fused"
 
     @property
     def live_sequences(self) -> int:
@@ -151,14 +154,16 @@ class EncoderShape:
         return resolve_targets(self._meta, setup.lora_targets)[0]
 
     def profile(self, method: str, setup: Setup) -> ActivationProfile:
-        key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype)
+        key = (method, setup.seq_length, setup.lora_r, setup.lora_targets, setup.dtype, setup.attention)
         if key not in self._profiles:
             compute = getattr(torch, setup.dtype)
             autocast = None if compute == torch.float32 else compute  # a GPU run trains under autocast
             params = torch.float32 if method == "full" else compute  # full: float32 masters
             lora = None if method == "full" else (self.lora_targets(setup), setup.lora_r)
             trainable = "full" if method == "full" else "lora"
-            self._profiles[key] = profile(self.config, params, setup.seq_length, trainable, lora, autocast)
+            self._profiles[key] = profile(
+                self.config, params, setup.seq_length, trainable, lora, autocast, setup.attention
+            )
         return self._profiles[key]
 
 

@@ -102,10 +102,11 @@ class QLoRATrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0)
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = Field(
-        False,
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
         description="keep only each layer's input, recompute the rest in backward: less memory, about one more "
-        "forward pass per step (x1.4 to x1.6 measured on a CPU)",
+        "forward pass per step (x1.4 to x1.6 measured on a CPU); auto: on when the memory plan's peak does not "
+        "fit the free GPU memory (or, on a CPU, the available RAM), and the run says which",
     )
     eval_steps: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
         "auto",

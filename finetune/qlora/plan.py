@@ -63,7 +63,7 @@ def setup_of(recipe, device: str, max_len: int) -> Setup:
         batch_size=recipe.train.batch_size,
         seq_length=min(recipe.model.max_seq_length or max_len, max_len),
         columns=2 + negatives,
-        checkpointing=recipe.train.gradient_checkpointing,
+        checkpointing=recipe.train.gradient_checkpointing is True,  # auto: planned without, then decided
         cached=recipe.loss.cached,
         mini_batch_size=(mini_batch_of(recipe) or 1) if recipe.loss.cached else None,  # auto: resolved later
         optimizer=optimizer,
@@ -73,6 +73,7 @@ def setup_of(recipe, device: str, max_len: int) -> Setup:
         lora_targets=recipe.lora.target_modules
         if recipe.lora.target_modules == "auto"
         else tuple(recipe.lora.target_modules),
+        attention="fused" if gpu else "math",
     )
 
 
@@ -91,39 +92,71 @@ def free_memory(device: str) -> int:
 
 @dataclass
 class RecipePlan:
-    """The planner's estimate for one recipe's run."""
+    """The planner's estimate for one recipe's run: the training step's peak (on the GPU, or in RAM on a
+    CPU) and the process's peak RSS, :meth:`rss`'s parts."""
 
     shape: EncoderShape
     setup: Setup
     method: str
     estimate: Estimate
+    device: str = "cuda"
+    process_bytes: int = 0  # the process's RSS when the plan was made (interpreter, libraries, data)
+    corpus_bytes: int = 0  # the corpus embeddings a run holds (float32)
+
+    def rss(self) -> dict:
+        """Predicted peak RSS by part: the process as it stands, one float32 copy of the checkpoint (the
+        reference model, later the exported one), the corpus embeddings, and on a CPU the training step."""
+        parts = {
+            "process": self.process_bytes,
+            "checkpoint_fp32": 4 * self.shape.parameters if self.device != "cuda" else 0,
+            "corpus_embeddings": self.corpus_bytes,
+            "training_step": self.estimate.total if self.device != "cuda" else 0,
+        }
+        return {**parts, "total": sum(parts.values())}
 
     def line(self) -> str:
         e, s = self.estimate, self.setup
         loss = f", cached loss mini-batch {s.mini_batch_size}" if s.cached else ""
         ckpt = ", checkpointing" if s.checkpointing else ""
+        where = "GPU " if self.device == "cuda" else ""
         return (
             f"memory plan: {METHODS[self.method]}, batch {s.batch_size} x {s.columns} texts x {s.seq_length} tokens"
-            f"{loss}{ckpt}: peak {e.total / GiB:.2f} GiB predicted (weights {e.weights / GiB:.2f}, trained + "
+            f"{loss}{ckpt}: {where}peak {e.total / GiB:.2f} GiB predicted (weights {e.weights / GiB:.2f}, trained + "
             f"optimizer {e.trainable / GiB:.2f}, activations {e.activations / GiB:.2f}, "
-            f"loss {e.loss_buffers / GiB:.2f})"
+            f"loss {e.loss_buffers / GiB:.2f}); peak RSS {self.rss()['total'] / GiB:.2f} GiB"
         )
 
-    def record(self, measured_peak_mb: float | None) -> dict:
-        """For metrics.json: the prediction, its inputs, and the measured peak beside it."""
+    def record(self, measured_peak_mb: float | None, measured_rss_mb: float | None = None) -> dict:
+        """For metrics.json: the prediction, its inputs, and the measured peaks (GPU, RSS) beside it."""
         predicted = self.estimate.total / 2**20
+        rss = self.rss()["total"] / 2**20
         return {
             "predicted": self.estimate.as_dict(),
             "setup": {k: v for k, v in self.setup.__dict__.items() if k != "lora_targets"},
             "predicted_peak_mb": predicted,
             "measured_peak_mb": measured_peak_mb,
             "measured_over_predicted": measured_peak_mb / predicted if measured_peak_mb else None,
+            "predicted_rss": self.rss(),
+            "predicted_rss_mb": rss,
+            "measured_rss_mb": measured_rss_mb,
+            "rss_measured_over_predicted": measured_rss_mb / rss if measured_rss_mb else None,
             "note": "the plan assumes every text is seq_length tokens; real batches pad to their longest text",
         }
 
 
-def plan_recipe(recipe, device: str) -> RecipePlan:
-    """The estimate for ``recipe`` on ``device``; ``mini_batch_size: auto`` resolved from the free memory."""
+def plan_recipe(recipe, device: str, corpus_size: int = 0) -> RecipePlan:
+    """The estimate for ``recipe`` on ``device``; ``mini_batch_size: auto`` resolved from the free memory.
+    ``corpus_size`` documents' embeddings count towards the peak RSS. The run's random stream is left
+    as it was: building the meta model draws from it, and LoRA's initialisation comes after the plan."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return _plan_recipe(recipe, device, corpus_size)
+
+
+def _plan_recipe(recipe, device: str, corpus_size: int) -> RecipePlan:
+    from finetune.timing import rss_bytes
+
     shape, max_len = shape_of(recipe.model)
     setup, method = setup_of(recipe, device, max_len), method_of(recipe)
     if recipe.loss.cached and recipe.loss.mini_batch_size == "auto":
@@ -137,18 +170,41 @@ def plan_recipe(recipe, device: str) -> RecipePlan:
                 where="recipe: loss.mini_batch_size",
             )
         setup = replace(setup, mini_batch_size=fits)
-    return RecipePlan(shape, setup, method, estimate(shape, method, setup))
+    plan = RecipePlan(
+        shape, setup, method, estimate(shape, method, setup), device, rss_bytes(), 4 * corpus_size * shape.dim
+    )
+    if recipe.train.gradient_checkpointing == "auto":
+        plan = _checkpointing_if_needed(plan, device)
+    return plan
 
 
-def plan_run(recipe, device: str, backend: str, echo=print) -> tuple[RecipePlan | None, int | None]:
-    """For a run: the plan (printed first on a GPU, and when ``mini_batch_size`` is ``auto``) and the
-    cached loss's mini-batch, ``auto`` resolved. A model the meta-device count cannot run costs the
-    GPU run its plan line, not the run; ``auto`` then cannot be resolved and says so."""
+def _checkpointing_if_needed(plan: RecipePlan, device: str) -> RecipePlan:
+    """``gradient_checkpointing: auto``: the plan with checkpointing on when, without it, the step (a GPU) or
+    the process (a CPU: the step lives in RAM) would pass the headroom of the free memory."""
+    free = free_memory(device)
+    need = plan.estimate.total if device == "cuda" else plan.rss()["total"] - plan.process_bytes
+    if need <= free * AUTO_HEADROOM:
+        return plan
+    setup = replace(plan.setup, checkpointing=True)
+    return replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup))
+
+
+def with_checkpointing(recipe, on: bool):
+    """``recipe`` with ``train.gradient_checkpointing`` set to ``on`` (a copy; the recipe itself when it is)."""
+    if recipe.train.gradient_checkpointing is on:
+        return recipe
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": on})})
+
+
+def plan_run(recipe, device: str, backend: str, echo=print, data=None) -> tuple[RecipePlan | None, int | None, bool]:
+    """For a run: the plan (printed first), the cached loss's mini-batch (``auto`` resolved), and whether to
+    checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS. A model the meta-device
+    count cannot run costs the run its plan line,
+    not the run; ``auto`` mini-batches then cannot be resolved and say so, ``auto`` checkpointing stays off."""
     mini, auto = mini_batch_of(recipe), recipe.loss.cached and recipe.loss.mini_batch_size == "auto"
-    if device != "cuda" and not auto:
-        return None, mini
+    checkpointing = recipe.train.gradient_checkpointing
     try:
-        plan = plan_recipe(recipe, device)
+        plan = plan_recipe(recipe, device, len(data.corpus) if data is not None else 0)
     except FinetuneError:
         raise
     except Exception as exc:  # any failure of the count on an unusual architecture
@@ -159,9 +215,15 @@ def plan_run(recipe, device: str, backend: str, echo=print) -> tuple[RecipePlan 
                 where="recipe: loss.mini_batch_size",
             ) from None
         echo(f"memory plan: not available for this model ({type(exc).__name__})")
-        return None, mini
+        if checkpointing == "auto":
+            echo("train.gradient_checkpointing auto -> off (no memory plan to decide on)")
+        return None, mini, checkpointing is True
     echo(plan.line() + (" (the plan counts the peft path; unsloth's kernels differ)" if backend == "unsloth" else ""))
     if auto:
         mini = plan.setup.mini_batch_size
         echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
-    return plan, mini
+    if checkpointing == "auto":
+        where = "GPU memory" if device == "cuda" else "RAM"
+        state = "on: without it the plan does not fit" if plan.setup.checkpointing else "off: the plan fits"
+        echo(f"train.gradient_checkpointing auto -> {state} the {free_memory(device) / GiB:.1f} GiB of free {where}")
+    return plan, mini, plan.setup.checkpointing

@@ -7,6 +7,7 @@ import torch
 from finetune.models import describe_stack
 from finetune.qlora import train as training
 from finetune.qlora.losses import describe_loss
+from finetune.timing import peak_rss_mb
 
 
 def qlora_record(run, merged, tuned_trained: dict, checked: dict | None) -> dict:
@@ -41,7 +42,8 @@ def qlora_record(run, merged, tuned_trained: dict, checked: dict | None) -> dict
         "log_history": trainer.state.log_history,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "peak_gpu_mb": run.gpu_peak,
-        "memory_plan": run.memory.record(run.gpu_peak) if run.memory else None,
+        "memory_plan": run.memory.record(run.gpu_peak, peak_rss_mb()) if run.memory else None,
+        "gradient_checkpointing": r.train.gradient_checkpointing,
         "loss": describe_loss(r.loss, run.mini_batch_size),
         "gpu": torch.cuda.get_device_name() if run.device == "cuda" else None,
         "precision": precision,

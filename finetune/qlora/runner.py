@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune import distributed
-from finetune.base_corpus import BaseCorpus
+from finetune.base_corpus import BaseCorpus, encode_corpus, rows_of
 from finetune.contract import RunOptions, Start
 from finetune.data.dataset import RetrievalData
 from finetune.evaluation import build_evaluator, evaluate
@@ -32,7 +32,7 @@ from finetune.qlora import train as training
 from finetune.qlora.backend import build_checked, parameter_counts, select_backend, training_sample
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.losses import build_loss, describe_loss
-from finetune.qlora.plan import plan_run
+from finetune.qlora.plan import plan_run, with_checkpointing
 from finetune.qlora.record import qlora_record
 from finetune.qlora.stack import pooling_mode
 from finetune.qlora.trainer import FinetuneTrainer
@@ -41,6 +41,8 @@ from finetune.stages import stage
 from finetune.timing import seconds_per_step
 
 logger = logging.getLogger(__name__)
+# the as-trained check's documents at most: a diagnostic, encoded by the 4-bit model (slower than float32 on a CPU)
+AS_TRAINED_DOCUMENTS = 5_000
 
 
 class QLoRARun:
@@ -73,7 +75,8 @@ class QLoRARun:
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.options, self._evaluators = options, {}
         self.choice = select_backend(recipe, device)
-        self.memory, self.mini_batch_size = plan_run(recipe, device, self.choice.backend, echo)
+        self.memory, self.mini_batch_size, checkpointing = plan_run(recipe, device, self.choice.backend, echo, data)
+        self.recipe = recipe = with_checkpointing(recipe, checkpointing)  # auto resolved: what later steps read
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
         check_against_dimension(
             recipe.loss.matryoshka_dims, self.reference.get_embedding_dimension(), recipe.model.name
@@ -89,6 +92,10 @@ class QLoRARun:
         self.base_corpus = BaseCorpus(self.reference, data, self.prompts, recipe.model.batch_size)
         cap = recipe.train.val_documents
         self.val_candidates = self.base_corpus.candidates(splits.val, cap, recipe.seed) if splits.val else None
+        # what merging changed is measured on the test queries' candidates, not on a second full-corpus pass;
+        # a sweep point (no export) reports the as-trained model itself, so it keeps the whole corpus
+        check = AS_TRAINED_DOCUMENTS if cap == "all" else min(cap, AS_TRAINED_DOCUMENTS)
+        self.test_candidates = self.base_corpus.candidates(splits.test, check, recipe.seed) if options.export else None
         self.negatives = self._negatives()
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
@@ -170,7 +177,8 @@ class QLoRARun:
             with stage("export"):
                 self._scored = export.unquantized_with_lora(self.recipe, self.choice, self.model, self.device)
         merge = self._merge(run_dir)
-        tuned_trained = evaluate(self._evaluator(self.splits.test, "test"), self.model)
+        check = "as_trained" if self.options.export else "test"  # a sweep point reports this row itself
+        tuned_trained = evaluate(self._evaluator(self.splits.test, check), self.model)
         result = self.training.result
         # every rank logs this line; ranks that trained in step agree on it (the multi-process test reads it)
         logger.info(
@@ -189,7 +197,7 @@ class QLoRARun:
             documents = [self.data.corpus[d] for d in list(self.data.corpus)[:16]]
             with stage("export"):
                 self._scored, checked = export.save(run_dir, self.recipe, self.model, self._scored, queries, documents)
-            tuned = self._score("test", None)
+            tuned, checked["as_trained"] = self._score_exported(tuned_trained)
         else:  # a sweep point: the model as trained, scored on validation, nothing written
             self._scored, tuned = self.model, tuned_trained
         also, seconds = score_also(self.extra, lambda _, x: self.also_base[x.label], self._score)
@@ -248,9 +256,26 @@ class QLoRARun:
             evaluator = self._evaluators[split]
         return evaluate(evaluator, self._scored, corpus_embeddings)
 
+    def _score_exported(self, as_trained: dict) -> tuple[dict, dict]:
+        """The exported model's test row (the corpus encoded once), and what merging changed: the exported and
+        the as-trained model on the same documents (the test candidates, or the whole corpus when it fits)."""
+        corpus = encode_corpus(self._scored, self.data, self.prompts, self.recipe.model.batch_size)
+        tuned, exported, documents = self._score("test", None, corpus_embeddings=corpus), None, len(corpus)
+        if self.test_candidates is not None:
+            rows, documents = rows_of(self.data, corpus, self.test_candidates), len(self.test_candidates)
+            exported = evaluate(self._evaluator(self.splits.test, "as_trained"), self._scored, rows)
+        exported = exported or tuned
+        return tuned, {
+            "documents": documents,
+            "ndcg@10": as_trained["ndcg@10"],
+            "exported_ndcg@10": exported["ndcg@10"],
+        }
+
     def _evaluator(self, ids: list[str], name: str):
         """The shared evaluator over ``ids``, with the run's query and document prompts; validation scores
-        against its candidate set (``train.val_documents``), the test split against the whole corpus."""
+        against its candidate set (``train.val_documents``), the as-trained check against the test queries'
+        (:meth:`_score_exported`), the test split against the whole corpus."""
+        candidates = {"val": self.val_candidates, "as_trained": self.test_candidates}
         return build_evaluator(
             self.data,
             ids,
@@ -258,7 +283,7 @@ class QLoRARun:
             self.prompts.query,
             self.recipe.model.batch_size,
             corpus_prompt=self.prompts.document,
-            corpus_ids=self.val_candidates if name == "val" else None,
+            corpus_ids=candidates.get(name),
         )
 
     def _by_dimension(self, model) -> dict | None:
