@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from finetune.errors import FinetuneError
 from finetune.memory.plan import METHODS, EncoderShape, Estimate, GiB, Setup, estimate, largest_fit
 from finetune.qlora.config import mini_batch_of, resolved_optimizer, resolved_precision
@@ -148,8 +150,6 @@ def plan_recipe(recipe, device: str, corpus_size: int = 0) -> RecipePlan:
     """The estimate for ``recipe`` on ``device``; ``mini_batch_size: auto`` resolved from the free memory.
     ``corpus_size`` documents' embeddings count towards the peak RSS. The run's random stream is left
     as it was: building the meta model draws from it, and LoRA's initialisation comes after the plan."""
-    import torch
-
     with torch.random.fork_rng(devices=[]):
         return _plan_recipe(recipe, device, corpus_size)
 
@@ -199,8 +199,8 @@ def with_checkpointing(recipe, on: bool):
 def plan_run(recipe, device: str, backend: str, echo=print, data=None) -> tuple[RecipePlan | None, int | None, bool]:
     """For a run: the plan (printed first), the cached loss's mini-batch (``auto`` resolved), and whether to
     checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS. A model the meta-device
-    count cannot run costs the run its plan line,
-    not the run; ``auto`` mini-batches then cannot be resolved and say so, ``auto`` checkpointing stays off."""
+    count cannot run costs the run its plan line, not the run; ``auto`` mini-batches then cannot be resolved
+    and say so, ``auto`` checkpointing stays off."""
     mini, auto = mini_batch_of(recipe), recipe.loss.cached and recipe.loss.mini_batch_size == "auto"
     checkpointing = recipe.train.gradient_checkpointing
     try:

@@ -260,11 +260,11 @@ class QLoRARun:
         """The exported model's test row (the corpus encoded once), and what merging changed: the exported and
         the as-trained model on the same documents (the test candidates, or the whole corpus when it fits)."""
         corpus = encode_corpus(self._scored, self.data, self.prompts, self.recipe.model.batch_size)
-        tuned, exported, documents = self._score("test", None, corpus_embeddings=corpus), None, len(corpus)
+        tuned = self._score("test", None, corpus_embeddings=corpus)
+        exported, documents = tuned, len(corpus)  # the whole corpus fits the check: the tuned row is the figure
         if self.test_candidates is not None:
             rows, documents = rows_of(self.data, corpus, self.test_candidates), len(self.test_candidates)
             exported = evaluate(self._evaluator(self.splits.test, "as_trained"), self._scored, rows)
-        exported = exported or tuned
         return tuned, {
             "documents": documents,
             "ndcg@10": as_trained["ndcg@10"],
