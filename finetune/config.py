@@ -239,6 +239,15 @@ class EvalConfig(Section):
     )
 
 
+class ExportConfig(Section):
+    """What ``model/`` holds beside the PyTorch weights."""
+
+    onnx: bool = Field(
+        False,
+        description="also write model/onnx/ (fp32 and int8, sentence-transformers' ONNX layout), checked",
+    )
+
+
 class RecipeCore(Section):
     """Fields every recipe kind has: a name, a seed, a device, the data, its splits, extra sets to score,
     and where runs go."""

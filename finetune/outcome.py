@@ -36,6 +36,9 @@ class Outcome:
         merge: The merge-scale choice (:func:`choose_merge`); None for a kind that does not merge.
         matryoshka: NDCG@10 at each ``loss.matryoshka_dims`` size, base and tuned.
         seconds: Where the run's time went, by stage.
+        exported: The ``SentenceTransformer`` that ``model/`` holds, for its card; None when nothing was exported.
+        card: What the kind says of that model in its card (:func:`finetune.model_card.write_model_card`):
+            ``base``, ``base_label``, ``method``, ``changed``.
     """
 
     base: dict
@@ -45,6 +48,8 @@ class Outcome:
     merge: dict | None = None
     matryoshka: dict | None = None
     seconds: dict = field(default_factory=dict)
+    exported: object = None
+    card: dict = field(default_factory=dict)
 
     def per_query(self) -> dict | None:
         """``{"base": rows, "tuned": rows}`` for ``per_query.jsonl`` and the paired significance test."""

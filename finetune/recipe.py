@@ -150,7 +150,9 @@ def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:
                 hint = f" (did you mean {' or '.join(moved)}?)"
             if elsewhere:  # a real field, of another kind: say so rather than guess at a spelling
                 kind = cls.model_fields["kind"].default
-                hint = f" for {kind} recipes (it is a field of {', '.join(elsewhere)} recipes); remove it"
+                why = getattr(cls, "unavailable", {}).get(loc[0])
+                why = f": {why}" if why else ""
+                hint = f" for {kind} recipes (it is a field of {', '.join(elsewhere)} recipes{why}); remove it"
             phrases.append(f"{field}: unknown field{hint}")
         elif err["type"] == "missing":
             phrases.append(f"{field}: required field is missing")

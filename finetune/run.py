@@ -19,7 +19,9 @@ from finetune.errors import FinetuneError
 from finetune.extra_sets import extra_table
 from finetune.kinds import KINDS
 from finetune.memory.host import return_freed_memory
+from finetune.model_card import write_model_card
 from finetune.models import pick_device
+from finetune.precision import precision_line
 from finetune.recipe import Recipe, dump_recipe
 from finetune.report import metrics_table, write_per_query
 from finetune.rundir import claim_run_dir, prepare_run_dir, write_run_header
@@ -92,15 +94,16 @@ def run_recipe(
 
         run_dir = _claim(path, resuming, overwrite, recipe_yaml, splits, command, say)
         start = Start.resume() if resuming else Start.adopt(adopt) if adopt is not None else Start.fresh()
-        result, per_query = _train_and_finish(job, run_dir, start, recipe, device, data, splits, selection)
+        result, outcome = _train_and_finish(job, run_dir, start, recipe, device, data, splits, selection)
     result["stages"] = clock.record()
     if distributed.is_main():
-        _write_and_print(run_dir, recipe, result, per_query, len(splits.test), selection, say)
+        _write_and_print(run_dir, recipe, result, outcome.per_query(), len(splits.test), selection, say)
     return run_dir
 
 
 def _train_and_finish(job, run_dir: Path, start: Start, recipe: Recipe, device: str, data, splits, selection: bool):
-    """The runner's train and finish phases, then the paired test: ``metrics.json``'s fields and per-query rows."""
+    """The runner's train and finish phases, the paired test and the model card: ``metrics.json``'s fields and the
+    outcome."""
     t0 = time.perf_counter()
     with stage("training"):
         job.train(run_dir, start)
@@ -111,7 +114,12 @@ def _train_and_finish(job, run_dir: Path, start: Start, recipe: Recipe, device: 
     if per_query and distributed.is_main():
         with stage("significance"):
             result["significance"] = compare_rows(per_query, seed=recipe.seed)
-    return result, per_query
+    if outcome.exported is not None and distributed.is_main():
+        with stage("model card"):
+            write_model_card(
+                run_dir / "model", outcome.exported, recipe, result, splits.data_fingerprint, outcome.card
+            )
+    return result, outcome
 
 
 def _data_and_splits(recipe: Recipe, path: Path, resuming: bool, selection: bool):
@@ -179,6 +187,8 @@ def _write_and_print(run_dir: Path, recipe, result: dict, per_query, n_test: int
         say(extra_table(result["also"]))
     if per_query:
         say(describe_significance(result["significance"], "validation" if selection else "test"))
+    if result.get("precision"):
+        say(precision_line(result["precision"]))
     if (run_dir / "summary.md").is_file():  # recipes that run several experiments tabulate them
         say("\n" + (run_dir / "summary.md").read_text(encoding="utf-8"))
     say("\n" + stage_table(result["stages"]))

@@ -69,4 +69,7 @@ def test_cross_adapter_export_scores_what_the_run_reported(
         "cache": {"dir": str(tmp_path / "cache")},
         "output": {"dir": str(tmp_path / "runs")},
     }
-    _assert_reported(run_recipe(validate_recipe(raw), echo=lambda *_: None), trust_remote_code=True)
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    _assert_reported(run_dir, trust_remote_code=True)
+    card = (run_dir / "model" / "README.md").read_text()  # the card says which side changed, and which encoders
+    assert "Only the query side changed" in card and f"`{tiny_model_wide}` and a trained projection" in card

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -66,6 +66,11 @@ class AdapterRecipe(RecipeBase):
     """
 
     kind: Literal["adapter"] = "adapter"
+    # fields of other kinds that cannot act here, and why (the unknown-field error says it)
+    unavailable: ClassVar[dict[str, str]] = {
+        "export": "ONNX export takes one encoder stack, and this kind's model/ sends queries and documents through "
+        "different modules (a Router)",
+    }
     name: str = "adapter"
     adapter: AdapterConfig = AdapterConfig()
     loss: LossConfig = LossConfig()

@@ -90,3 +90,15 @@ def save_model_folder(model, folder: str | Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     partial.rename(folder)
+
+
+def card_facts(recipe, trainable: int) -> dict:
+    """What the model card says of an adapter run's model (see :attr:`finetune.outcome.Outcome.card`)."""
+    return {
+        "base": recipe.model.name,
+        "method": f"a {recipe.adapter.type} query adapter over frozen embeddings, {trainable:,} trained parameters; "
+        f"loss {recipe.loss.type}",
+        "changed": f"Only the query side changed. `encode_query` runs the base encoder and then the trained "
+        f"{recipe.adapter.type} adapter; `encode_document` is the base encoder, unchanged, so an index built with "
+        "the base model stays valid.",
+    }

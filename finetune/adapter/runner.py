@@ -10,7 +10,7 @@ import torch
 
 from finetune.adapter.checkpoint import load_training_state
 from finetune.adapter.config import AdapterRecipe
-from finetune.adapter.export import export_adapter_model
+from finetune.adapter.export import card_facts, export_adapter_model
 from finetune.adapter.modules import build_adapter, save_adapter
 from finetune.adapter.negatives import build_sampler, relevant_pairs
 from finetune.adapter.train import train_adapter
@@ -25,6 +25,7 @@ from finetune.matryoshka import check_against_dimension, dims_line, ndcg_by_dime
 from finetune.merge_scale import check_can_choose_scale, scale_adapter
 from finetune.models import load_frozen_encoder
 from finetune.outcome import Outcome, choose_merge, score_also, swapped
+from finetune.precision import deployment_precision, relevant_rows
 from finetune.splits import Splits
 from finetune.stages import stage
 
@@ -167,15 +168,20 @@ class AdapterRun:
         adapter = self.trained if scale == 1.0 else scale_adapter(self.trained, scale)
         tuned = self._score("test", None, adapter)
         matryoshka = self._by_dimension(adapter) if self.recipe.loss.matryoshka_dims else None
+        queries = self._test_queries(adapter)  # the document index is the base model's, at every precision
+        precision = deployment_precision(
+            relevant_rows(self.data, self.splits.test), {k: (q, self.documents) for k, q in queries.items()}
+        )
         also, self.seconds["evaluate_also"] = score_also(
             self.extra, lambda split, x: self._score(split, x, None), lambda split, x: self._score(split, x, adapter)
         )
         adapter = adapter.cpu()
         save_adapter(adapter, run_dir / "adapter")
-        drift = None
+        drift = exported = None
         if self.recipe.model.provider == "local" and self.options.export:  # an API model has no weights to save
             with stage("export"):
-                drift = self._check_export(export_adapter_model(self.model, adapter, run_dir / "model"), adapter)
+                exported = export_adapter_model(self.model, adapter, run_dir / "model")
+                drift = self._check_export(exported, adapter)
         record = {
             "history": self.history,
             "train_pairs": len(self.pairs(self.splits.train)),
@@ -186,9 +192,11 @@ class AdapterRun:
             "model_source": self.model_source,
             "prompts": {"query": self.prompts.query, "document": self.prompts.document},
             "export_max_abs_diff": drift,
+            "precision": precision,
         }
         seconds = {k: self.seconds[k] for k in ("encode", "train", "evaluate_base", "evaluate_also")}
-        return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds)
+        card = card_facts(self.recipe, record["trainable_parameters"])
+        return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds, exported, card)
 
     def _score(self, split: str, extra: ExtraSet | None, adapter=CURRENT) -> dict:
         """The evaluator's metrics on ``split`` of the run's data (or of an ``eval.also`` set), queries
@@ -207,14 +215,17 @@ class AdapterRun:
         """The trained adapter with its residual scaled by ``s``, in place for :meth:`_score`."""
         return swapped(self, "_current", scale_adapter(self.trained, s))
 
-    def _by_dimension(self, adapter) -> dict:
-        """Test NDCG@10 at each ``loss.matryoshka_dims`` size, base and tuned (truncated, not re-encoded)."""
+    def _test_queries(self, adapter) -> dict[str, torch.Tensor]:
+        """The test queries' embeddings, ``base`` (cached) and ``tuned`` (through ``adapter``)."""
         rows = torch.tensor([self._row_of_text[self.data.queries[q]] for q in self.splits.test], dtype=torch.long)
         with torch.no_grad():
-            tuned = adapter(self.queries[rows].to(self.device)).cpu()
+            return {"base": self.queries[rows], "tuned": adapter(self.queries[rows].to(self.device)).cpu()}
+
+    def _by_dimension(self, adapter) -> dict:
+        """Test NDCG@10 at each ``loss.matryoshka_dims`` size, base and tuned (truncated, not re-encoded)."""
         scores = {
             which: ndcg_by_dimension(self.data, self.splits.test, q, self.documents, self.recipe.loss.matryoshka_dims)
-            for which, q in (("base", self.queries[rows]), ("tuned", tuned))
+            for which, q in self._test_queries(adapter).items()
         }
         self.echo(dims_line(scores["base"], scores["tuned"]))
         return scores

@@ -11,7 +11,7 @@ model alone is always a candidate.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -119,6 +119,11 @@ class CrossAdapterRecipe(RecipeCore):
     """
 
     kind: Literal["cross_adapter"] = "cross_adapter"
+    # fields of other kinds that cannot act here, and why (the unknown-field error says it)
+    unavailable: ClassVar[dict[str, str]] = {
+        "export": "ONNX export takes one encoder stack, and this kind's model/ sends queries and documents through "
+        "different modules (a Router)",
+    }
     name: str = "cross-adapter"
     query_model: ModelConfig = ModelConfig(name="sentence-transformers/all-mpnet-base-v2")
     document_model: ModelConfig = ModelConfig()

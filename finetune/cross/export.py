@@ -64,3 +64,15 @@ def export_router_model(
     model.similarity_fn_name = "cosine"
     save_model_folder(model, folder)
     return model
+
+
+def card_facts(recipe, method: str) -> dict:
+    """What the model card says of a cross_adapter run's model (see :attr:`finetune.outcome.Outcome.card`)."""
+    large, small = f"`{recipe.query_model.name}`", f"`{recipe.document_model.name}`"
+    return {
+        "base": recipe.document_model.name,
+        "base_label": "small model alone",
+        "method": f"a {recipe.projection.type} projection from {large} into {small}'s space ({method})",
+        "changed": f"Only the query side changed. `encode_query` runs {large} and a trained projection into "
+        f"{small}'s space; `encode_document` is {small}, unchanged, so an index built with it stays valid.",
+    }

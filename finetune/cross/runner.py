@@ -21,7 +21,7 @@ from finetune.cross.align import alignment_texts
 from finetune.cross.cells import Cell, Cells
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.cross.experiments import Experiment, budget_experiments, leave_one_domain_out, per_domain
-from finetune.cross.export import export_router_model
+from finetune.cross.export import card_facts, export_router_model
 from finetune.cross.extra import CrossExtraSets
 from finetune.cross.projection import Projection, load_projection, save_projection
 from finetune.cross.side import embed_side
@@ -30,6 +30,7 @@ from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
 from finetune.extra_sets import load_extra_sets
 from finetune.outcome import Outcome
+from finetune.precision import deployment_precision, relevant_rows
 from finetune.significance import paired_metric
 from finetune.splits import Splits
 from finetune.stages import stage
@@ -164,12 +165,13 @@ class CrossAdapterRun:
         models = {"query_model": recipe.query_model.name, "document_model": recipe.document_model.name}
         write_summary(run_dir, self.rows, {**models, "dims": list(self.dims), "input": recipe.projection.input})
         cell = max(self.exportable, key=Cell.rank)  # max keeps the first of equals
-        drift = None
+        drift = exported = None
         if self.options.export:
             save_projection(cell.projection, run_dir / "projection")
             with stage("export"):
-                drift = self._export(run_dir, cell.projection)
+                exported, drift = self._export(run_dir, cell.projection)
         zero = self.cells.zero_shot(exp.tests["test"])
+        precision = self._precision(exp.tests["test"], cell.projection)
         t0 = time.perf_counter()
         also = self.also.score(cell.projection.to(self.device), self.device)
         also_seconds = time.perf_counter() - t0
@@ -192,22 +194,39 @@ class CrossAdapterRun:
                 "document_model": self.cells.small.encoder.source,
             },
             "export_max_abs_diff": drift,
+            "precision": precision,
         }
         seconds = {
             "encode": self.encode_seconds,
             "train": self.train_seconds,
             "evaluate_also": also_seconds,
         }
-        return Outcome(zero["small model alone"], cell.test, record, also, seconds=seconds)
+        card = card_facts(recipe, cell.method)
+        return Outcome(
+            zero["small model alone"], cell.test, record, also, seconds=seconds, exported=exported, card=card
+        )
 
-    def _export(self, run_dir: Path, projection: Projection) -> dict | None:
-        """Save ``model/`` (both encoders local) and check it gives the toolkit's embeddings; else say why not."""
+    def _precision(self, ids: list[str], projection: Projection) -> dict:
+        """Test NDCG@10 with the small model's document index stored at lower precision: the small model's
+        own queries (base) and the projected ones (tuned)."""
+        cells, texts = self.cells, [self.data.queries[q] for q in ids]
+        docs = cells.small.docs
+        base = cells.lookup(cells.small.queries, docs).encode_query(texts)
+        tuned = cells.lookup(cells.inputs, docs, projection.to(self.device)).encode_query(texts)
+        return deployment_precision(relevant_rows(self.data, ids), {"base": (base, docs), "tuned": (tuned, docs)})
+
+    def _export(self, run_dir: Path, projection: Projection) -> tuple:
+        """Save ``model/`` (both encoders local) and check it gives the toolkit's embeddings; else say why not.
+
+        Returns:
+            ``(model, drift)``: the exported model and its check; ``(None, None)`` when nothing was saved.
+        """
         if not self.recipe.local_models():
             self.echo(
                 "model/: not written, as an API encoder has no weights to save; projection/ holds the trained map "
                 "(apply it to the API model's normalised query embeddings)"
             )
-            return None
+            return None, None
         large, small = self.cells.large.encoder.prompts, self.cells.small.encoder.prompts
         model = export_router_model(
             self.cells.large.encoder.model,
@@ -218,7 +237,7 @@ class CrossAdapterRun:
             document_prompt=small.document,
             small_query_prompt=small.query,
         )
-        return self._check_export(model, projection)
+        return model, self._check_export(model, projection)
 
     def _check_export(self, exported, projection: Projection) -> dict:
         """The exported Router model must give the toolkit's query and document embeddings."""

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config import NegativesConfig, RecipeBase, Section
+from finetune.config import ExportConfig, NegativesConfig, RecipeBase, Section
 from finetune.matryoshka import check_matryoshka_dims
 
 
@@ -150,6 +150,7 @@ class QLoRARecipe(RecipeBase):
     loss: EncoderLossConfig = EncoderLossConfig()
     negatives: NegativesConfig = NegativesConfig(strategy="none")
     train: QLoRATrainConfig = QLoRATrainConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _combinations(self):

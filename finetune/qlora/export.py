@@ -65,3 +65,87 @@ def check_export(trained, merged, folder: Path, queries: list[str], documents: l
         raise RuntimeError(f"the exported model's embeddings differ from the merged model's by {drift:.2e}")
     as_trained = cosine_to(trained, merged, queries, documents) if merged is not trained else torch.ones(1)
     return {"max_abs_diff": drift, "as_trained_min_cosine": float(as_trained.min())}
+
+
+def export_and_score(run, run_dir: Path, as_trained: dict) -> tuple[dict, dict]:
+    """Save and check ``model/`` of a :class:`~finetune.qlora.runner.QLoRARun` ``run``, then score it.
+
+    The exported model's test row encodes the corpus once; what merging changed is the exported and the
+    as-trained model on the same documents (the test candidates, or the whole corpus when it fits); the
+    stored-precision rows and ``model/onnx/`` (``export.onnx``) reuse that corpus encoding.
+
+    Returns:
+        ``(tuned row, export checks)``.
+    """
+    from finetune.base_corpus import encode_corpus, rows_of
+    from finetune.evaluation import evaluate
+    from finetune.precision import model_precision
+    from finetune.stages import stage
+
+    data, test, batch = run.data, run.splits.test, run.recipe.model.batch_size
+    queries = [data.queries[q] for q in test[:16]]
+    documents = [data.corpus[d] for d in list(data.corpus)[:16]]
+    with stage("export"):
+        run._scored, checked = save(run_dir, run.recipe, run.model, run._scored, queries, documents)
+    corpus = encode_corpus(run._scored, data, run.prompts, batch)
+    tuned = run._score("test", None, corpus_embeddings=corpus)
+    exported, count = tuned, len(corpus)  # the whole corpus fits the check: the tuned row is the figure
+    if run.test_candidates is not None:
+        rows, count = rows_of(data, corpus, run.test_candidates), len(run.test_candidates)
+        exported = evaluate(run._evaluator(test, "as_trained"), run._scored, rows)
+    checked["as_trained"] = {
+        "documents": count,
+        "ndcg@10": as_trained["ndcg@10"],
+        "exported_ndcg@10": exported["ndcg@10"],
+    }
+    run.precision["tuned"] = model_precision(run._scored, data, test, run.prompts, batch, corpus)
+    if run.recipe.export.onnx:
+        checked["onnx"] = save_onnx(run, run_dir, corpus)
+    return tuned, checked
+
+
+def save_onnx(run, run_dir: Path, corpus) -> dict:
+    """``model/onnx/`` (fp32 and int8) of a :class:`~finetune.qlora.runner.QLoRARun` ``run`` and its checks: fp32
+    against PyTorch on a sample of texts (in :func:`~finetune.onnx_export.export_onnx`); int8's test NDCG@10
+    against the PyTorch model's, on the same documents (the test candidates, or the whole corpus).
+
+    Args:
+        run: The run; ``run._scored`` is the exported model, ``corpus`` its embeddings of the whole corpus.
+
+    Returns:
+        The export's record, with ``documents``, ``pytorch_ndcg@10`` and ``int8_ndcg@10``; the run says it in a line.
+    """
+    from finetune.base_corpus import rows_of
+    from finetune.onnx_export import OnnxEncoder, export_onnx
+    from finetune.precision import ndcg_at_precision
+    from finetune.stages import stage
+
+    data, test, prompts, batch = run.data, run.splits.test, run.prompts, run.recipe.model.batch_size
+    merged, doc_ids = run._scored, run.test_candidates or list(data.corpus)
+    queries, texts = [data.queries[q] for q in test], [data.corpus[d] for d in doc_ids]
+    sample = [(prompts.query or "") + t for t in queries[:16]] + [(prompts.document or "") + t for t in texts[:16]]
+    with stage("onnx export"):
+        record = export_onnx(merged, run_dir / "model", sample)
+        row = {d: i for i, d in enumerate(doc_ids)}
+        relevant = [{row[d] for d in data.relevant[q]} for q in test]
+        ours = merged.encode_query(queries, prompt=prompts.query, batch_size=batch, convert_to_tensor=True).cpu()
+        ours_docs = rows_of(data, corpus, doc_ids) if run.test_candidates else corpus
+        int8 = OnnxEncoder(run_dir / "model", "int8", merged)
+        theirs = torch.from_numpy(int8.encode(queries, batch, prompts.query))
+        theirs_docs = torch.from_numpy(int8.encode(texts, batch, prompts.document))
+        record |= {
+            "documents": len(doc_ids),
+            "pytorch_ndcg@10": ndcg_at_precision(ours, ours_docs, relevant, "float32"),
+            "int8_ndcg@10": ndcg_at_precision(theirs, theirs_docs, relevant, "float32"),
+        }
+    run.echo(onnx_line(record))
+    return record
+
+
+def onnx_line(record: dict) -> str:
+    """The run's one line about its ONNX files."""
+    return (
+        f"onnx: model/{record['files']['fp32']} (min cosine to PyTorch {record['fp32_min_cosine']:.5f}) and "
+        f"model/{record['files']['int8']} (test NDCG@10 {record['int8_ndcg@10']:.4f}, PyTorch "
+        f"{record['pytorch_ndcg@10']:.4f}, on {record['documents']:,} documents)"
+    )

@@ -52,3 +52,21 @@ def qlora_record(run, merged, tuned_trained: dict, checked: dict | None) -> dict
         # seconds.per_step includes evaluation and checkpointing; step_time counts optimizer steps only
         "step_time": run.training.timer.summary(),
     }
+
+
+def card_facts(recipe, record: dict) -> dict:
+    """What the model card says of a qlora run's model (see :attr:`finetune.outcome.Outcome.card`)."""
+    if recipe.method == "full":
+        how = "full fine-tuning of every weight"
+    else:
+        layers = sorted({path.rsplit(".", 1)[-1] for path in record["model"]["lora_targets"] or []})
+        base = "4-bit NF4 base (QLoRA)" if recipe.quantization == "nf4" else "16-bit base"
+        how = (
+            f"LoRA on a {base}: r {recipe.lora.r}, alpha {recipe.lora.alpha} on "
+            f"{', '.join(f'`{t}`' for t in layers) or 'auto'}; merged into the full-precision weights"
+        )
+    return {
+        "base": recipe.model.name,
+        "method": f"{how}; loss {record['loss']}, {record['train_steps']} steps",
+        "changed": "Queries and documents both go through this model: re-index your documents with it.",
+    }

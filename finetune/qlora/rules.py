@@ -77,6 +77,12 @@ RULES: tuple[Rule, ...] = (
     ),
     *model_rules("model", frozen=False),
     Rule(
+        "export.onnx",
+        lambda r: not r.model.trust_remote_code,
+        "model.trust_remote_code is false (code from the checkpoint's repository is not traced to ONNX)",
+        ("model.trust_remote_code=true", "export.onnx=true"),
+    ),
+    Rule(
         "model.encode_devices",
         lambda r: False,
         "the recipe encodes with a frozen model (adapter, cross_adapter); QLoRA trains the encoder",

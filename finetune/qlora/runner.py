@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune import distributed
-from finetune.base_corpus import BaseCorpus, encode_corpus, rows_of
+from finetune.base_corpus import BaseCorpus
 from finetune.contract import RunOptions, Start
 from finetune.data.dataset import RetrievalData
 from finetune.evaluation import build_evaluator, evaluate
@@ -26,14 +26,16 @@ from finetune.lora_targets import summarise
 from finetune.matryoshka import check_against_dimension, dims_line, model_ndcg_by_dimension
 from finetune.merge_scale import check_can_choose_scale, interpolate, lora_scale, scale_lora_in_place
 from finetune.models import describe_stack, load_sentence_transformer
+from finetune.onnx_export import require_onnx
 from finetune.outcome import Outcome, choose_merge, score_also
+from finetune.precision import model_precision
 from finetune.qlora import export
 from finetune.qlora import train as training
 from finetune.qlora.backend import build_checked, parameter_counts, select_backend, training_sample
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.plan import plan_run, with_checkpointing
-from finetune.qlora.record import qlora_record
+from finetune.qlora.record import card_facts, qlora_record
 from finetune.qlora.stack import pooling_mode
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
@@ -74,6 +76,8 @@ class QLoRARun:
     ):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         self.options, self._evaluators = options, {}
+        if recipe.export.onnx and options.export:
+            require_onnx()
         self.choice = select_backend(recipe, device)
         self.memory, self.mini_batch_size, checkpointing = plan_run(recipe, device, self.choice.backend, echo, data)
         self.recipe = recipe = with_checkpointing(recipe, checkpointing)  # auto resolved: what later steps read
@@ -145,6 +149,9 @@ class QLoRARun:
         self.also_base = {x.label: self._score("test", x) for x in self.extra}  # before training moves the model
         self.also_seconds = time.perf_counter() - t0
         self.dims_base = self._by_dimension(self.reference)
+        if self.options.export:  # the base model and its corpus embeddings are gone once training starts
+            base = self.reference, self.data, self.splits.test, self.prompts, self.recipe.model.batch_size
+            self.precision = {"base": model_precision(*base, self.base_corpus.embeddings)}
         interpolating = self.recipe.method == "full" and self.recipe.merge.scale != 1.0
         self.base_state = _cpu_state(self.model) if interpolating else None
         del self.reference, self._scored, self.base_corpus
@@ -193,11 +200,7 @@ class QLoRARun:
             return Outcome(self.base, tuned_trained)
         checked = None
         if self.options.export:
-            queries = [self.data.queries[q] for q in self.splits.test[:16]]
-            documents = [self.data.corpus[d] for d in list(self.data.corpus)[:16]]
-            with stage("export"):
-                self._scored, checked = export.save(run_dir, self.recipe, self.model, self._scored, queries, documents)
-            tuned, checked["as_trained"] = self._score_exported(tuned_trained)
+            tuned, checked = export.export_and_score(self, run_dir, tuned_trained)
         else:  # a sweep point: the model as trained, scored on validation, nothing written
             self._scored, tuned = self.model, tuned_trained
         also, seconds = score_also(self.extra, lambda _, x: self.also_base[x.label], self._score)
@@ -206,12 +209,14 @@ class QLoRARun:
             matryoshka = {"base": self.dims_base, "tuned": self._by_dimension(self._scored)}
             self.echo(dims_line(self.dims_base, matryoshka["tuned"]))
         record = qlora_record(self, self._scored, tuned_trained, checked)
+        record["precision"] = self.precision if self.options.export else None
         seconds = {
             "train": self.training.seconds,
             "per_step": seconds_per_step(self.training.seconds, result.global_step, self.training.resumed_from),
             "evaluate_also": self.also_seconds + seconds,
         }
-        return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds)
+        exported, card = (self._scored, card_facts(self.recipe, record)) if self.options.export else (None, {})
+        return Outcome(self.base, tuned, record, also, merge, matryoshka, seconds, exported, card)
 
     def _merge(self, run_dir: Path) -> dict:
         """Put the trained model at ``merge.scale`` (``auto``: chosen on validation); return the choice.
@@ -256,25 +261,10 @@ class QLoRARun:
             evaluator = self._evaluators[split]
         return evaluate(evaluator, self._scored, corpus_embeddings)
 
-    def _score_exported(self, as_trained: dict) -> tuple[dict, dict]:
-        """The exported model's test row (the corpus encoded once), and what merging changed: the exported and
-        the as-trained model on the same documents (the test candidates, or the whole corpus when it fits)."""
-        corpus = encode_corpus(self._scored, self.data, self.prompts, self.recipe.model.batch_size)
-        tuned = self._score("test", None, corpus_embeddings=corpus)
-        exported, documents = tuned, len(corpus)  # the whole corpus fits the check: the tuned row is the figure
-        if self.test_candidates is not None:
-            rows, documents = rows_of(self.data, corpus, self.test_candidates), len(self.test_candidates)
-            exported = evaluate(self._evaluator(self.splits.test, "as_trained"), self._scored, rows)
-        return tuned, {
-            "documents": documents,
-            "ndcg@10": as_trained["ndcg@10"],
-            "exported_ndcg@10": exported["ndcg@10"],
-        }
-
     def _evaluator(self, ids: list[str], name: str):
         """The shared evaluator over ``ids``, with the run's query and document prompts; validation scores
         against its candidate set (``train.val_documents``), the as-trained check against the test queries'
-        (:meth:`_score_exported`), the test split against the whole corpus."""
+        (:func:`~finetune.qlora.export.export_and_score`), the test split against the whole corpus."""
         candidates = {"val": self.val_candidates, "as_trained": self.test_candidates}
         return build_evaluator(
             self.data,

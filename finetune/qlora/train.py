@@ -24,6 +24,7 @@ from finetune.contract import Start
 from finetune.errors import FinetuneError
 from finetune.qlora.behind import StopBehind
 from finetune.qlora.config import resolved_optimizer, resolved_precision
+from finetune.qlora.progress import use_training_bar
 from finetune.qlora.trainer import FinetuneTrainer, NonFiniteLoss, latest_checkpoint, load_lora_checkpoint
 from finetune.timing import StepTimer
 
@@ -151,6 +152,7 @@ def train(
     """
     timer = StepTimer(cuda=device == "cuda")
     trainer.add_callback(timer)
+    use_training_bar(trainer)
     behind = StopBehind(stop_behind, trainer.args.metric_for_best_model) if stop_behind else None
     if behind and trainer.args.metric_for_best_model:  # set only when there is a validation split
         trainer.add_callback(behind)

@@ -1,0 +1,127 @@
+"""What the gain keeps when a vector database stores the embeddings at lower precision.
+
+Users store vectors as int8 or binary (Qdrant, Weaviate, pgvector, usearch). For each of the run's
+models this scores the test split three ways, with sentence-transformers' ``quantize_embeddings``:
+
+- ``float32``: cosine over full-precision vectors (the evaluator's own figure, recomputed here as a check);
+- ``int8``: corpus and queries quantised to int8 with ranges calibrated on the corpus, scored by dot product;
+- ``binary``: the sign bits, the top :data:`RESCORE` by Hamming distance, rescored with the float query against
+  the document's bits (the rescoring of sentence-transformers' ``semantic_search_faiss``).
+
+The corpus is scored a chunk at a time, so memory does not grow with the corpus beyond its embeddings.
+
+Example:
+    >>> import torch
+    >>> q, d = torch.eye(2), torch.tensor([[1.0, -0.2], [-0.2, 1.0], [-1.0, -1.0]])
+    >>> ndcg_at_precision(q, d, [{0}, {1}], "binary")
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from finetune.stages import stage
+
+PRECISIONS = ("float32", "int8", "binary")
+RESCORE = 100  # binary: Hamming candidates rescored with the float query
+CHUNK = 32_768  # corpus rows scored at once
+
+
+def ndcg_at_precision(queries: torch.Tensor, corpus: torch.Tensor, relevant: list[set[int]], precision: str) -> float:
+    """Mean NDCG@10 of ``queries`` against ``corpus`` stored at ``precision``.
+
+    Args:
+        queries: Query embeddings, one row per query (raw; normalised here, as cosine does).
+        corpus: Document embeddings, in corpus order.
+        relevant: For each query, the corpus rows relevant to it.
+        precision: One of :data:`PRECISIONS`.
+    """
+    q = torch.nn.functional.normalize(queries.float(), dim=1)
+    d = torch.nn.functional.normalize(corpus.float(), dim=1)
+    if precision == "float32":
+        top = _top(q, d, 10, lambda a, b: a @ b.T)
+    elif precision == "int8":
+        from sentence_transformers.util import quantize_embeddings
+
+        ranges = np.vstack([d.min(0).values.numpy(), d.max(0).values.numpy()])  # calibrated on the corpus
+        as_int8 = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
+        top = _top(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
+    elif precision == "binary":
+        signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
+        candidates = _top(signs(q), d, min(RESCORE, len(d)), lambda a, b: a @ signs(b).T)
+        top = torch.cat(
+            [  # 256 queries at a time: each holds its RESCORE candidates' bits
+                c.gather(1, _stable_topk(torch.einsum("qd,qkd->qk", part, signs(d[c])), min(10, c.shape[1]), c))
+                for part, c in zip(q.split(256), candidates.split(256))
+            ]
+        )
+    else:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    return float(np.mean([ndcg_at_10(row.tolist(), rel) for row, rel in zip(top, relevant)]))
+
+
+def deployment_precision(relevant: list[set[int]], rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Test NDCG@10 of each model at each of :data:`PRECISIONS`.
+
+    Args:
+        relevant: For each test query, its relevant corpus rows.
+        rows: model name (``base``, ``tuned``) -> ``(test query embeddings, corpus embeddings)``.
+
+    Returns:
+        ``{"base": {"float32": ..., "int8": ..., "binary": ...}, "tuned": {...}}``.
+    """
+    with stage("stored precision"):
+        return {name: {p: ndcg_at_precision(q, d, relevant, p) for p in PRECISIONS} for name, (q, d) in rows.items()}
+
+
+def model_precision(model, data, query_ids: list[str], prompts, batch_size: int, corpus: torch.Tensor) -> dict:
+    """``model``'s test NDCG@10 at each of :data:`PRECISIONS`: its queries (encoded here, with ``prompts.query``)
+    against ``corpus``, its own embeddings of the whole corpus in corpus order."""
+    texts = [data.queries[q] for q in query_ids]
+    queries = model.encode_query(texts, prompt=prompts.query, batch_size=batch_size, convert_to_tensor=True).cpu()
+    return deployment_precision(relevant_rows(data, query_ids), {"model": (queries, corpus)})["model"]
+
+
+def relevant_rows(data, query_ids: list[str]) -> list[set[int]]:
+    """Each query's relevant documents as rows of the corpus (in corpus order)."""
+    row = {d: i for i, d in enumerate(data.corpus)}
+    return [{row[d] for d in data.relevant[q]} for q in query_ids]
+
+
+def precision_line(record: dict) -> str:
+    """One line under the run's table: NDCG@10 base -> tuned at each stored precision."""
+    cells = [f"{p} {record['base'][p]:.4f} -> {record['tuned'][p]:.4f}" for p in PRECISIONS]
+    return f"stored precision, test NDCG@10 base -> tuned: {'; '.join(cells)} (binary: top {RESCORE} rescored)"
+
+
+def _top(queries: torch.Tensor, corpus: torch.Tensor, k: int, score) -> torch.Tensor:
+    """The ``k`` best corpus rows per query under ``score(queries, corpus_chunk)``, a chunk of the corpus at a time;
+    equal scores go to the lower row, as the evaluator breaks ties by corpus id."""
+    best_scores, best_rows = None, None
+    for start in range(0, len(corpus), CHUNK):
+        scores = score(queries, corpus[start : start + CHUNK]).double()
+        rows = torch.arange(start, start + scores.shape[1]).expand_as(scores)
+        if best_scores is not None:
+            scores, rows = torch.cat([best_scores, scores], 1), torch.cat([best_rows, rows], 1)
+        keep = _stable_topk(scores, min(k, scores.shape[1]), rows)
+        best_scores, best_rows = scores.gather(1, keep), rows.gather(1, keep)
+    return best_rows
+
+
+def _stable_topk(scores: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, ties to the lower ``rows`` value (or position)."""
+    rows = torch.arange(scores.shape[1]).expand_as(scores) if rows is None else rows
+    order = torch.argsort(rows, dim=1, stable=True)  # by id first: a stable sort by score keeps ties in id order
+    by_score = torch.argsort(-scores.gather(1, order), dim=1, stable=True)[:, :k]
+    return order.gather(1, by_score)
+
+
+def ndcg_at_10(ranked: list, relevant: set) -> float:
+    """NDCG@10 of one ranking (ids, best first) against the set of relevant ids (binary gains)."""
+    dcg = sum(1 / math.log2(i + 2) for i, r in enumerate(ranked[:10]) if r in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
+    return dcg / ideal
