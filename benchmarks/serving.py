@@ -58,6 +58,7 @@ def throughput(run_dir: Path, rounds: int, threads: int, batch: int) -> dict:
         "texts_per_second": per_second,
         "ratio_to_pytorch": {name: per_second[name] / per_second["pytorch"] for name in per_second},
         "check": json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"],
+        "precision": json.loads((run_dir / "metrics.json").read_text())["precision"],
     }
 
 
@@ -75,7 +76,8 @@ def main() -> None:
 
     from finetune.vector_db import round_trip
 
-    payload = {}
+    targets = {"fp32_min_cosine": 0.999, "int8_ndcg_within": 0.005, "int8_speedup": 1.5, "db_within": 1e-3}
+    payload = {"targets": targets}
     if args.onnx:
         payload["onnx"] = throughput(args.onnx, args.rounds, args.threads, args.batch_size)
         print(json.dumps(payload["onnx"]["ratio_to_pytorch"], indent=1))
@@ -84,6 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         report = round_trip(run_dir, QdrantClient(":memory:"))
         report["seconds"] = time.perf_counter() - start
+        report["precision"] = json.loads((run_dir / "metrics.json").read_text())["precision"]
         payload["round_trip"][str(run_dir)] = report
         print(run_dir, json.dumps(report))
     write_result(args.name, payload)

@@ -58,8 +58,8 @@ def data_label(recipe) -> str:
 
     Example:
         >>> from finetune.recipe import load_recipe
-        >>> data_label(load_recipe("recipes/qlora.yaml", ["data=../shared/data/disfl_qa"]))
-        'disfl_qa'
+        >>> data_label(load_recipe("recipes/qlora.yaml", ["data=my_corpus/"]))
+        'my_corpus'
     """
     name = recipe.data.name or recipe.data.path or "data"
     return Path(name.rstrip("/")).stem if recipe.data.path and not recipe.data.name else name
@@ -122,6 +122,14 @@ def run_section(recipe, result: dict, data_label: str, fingerprint: str | None, 
         ("What changed", kind["changed"]),
         ("Training data", data + (f"; data fingerprint `{fingerprint}`" if fingerprint else "")),
     ]
+    onnx = ((result.get("export") or {}).get("onnx")) or {}
+    if onnx.get("files"):
+        rows.append((
+            "ONNX",
+            f"`{onnx['files']['fp32']}` (fp32, min cosine to PyTorch {onnx['fp32_min_cosine']:.5f}), "
+            f"`{onnx['files']['int8']}` (int8: test NDCG@10 {onnx['int8_ndcg@10']:.4f}, PyTorch "
+            f"{onnx['pytorch_ndcg@10']:.4f}, on {onnx['documents']:,} documents)",
+        ))  # fmt: skip
     scale = (result.get("merge") or {}).get("scale")
     if scale is not None and scale != 1.0:
         rows.append(("Merge scale", f"{scale:g} (the trained change, scaled; chosen on validation)"))

@@ -128,7 +128,8 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
             f"{MIN_COSINE}); the model's stack does not trace; use the PyTorch model/",
             where=str(folder / FILES["fp32"]),
         )
-    return {"files": FILES, "inputs": names} | {f"{p}_min_cosine": c for p, c in cosines.items()}
+    record = {"files": FILES, "inputs": names, "min_cosine_required": MIN_COSINE}
+    return record | {f"{p}_min_cosine": c for p, c in cosines.items()}
 
 
 class OnnxEncoder:

@@ -71,6 +71,7 @@ def test_a_qlora_run_writes_and_checks_onnx(tiny_model, tmp_path):
     tuned = json.loads((run_dir / "metrics.json").read_text())["tuned"]["ndcg@10"]
     assert record["pytorch_ndcg@10"] == pytest.approx(tuned, abs=1e-6)
     assert any(str(line).startswith("onnx: model/onnx/model.onnx") for line in lines)
+    assert f"int8: test NDCG@10 {record['int8_ndcg@10']:.4f}" in (run_dir / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("kind", ["adapter", "cross_adapter"])
@@ -80,3 +81,20 @@ def test_onnx_on_a_routed_kind_is_refused_before_anything_is_written(kind, tmp_p
     assert code == 2 and len(err.splitlines()) == 1
     assert "export: unknown field" in err and "ONNX export takes one encoder stack" in err and "a Router" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_graph_that_fails_its_check_leaves_the_runs_other_outputs(tiny_model, tmp_path, monkeypatch):
+    """The fp32 check cannot pass (a bar above cosine 1): one line says why, model/ and metrics.json stay."""
+    monkeypatch.setattr("finetune.onnx_export.MIN_COSINE", 1.5)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
+    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, steps=2)
+    raw["export"] = {"onnx": True}
+    lines = []
+    run_dir = run_recipe(validate_recipe(raw), echo=lines.append)
+    record = json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"]
+    assert "differ from PyTorch's" in record["error"]
+    assert not (run_dir / "model" / "onnx").exists() and not (run_dir / "model" / "onnx.partial").exists()
+    assert (run_dir / "model" / "README.md").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+    said = [str(line) for line in lines if str(line).startswith("onnx: not written (")]
+    assert len(said) == 1 and "differ from PyTorch's" in said[0] and "\n" not in said[0]

@@ -5,6 +5,7 @@ reproduces what was trained.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def save_onnx(run, run_dir: Path, corpus) -> dict:
 
     Returns:
         The export's record, with ``documents``, ``pytorch_ndcg@10`` and ``int8_ndcg@10``; the run says it in a line.
+        When the model does not export, ``{"error": why}``: the run says why and its other outputs stay.
     """
     from finetune.base_corpus import rows_of
     from finetune.onnx_export import OnnxEncoder, export_onnx
@@ -124,8 +126,16 @@ def save_onnx(run, run_dir: Path, corpus) -> dict:
     merged, doc_ids = run._scored, run.test_candidates or list(data.corpus)
     queries, texts = [data.queries[q] for q in test], [data.corpus[d] for d in doc_ids]
     sample = [(prompts.query or "") + t for t in queries[:16]] + [(prompts.document or "") + t for t in texts[:16]]
+    try:
+        with stage("onnx export"):
+            record = export_onnx(merged, run_dir / "model", sample)
+    except Exception as exc:  # a stack that does not trace, or traces wrong: the run's other outputs stay
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        for folder in ("onnx", "onnx.partial"):
+            shutil.rmtree(run_dir / "model" / folder, ignore_errors=True)
+        run.echo(f"onnx: not written ({reason}); model/ holds the PyTorch model")
+        return {"error": reason}
     with stage("onnx export"):
-        record = export_onnx(merged, run_dir / "model", sample)
         row = {d: i for i, d in enumerate(doc_ids)}
         relevant = [{row[d] for d in data.relevant[q]} for q in test]
         ours = merged.encode_query(queries, prompt=prompts.query, batch_size=batch, convert_to_tensor=True).cpu()
