@@ -83,8 +83,6 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
     Raises:
         FinetuneError: The model cannot be exported, or the fp32 graph's embeddings differ from PyTorch's.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     reason = why_not_exportable(model)
     if reason:
         raise FinetuneError(f"cannot export to ONNX: {reason}", where="export.onnx")
@@ -110,13 +108,7 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
             opset_version=17,
             dynamo=False,  # the TorchScript exporter: no onnxscript dependency
         )
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is for static quantization of CNNs
-    try:
-        int8 = partial / Path(FILES["int8"]).name
-        quantize_dynamic(partial / "model.onnx", int8, weight_type=QuantType.QInt8, per_channel=True)
-    finally:
-        logging.getLogger().setLevel(quiet)
+    _quantize(partial / "model.onnx", partial / Path(FILES["int8"]).name)
     shutil.rmtree(folder / "onnx", ignore_errors=True)
     partial.rename(folder / "onnx")
     _truncate_where_the_model_does(folder, model.max_seq_length)
@@ -173,6 +165,18 @@ class OnnxEncoder:
             out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
             out[order] = np.concatenate(parts)
         return out
+
+
+def _quantize(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic quantization: int8 weights per output channel, activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is for static quantization of CNNs
+    try:
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        logging.getLogger().setLevel(quiet)
 
 
 def _truncate_where_the_model_does(folder: Path, max_seq_length: int | None) -> None:

@@ -8,7 +8,8 @@ models this scores the test split three ways, with sentence-transformers' ``quan
 - ``binary``: the sign bits, the top :data:`RESCORE` by Hamming distance, rescored with the float query against
   the document's bits (the rescoring of sentence-transformers' ``semantic_search_faiss``).
 
-The corpus is scored a chunk at a time, so memory does not grow with the corpus beyond its embeddings.
+Queries are scored 256 at a time against 32,768 corpus rows at a time, so memory does not grow with the
+corpus beyond its embeddings.
 
 Example:
     >>> import torch
@@ -29,6 +30,7 @@ from finetune.stages import stage
 PRECISIONS = ("float32", "int8", "binary")
 RESCORE = 100  # binary: Hamming candidates rescored with the float query
 CHUNK = 32_768  # corpus rows scored at once
+QUERIES = 256  # queries scored at once: a block's scores against a chunk stay at 64 MiB
 
 
 def ndcg_at_precision(queries: torch.Tensor, corpus: torch.Tensor, relevant: list[set[int]], precision: str) -> float:
@@ -42,26 +44,31 @@ def ndcg_at_precision(queries: torch.Tensor, corpus: torch.Tensor, relevant: lis
     """
     q = torch.nn.functional.normalize(queries.float(), dim=1)
     d = torch.nn.functional.normalize(corpus.float(), dim=1)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    rank = _ranker(d, precision)
+    top = torch.cat([rank(block) for block in q.split(QUERIES)])  # a block of queries against a chunk at a time
+    return float(np.mean([ndcg_at_10(row.tolist(), rel) for row, rel in zip(top, relevant)]))
+
+
+def _ranker(d: torch.Tensor, precision: str):
+    """``rank(queries)``: the top 10 corpus rows of each query (normalised) against ``d`` stored at ``precision``."""
     if precision == "float32":
-        top = _top(q, d, 10, lambda a, b: a @ b.T)
-    elif precision == "int8":
+        return lambda q: _top(q, d, 10, lambda a, b: a @ b.T)
+    if precision == "int8":
         from sentence_transformers.util import quantize_embeddings
 
         ranges = np.vstack([d.min(0).values.numpy(), d.max(0).values.numpy()])  # calibrated on the corpus
         as_int8 = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
-        top = _top(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
-    elif precision == "binary":
-        signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
+        return lambda q: _top(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
+    signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
+
+    def binary(q: torch.Tensor) -> torch.Tensor:
         candidates = _top(signs(q), d, min(RESCORE, len(d)), lambda a, b: a @ signs(b).T)
-        top = torch.cat(
-            [  # 256 queries at a time: each holds its RESCORE candidates' bits
-                c.gather(1, _stable_topk(torch.einsum("qd,qkd->qk", part, signs(d[c])), min(10, c.shape[1]), c))
-                for part, c in zip(q.split(256), candidates.split(256))
-            ]
-        )
-    else:
-        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    return float(np.mean([ndcg_at_10(row.tolist(), rel) for row, rel in zip(top, relevant)]))
+        rescored = torch.einsum("qd,qkd->qk", q, signs(d[candidates]))  # the float query against the bits
+        return candidates.gather(1, _stable_topk(rescored, min(10, candidates.shape[1]), candidates))
+
+    return binary
 
 
 def deployment_precision(relevant: list[set[int]], rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
