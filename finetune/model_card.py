@@ -101,7 +101,8 @@ def write_model_card(folder: Path, model, recipe, result: dict, fingerprint: str
     from sentence_transformers.base.model_card import generate_model_card
 
     text = generate_model_card(model)
-    section = run_section(recipe, result, label, fingerprint, kind, facts["base_model"])
+    prompts = {k: v for k, v in (model.prompts or {}).items() if k in ("query", "document") and v}
+    section = run_section(recipe, result, label, fingerprint, kind | {"prompts": prompts}, facts["base_model"])
     marker = "\n## Usage\n"
     text = text.replace(marker, f"\n{section}\n{marker}", 1) if marker in text else f"{text}\n{section}"
     write_text(folder / "README.md", text)
@@ -122,6 +123,9 @@ def run_section(recipe, result: dict, data_label: str, fingerprint: str | None, 
         ("What changed", kind["changed"]),
         ("Training data", data + (f"; data fingerprint `{fingerprint}`" if fingerprint else "")),
     ]
+    if kind.get("prompts"):  # the usage snippet's encode_query / encode_document apply them
+        said = "; ".join(f"`encode_{k}` prepends {v!r}" for k, v in kind["prompts"].items())
+        rows.append(("Prompts", f"{said} (saved with the model)"))
     onnx = ((result.get("export") or {}).get("onnx")) or {}
     if onnx.get("files"):
         rows.append((

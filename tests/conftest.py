@@ -152,6 +152,18 @@ def qlora_recipe(data, model_path: Path, tmp_path: Path, steps: int = 12, **sect
     return raw
 
 
+def qlora_onnx_run(model_path: Path, tmp_path: Path, steps: int = 4, echo=lambda *_: None) -> Path:
+    """A finished tiny QLoRA run with ``export.onnx: true`` on 60 pairs; its run directory."""
+    from finetune.recipe import validate_recipe
+    from finetune.run import run_recipe
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
+    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, model_path, tmp_path, steps=steps)
+    raw["export"] = {"onnx": True}
+    return run_recipe(validate_recipe(raw), echo=echo)
+
+
 def adapter_recipe(data, model: Path, tmp_path: Path, **sections) -> dict:
     """A raw adapter recipe for tests: tiny model, short schedule, outputs and cache under tmp_path."""
     raw = {

@@ -77,7 +77,9 @@ def test_qlora_card_is_the_runs_own(carded_model, tmp_path):
 
 def test_adapter_card_says_only_the_query_side_changed(carded_model, pairs_file, tmp_path):
     raw = adapter_recipe({"path": str(pairs_file), "columns": COLUMNS_PAIRS}, carded_model, tmp_path)
+    raw["model"]["query_prompt"] = "find: "
     run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
     text, meta, metrics = _card(run_dir)
     _assert_run_card(text, meta, metrics)
     assert "Only the query side changed" in text and "stays valid" in text
+    assert "`encode_query` prepends 'find: '" in text  # the prompt the usage snippet applies, spelled out

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLUMNS_PAIRS, make_pairs, qlora_recipe
+from conftest import qlora_onnx_run
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.onnx_export import FILES, OnnxEncoder, export_onnx, why_not_exportable
-from finetune.recipe import validate_recipe
-from finetune.run import run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TEXTS = ["how do I build a fence", "a permit is needed for " * 12, "x", "solar panels on the roof of a shed"]
@@ -58,12 +56,8 @@ def test_a_router_model_is_refused_with_the_reason(tiny_model):
 
 
 def test_a_qlora_run_writes_and_checks_onnx(tiny_model, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
-    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, steps=4)
-    raw["export"] = {"onnx": True}
     lines = []
-    run_dir = run_recipe(validate_recipe(raw), echo=lines.append)
+    run_dir = qlora_onnx_run(tiny_model, tmp_path, echo=lines.append)
     record = json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"]
     assert record["fp32_min_cosine"] >= 0.999
     assert record["documents"] == 60 and 0 < record["int8_ndcg@10"] <= 1
@@ -86,12 +80,8 @@ def test_onnx_on_a_routed_kind_is_refused_before_anything_is_written(kind, tmp_p
 def test_a_graph_that_fails_its_check_leaves_the_runs_other_outputs(tiny_model, tmp_path, monkeypatch):
     """The fp32 check cannot pass (a bar above cosine 1): one line says why, model/ and metrics.json stay."""
     monkeypatch.setattr("finetune.onnx_export.MIN_COSINE", 1.5)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
-    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, steps=2)
-    raw["export"] = {"onnx": True}
     lines = []
-    run_dir = run_recipe(validate_recipe(raw), echo=lines.append)
+    run_dir = qlora_onnx_run(tiny_model, tmp_path, steps=2, echo=lines.append)
     record = json.loads((run_dir / "metrics.json").read_text())["export"]["onnx"]
     assert "differ from PyTorch's" in record["error"]
     assert not (run_dir / "model" / "onnx").exists() and not (run_dir / "model" / "onnx.partial").exists()

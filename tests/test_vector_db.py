@@ -3,10 +3,8 @@ the run's own test NDCG@10; the adapter's tuned queries search the index built o
 
 The client is imported at the top: a missing client is an error here, never a skip."""
 
-import json
-
 import pytest
-from conftest import COLUMNS_PAIRS, adapter_recipe, make_pairs, qlora_recipe
+from conftest import COLUMNS_PAIRS, adapter_recipe, qlora_onnx_run
 from qdrant_client import QdrantClient
 
 from finetune.recipe import validate_recipe
@@ -15,11 +13,7 @@ from finetune.vector_db import round_trip
 
 
 def test_qlora_onnx_through_fastembed_and_qdrant_gives_the_runs_number(tiny_model, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
-    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, steps=4)
-    raw["export"] = {"onnx": True}
-    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    run_dir = qlora_onnx_run(tiny_model, tmp_path)
     report = round_trip(run_dir, QdrantClient(":memory:"))
     assert report["client"].startswith("fastembed")
     assert report["points"] == 60
