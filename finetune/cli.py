@@ -6,6 +6,7 @@ import argparse
 import logging
 import shlex
 import sys
+from pathlib import Path
 
 from finetune.errors import FinetuneError
 
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace --run-dir if it exists")
     validate.add_argument("--no-data", action="store_true", help="check the recipe only, not its data")
+    export = sub.add_parser("export", help="add files to a finished run's model/: --onnx (fp32 and int8, checked)")
+    export.add_argument("run_dir", help="a finished run directory, e.g. runs/qlora-faq-...")
+    export.add_argument("--onnx", action="store_true", help="write model/onnx/ and record its checks")
+    export.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _compare_parser(sub)
     _plan_and_sweep_parsers(sub)
     _synth_parsers(sub)
@@ -177,6 +182,13 @@ def _dispatch(args, command: str) -> int:
         return _compare(args)
     if args.command in ("synth", "chunk"):
         return _synth(args)
+    if args.command == "export":
+        if not args.onnx:
+            raise FinetuneError("say what to add: --onnx", where="export")
+        from finetune.export_command import export_run_onnx
+
+        export_run_onnx(Path(args.run_dir))
+        return 0
     if args.command == "sweep":
         from finetune.sweep import run_sweep
 

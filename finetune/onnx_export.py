@@ -124,6 +124,42 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
     return record | {f"{p}_min_cosine": c for p, c in cosines.items()}
 
 
+def int8_check(folder: Path, model, data, test: list[str], doc_ids: list[str], prompts: dict, ours) -> dict:
+    """Test NDCG@10 of the int8 graph in ``folder`` beside the PyTorch model's, on the documents ``doc_ids``.
+
+    Args:
+        model: The ``SentenceTransformer`` in ``folder`` (its tokenizer).
+        prompts: ``{"query": ..., "document": ...}``, prepended as text (ONNX clients have no prompts).
+        ours: The PyTorch model's ``(test query embeddings, embeddings of doc_ids)``.
+
+    Returns:
+        ``{"documents", "pytorch_ndcg@10", "int8_ndcg@10"}``.
+    """
+    from finetune.precision import ndcg_at_precision
+
+    row = {d: i for i, d in enumerate(doc_ids)}
+    relevant = [{row[d] for d in data.relevant[q]} for q in test]
+    int8 = OnnxEncoder(folder, "int8", model)
+    theirs = int8.encode([data.queries[q] for q in test], prompt=prompts.get("query"))
+    theirs_docs = int8.encode([data.corpus[d] for d in doc_ids], prompt=prompts.get("document"))
+    return {
+        "documents": len(doc_ids),
+        "pytorch_ndcg@10": ndcg_at_precision(ours[0], ours[1], relevant, "float32"),
+        "int8_ndcg@10": ndcg_at_precision(
+            torch.from_numpy(theirs), torch.from_numpy(theirs_docs), relevant, "float32"
+        ),
+    }
+
+
+def onnx_line(record: dict) -> str:
+    """The run's one line about its ONNX files."""
+    return (
+        f"onnx: model/{record['files']['fp32']} (min cosine to PyTorch {record['fp32_min_cosine']:.5f}) and "
+        f"model/{record['files']['int8']} (test NDCG@10 {record['int8_ndcg@10']:.4f}, PyTorch "
+        f"{record['pytorch_ndcg@10']:.4f}, on {record['documents']:,} documents)"
+    )
+
+
 class OnnxEncoder:
     """Encode texts with ``folder/onnx/`` through onnxruntime alone (the model's tokenizer, the graph's
     ``sentence_embedding``).

@@ -115,6 +115,7 @@ def _train_and_finish(job, run_dir: Path, start: Start, recipe: Recipe, device: 
         with stage("significance"):
             result["significance"] = compare_rows(per_query, seed=recipe.seed)
     if outcome.exported is not None and distributed.is_main():
+        result["card"] = outcome.card  # what the kind says of its model: `export RUN --onnx` rewrites the card
         with stage("model card"):
             write_model_card(
                 run_dir / "model", outcome.exported, recipe, result, splits.data_fingerprint, outcome.card

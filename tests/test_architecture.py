@@ -20,7 +20,7 @@ KIND_PACKAGES = ("adapter", "qlora", "cross")
 # top to bottom; a module may import its own layer or any below it, never one above
 LAYERS = (
     {"finetune", "finetune.cli", "finetune.__main__"},  # the package re-exports the public API
-    {"finetune.sweep", "finetune.sweep_report", "finetune.compare", "finetune.vector_db"},  # read run directories
+    {"finetune.sweep", "finetune.sweep_report", "finetune.compare", "finetune.vector_db", "finetune.export_command"},
     {"finetune.run"},
     {"finetune.recipe"},
     {"finetune.kinds"},

@@ -88,3 +88,40 @@ def test_a_graph_that_fails_its_check_leaves_the_runs_other_outputs(tiny_model, 
     assert (run_dir / "model" / "README.md").is_file() and (run_dir / "model" / "model.safetensors").is_file()
     said = [str(line) for line in lines if str(line).startswith("onnx: not written (")]
     assert len(said) == 1 and "differ from PyTorch's" in said[0] and "\n" not in said[0]
+
+
+def test_export_adds_onnx_to_a_finished_run_and_its_card(tiny_model, tmp_path, capsys):
+    from conftest import COLUMNS_PAIRS, make_pairs, qlora_recipe
+
+    from finetune.recipe import validate_recipe
+    from finetune.run import run_recipe
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60)))
+    raw = qlora_recipe({"path": str(pairs), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path, steps=2)
+    run_dir = run_recipe(validate_recipe(raw), echo=lambda *_: None)
+    assert not (run_dir / "model" / "onnx").exists()
+    assert main(["export", str(run_dir), "--onnx"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record = metrics["export"]["onnx"]
+    assert (run_dir / "model" / FILES["int8"]).is_file() and record["fp32_min_cosine"] >= 0.999
+    assert record["pytorch_ndcg@10"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)  # whole corpus
+    assert f"int8: test NDCG@10 {record['int8_ndcg@10']:.4f}" in (run_dir / "model" / "README.md").read_text()
+    assert "onnx: model/onnx/model.onnx" in capsys.readouterr().out
+
+
+def test_export_refuses_a_routed_model_and_an_unfinished_run(tiny_model, pairs_file, tmp_path, capsys):
+    from conftest import COLUMNS_PAIRS, adapter_recipe
+
+    from finetune.recipe import validate_recipe
+    from finetune.run import run_recipe
+
+    run_dir = run_recipe(validate_recipe(adapter_recipe(
+        {"path": str(pairs_file), "columns": COLUMNS_PAIRS}, tiny_model, tmp_path)), echo=lambda *_: None)  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--onnx"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a Router" in errors[0] and not (run_dir / "model" / "onnx").exists()
+    (tmp_path / "unfinished").mkdir()
+    assert main(["export", str(tmp_path / "unfinished"), "--onnx"]) == 2
+    assert "not a finished run" in capsys.readouterr().err

@@ -118,8 +118,7 @@ def save_onnx(run, run_dir: Path, corpus) -> dict:
         When the model does not export, ``{"error": why}``: the run says why and its other outputs stay.
     """
     from finetune.base_corpus import rows_of
-    from finetune.onnx_export import OnnxEncoder, export_onnx
-    from finetune.precision import ndcg_at_precision
+    from finetune.onnx_export import export_onnx, int8_check, onnx_line
     from finetune.stages import stage
 
     data, test, prompts, batch = run.data, run.splits.test, run.prompts, run.recipe.model.batch_size
@@ -136,26 +135,9 @@ def save_onnx(run, run_dir: Path, corpus) -> dict:
         run.echo(f"onnx: not written ({reason}); model/ holds the PyTorch model")
         return {"error": reason}
     with stage("onnx export"):
-        row = {d: i for i, d in enumerate(doc_ids)}
-        relevant = [{row[d] for d in data.relevant[q]} for q in test]
         ours = merged.encode_query(queries, prompt=prompts.query, batch_size=batch, convert_to_tensor=True).cpu()
         ours_docs = rows_of(data, corpus, doc_ids) if run.test_candidates else corpus
-        int8 = OnnxEncoder(run_dir / "model", "int8", merged)
-        theirs = torch.from_numpy(int8.encode(queries, batch, prompts.query))
-        theirs_docs = torch.from_numpy(int8.encode(texts, batch, prompts.document))
-        record |= {
-            "documents": len(doc_ids),
-            "pytorch_ndcg@10": ndcg_at_precision(ours, ours_docs, relevant, "float32"),
-            "int8_ndcg@10": ndcg_at_precision(theirs, theirs_docs, relevant, "float32"),
-        }
+        said = {"query": prompts.query, "document": prompts.document}
+        record |= int8_check(run_dir / "model", merged, data, test, doc_ids, said, (ours, ours_docs))
     run.echo(onnx_line(record))
     return record
-
-
-def onnx_line(record: dict) -> str:
-    """The run's one line about its ONNX files."""
-    return (
-        f"onnx: model/{record['files']['fp32']} (min cosine to PyTorch {record['fp32_min_cosine']:.5f}) and "
-        f"model/{record['files']['int8']} (test NDCG@10 {record['int8_ndcg@10']:.4f}, PyTorch "
-        f"{record['pytorch_ndcg@10']:.4f}, on {record['documents']:,} documents)"
-    )
