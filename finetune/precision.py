@@ -120,11 +120,26 @@ def _top(queries: torch.Tensor, corpus: torch.Tensor, k: int, score) -> torch.Te
 
 
 def _stable_topk(scores: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the ``k`` highest scores per row, ties to the lower ``rows`` value (or position)."""
+    """Indices of the ``k`` highest scores per row, ties to the lower ``rows`` value (or position).
+
+    ``torch.topk`` takes a few more than ``k`` (linear in the row's length), which are then sorted exactly;
+    a row whose ties at the k-th score may run past that superset is sorted in full.
+    """
     rows = torch.arange(scores.shape[1]).expand_as(scores) if rows is None else rows
+    wide = min(scores.shape[1], k + 16)
+    values, superset = torch.topk(scores, wide, dim=1)  # values descending
+    picked = superset.gather(1, _sorted_by_score_then_row(values, rows.gather(1, superset))[:, :k])
+    if wide < scores.shape[1]:
+        spill = values[:, -1] == values[:, k - 1]  # equal scores may lie outside the superset
+        if spill.any():
+            picked[spill] = _sorted_by_score_then_row(scores[spill], rows[spill])[:, :k]
+    return picked
+
+
+def _sorted_by_score_then_row(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Column order per row: score descending, then row id ascending."""
     order = torch.argsort(rows, dim=1, stable=True)  # by id first: a stable sort by score keeps ties in id order
-    by_score = torch.argsort(-scores.gather(1, order), dim=1, stable=True)[:, :k]
-    return order.gather(1, by_score)
+    return order.gather(1, torch.argsort(-scores.gather(1, order), dim=1, stable=True))
 
 
 def ndcg_at_10(ranked: list, relevant: set) -> float:

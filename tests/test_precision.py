@@ -89,3 +89,16 @@ def test_a_run_reports_stored_precision_beside_its_own_rows(tiny_model, pairs_fi
     for row in ("base", "tuned"):
         assert metrics["precision"][row]["float32"] == pytest.approx(metrics[row]["ndcg@10"], abs=1e-6)
     assert any(str(line).startswith("stored precision, test NDCG@10 base -> tuned: float32") for line in lines)
+
+
+@pytest.mark.parametrize("levels", [3, 50, 10_000])
+def test_top_k_is_score_then_lowest_id_with_any_number_of_ties(levels):
+    """Few score levels (ties past the top-k superset), some, and almost none: the same order as a full sort."""
+    from finetune.precision import _stable_topk
+
+    g = torch.Generator().manual_seed(levels)
+    scores = torch.randint(0, levels, (40, 500), generator=g).double()
+    rows = torch.stack([torch.randperm(500, generator=g) for _ in range(40)])
+    got = rows.gather(1, _stable_topk(scores, 10, rows))
+    expected = [[r for _, r in sorted(zip((-scores[i]).tolist(), rows[i].tolist()))][:10] for i in range(len(scores))]
+    assert got.tolist() == expected
