@@ -41,6 +41,11 @@ class FinetuneTrainer(SentenceTransformerTrainer):
         self.lora_checkpoints = lora
         super().__init__(**kwargs)
 
+    def add_model_card_callback(self, default_args_dict) -> None:
+        """No card callback (sentence-transformers' documented override): the run writes ``model/README.md`` from
+        its own data and numbers (:mod:`finetune.model_card`), so the callback's dataset statistics and widget
+        examples, computed when the trainer is built, would be work thrown away."""
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = out[0] if isinstance(out, tuple) else out
