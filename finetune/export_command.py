@@ -31,7 +31,7 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
     from finetune.atomic import write_json
     from finetune.data import load_data
     from finetune.model_card import write_model_card
-    from finetune.onnx_export import export_onnx, int8_check, onnx_line, require_onnx, why_not_exportable
+    from finetune.onnx_export import export_checked, onnx_line, require_onnx, why_not_exportable
     from finetune.recipe import load_recipe
     from finetune.splits import Splits
 
@@ -50,16 +50,12 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
     data, splits = load_data(recipe.data), Splits.load(run_dir / "splits.json")
     test, prompts = splits.test, metrics.get("prompts") or {}
     doc_ids = _documents(data, test, recipe.seed)
-    queries = [data.queries[q] for q in test]
-    texts = [data.corpus[d] for d in doc_ids]
-    sample = [(prompts.get("query") or "") + t for t in queries[:16]]
-    sample += [(prompts.get("document") or "") + t for t in texts[:16]]
-    record = export_onnx(model, run_dir / "model", sample)
+    queries, texts = [data.queries[q] for q in test], [data.corpus[d] for d in doc_ids]
     ours = (
         model.encode_query(queries, prompt=prompts.get("query"), convert_to_tensor=True).cpu(),
         model.encode_document(texts, prompt=prompts.get("document"), convert_to_tensor=True).cpu(),
     )
-    record |= int8_check(run_dir / "model", model, data, test, doc_ids, prompts, ours)
+    record = export_checked(model, run_dir / "model", data, test, doc_ids, prompts, ours)
     metrics.setdefault("export", {})["onnx"] = record
     if metrics.get("card"):  # runs from before cards recorded their kind's facts keep their card
         write_model_card(run_dir / "model", model, recipe, metrics, splits.data_fingerprint, metrics["card"])

@@ -11,15 +11,12 @@ its paired interval, and, for the adapter kinds, which side of the model changed
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import yaml
 
 from finetune.atomic import write_text
 from finetune.evaluation import HEADLINE
-
-logger = logging.getLogger(__name__)
 
 TAGS = ["finetune", "retrieval"]
 

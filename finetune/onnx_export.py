@@ -124,30 +124,33 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
     return record | {f"{p}_min_cosine": c for p, c in cosines.items()}
 
 
-def int8_check(folder: Path, model, data, test: list[str], doc_ids: list[str], prompts: dict, ours) -> dict:
-    """Test NDCG@10 of the int8 graph in ``folder`` beside the PyTorch model's, on the documents ``doc_ids``.
+def export_checked(model, folder: Path, data, test: list[str], doc_ids: list[str], prompts: dict, ours) -> dict:
+    """:func:`export_onnx` with a sample of the run's own texts, then the int8 graph's test NDCG@10 beside the
+    PyTorch model's, on the documents ``doc_ids``.
 
     Args:
-        model: The ``SentenceTransformer`` in ``folder`` (its tokenizer).
+        model: The ``SentenceTransformer`` in ``folder``.
+        test: The test query ids.
         prompts: ``{"query": ..., "document": ...}``, prepended as text (ONNX clients have no prompts).
-        ours: The PyTorch model's ``(test query embeddings, embeddings of doc_ids)``.
+        ours: The PyTorch model's ``(embeddings of the test queries, embeddings of doc_ids)``.
 
     Returns:
-        ``{"documents", "pytorch_ndcg@10", "int8_ndcg@10"}``.
+        :func:`export_onnx`'s record with ``documents``, ``pytorch_ndcg@10`` and ``int8_ndcg@10``.
     """
-    from finetune.precision import ndcg_at_precision
+    from finetune.precision import ndcg_at_precision, relevant_rows
 
-    row = {d: i for i, d in enumerate(doc_ids)}
-    relevant = [{row[d] for d in data.relevant[q]} for q in test]
+    queries, texts = [data.queries[q] for q in test], [data.corpus[d] for d in doc_ids]
+    sample = [(prompts.get("query") or "") + t for t in queries[:16]]
+    sample += [(prompts.get("document") or "") + t for t in texts[:16]]
+    record = export_onnx(model, folder, sample)
+    relevant = relevant_rows(data, test, doc_ids)
     int8 = OnnxEncoder(folder, "int8", model)
-    theirs = int8.encode([data.queries[q] for q in test], prompt=prompts.get("query"))
-    theirs_docs = int8.encode([data.corpus[d] for d in doc_ids], prompt=prompts.get("document"))
-    return {
+    theirs = torch.from_numpy(int8.encode(queries, prompt=prompts.get("query")))
+    theirs_docs = torch.from_numpy(int8.encode(texts, prompt=prompts.get("document")))
+    return record | {
         "documents": len(doc_ids),
         "pytorch_ndcg@10": ndcg_at_precision(ours[0], ours[1], relevant, "float32"),
-        "int8_ndcg@10": ndcg_at_precision(
-            torch.from_numpy(theirs), torch.from_numpy(theirs_docs), relevant, "float32"
-        ),
+        "int8_ndcg@10": ndcg_at_precision(theirs, theirs_docs, relevant, "float32"),
     }
 
 
@@ -191,15 +194,15 @@ class OnnxEncoder:
         gives (normalised where the model normalises)."""
         texts = [f"{prompt}{t}" for t in texts] if prompt else list(texts)
         order = np.argsort([-len(t) for t in texts], kind="stable")  # like encode: fewer pad tokens per batch
-        out = np.empty((len(texts), 0), dtype=np.float32)
         parts = []
         for start in range(0, len(texts), batch_size):
             features = self.model.preprocess([texts[i] for i in order[start : start + batch_size]])
             feed = {n: features[n].numpy() for n in self.names}
             parts.append(self.session.run(["sentence_embedding"], feed)[0])
-        if parts:
-            out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
-            out[order] = np.concatenate(parts)
+        if not parts:
+            return np.empty((0, 0), dtype=np.float32)
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(parts)
         return out
 
 

@@ -93,9 +93,9 @@ def model_precision(model, data, query_ids: list[str], prompts, batch_size: int,
     return deployment_precision(relevant_rows(data, query_ids), {"model": (queries, corpus)})["model"]
 
 
-def relevant_rows(data, query_ids: list[str]) -> list[set[int]]:
-    """Each query's relevant documents as rows of the corpus (in corpus order)."""
-    row = {d: i for i, d in enumerate(data.corpus)}
+def relevant_rows(data, query_ids: list[str], doc_ids: list[str] | None = None) -> list[set[int]]:
+    """Each query's relevant documents as rows of ``doc_ids`` (default: the corpus, in corpus order)."""
+    row = {d: i for i, d in enumerate(data.corpus if doc_ids is None else doc_ids)}
     return [{row[d] for d in data.relevant[q]} for q in query_ids]
 
 

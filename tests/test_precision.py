@@ -102,3 +102,12 @@ def test_top_k_is_score_then_lowest_id_with_any_number_of_ties(levels):
     got = rows.gather(1, _stable_topk(scores, 10, rows))
     expected = [[r for _, r in sorted(zip((-scores[i]).tolist(), rows[i].tolist()))][:10] for i in range(len(scores))]
     assert got.tolist() == expected
+
+
+def test_relevant_rows_follow_the_documents_given(toy):
+    """Rows of a candidate list (its own order), not of the corpus: the ONNX check scores a subset."""
+    data, _, _ = toy
+    doc_ids = list(data.corpus)[::-1]
+    rows = relevant_rows(data, ["q0", "q1"], doc_ids)
+    assert rows == [{doc_ids.index(d) for d in data.relevant[q]} for q in ("q0", "q1")]
+    assert rows != relevant_rows(data, ["q0", "q1"])

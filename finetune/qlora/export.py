@@ -80,7 +80,7 @@ def export_and_score(run, run_dir: Path, as_trained: dict) -> tuple[dict, dict]:
     """
     from finetune.base_corpus import encode_corpus, rows_of
     from finetune.evaluation import evaluate
-    from finetune.precision import model_precision
+    from finetune.precision import deployment_precision, relevant_rows
     from finetune.stages import stage
 
     data, test, batch = run.data, run.splits.test, run.recipe.model.batch_size
@@ -99,45 +99,44 @@ def export_and_score(run, run_dir: Path, as_trained: dict) -> tuple[dict, dict]:
         "ndcg@10": as_trained["ndcg@10"],
         "exported_ndcg@10": exported["ndcg@10"],
     }
-    run.precision["tuned"] = model_precision(run._scored, data, test, run.prompts, batch, corpus)
+    texts = [data.queries[q] for q in test]  # encoded once: stored precision and the ONNX check share them
+    queries = run._scored.encode_query(texts, prompt=run.prompts.query, batch_size=batch, convert_to_tensor=True).cpu()
+    rows = {"tuned": (queries, corpus)}
+    run.precision["tuned"] = deployment_precision(relevant_rows(data, test), rows)["tuned"]
     if run.recipe.export.onnx:
-        checked["onnx"] = save_onnx(run, run_dir, corpus)
+        checked["onnx"] = save_onnx(run, run_dir, queries, corpus)
     return tuned, checked
 
 
-def save_onnx(run, run_dir: Path, corpus) -> dict:
-    """``model/onnx/`` (fp32 and int8) of a :class:`~finetune.qlora.runner.QLoRARun` ``run`` and its checks: fp32
-    against PyTorch on a sample of texts (in :func:`~finetune.onnx_export.export_onnx`); int8's test NDCG@10
-    against the PyTorch model's, on the same documents (the test candidates, or the whole corpus).
+def save_onnx(run, run_dir: Path, queries, corpus) -> dict:
+    """``model/onnx/`` (fp32 and int8) of a :class:`~finetune.qlora.runner.QLoRARun` ``run`` and its checks
+    (:func:`~finetune.onnx_export.export_checked`): int8 on the test candidates, or the whole corpus.
 
     Args:
-        run: The run; ``run._scored`` is the exported model, ``corpus`` its embeddings of the whole corpus.
+        run: The run; ``run._scored`` is the exported model, ``queries`` its test query embeddings and ``corpus``
+            its embeddings of the whole corpus.
 
     Returns:
         The export's record, with ``documents``, ``pytorch_ndcg@10`` and ``int8_ndcg@10``; the run says it in a line.
         When the model does not export, ``{"error": why}``: the run says why and its other outputs stay.
     """
     from finetune.base_corpus import rows_of
-    from finetune.onnx_export import export_onnx, int8_check, onnx_line
+    from finetune.onnx_export import export_checked, onnx_line
     from finetune.stages import stage
 
-    data, test, prompts, batch = run.data, run.splits.test, run.prompts, run.recipe.model.batch_size
-    merged, doc_ids = run._scored, run.test_candidates or list(data.corpus)
-    queries, texts = [data.queries[q] for q in test], [data.corpus[d] for d in doc_ids]
-    sample = [(prompts.query or "") + t for t in queries[:16]] + [(prompts.document or "") + t for t in texts[:16]]
+    doc_ids = run.test_candidates or list(run.data.corpus)
+    documents = rows_of(run.data, corpus, doc_ids) if run.test_candidates else corpus
+    prompts = {"query": run.prompts.query, "document": run.prompts.document}
     try:
         with stage("onnx export"):
-            record = export_onnx(merged, run_dir / "model", sample)
+            record = export_checked(
+                run._scored, run_dir / "model", run.data, run.splits.test, doc_ids, prompts, (queries, documents)
+            )
     except Exception as exc:  # a stack that does not trace, or traces wrong: the run's other outputs stay
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         for folder in ("onnx", "onnx.partial"):
             shutil.rmtree(run_dir / "model" / folder, ignore_errors=True)
         run.echo(f"onnx: not written ({reason}); model/ holds the PyTorch model")
         return {"error": reason}
-    with stage("onnx export"):
-        ours = merged.encode_query(queries, prompt=prompts.query, batch_size=batch, convert_to_tensor=True).cpu()
-        ours_docs = rows_of(data, corpus, doc_ids) if run.test_candidates else corpus
-        said = {"query": prompts.query, "document": prompts.document}
-        record |= int8_check(run_dir / "model", merged, data, test, doc_ids, said, (ours, ours_docs))
     run.echo(onnx_line(record))
     return record
