@@ -55,7 +55,7 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
         model.encode_query(queries, prompt=prompts.get("query"), convert_to_tensor=True).cpu(),
         model.encode_document(texts, prompt=prompts.get("document"), convert_to_tensor=True).cpu(),
     )
-    record = export_checked(model, run_dir / "model", data, test, doc_ids, prompts, ours)
+    record = export_checked(model, run_dir / "model", data, test, doc_ids, prompts, ours, recipe.model.batch_size)
     metrics.setdefault("export", {})["onnx"] = record
     if metrics.get("card"):  # runs from before cards recorded their kind's facts keep their card
         write_model_card(run_dir / "model", model, recipe, metrics, splits.data_fingerprint, metrics["card"])

@@ -124,7 +124,9 @@ def export_onnx(model, folder: Path, sample: list[str]) -> dict:
     return record | {f"{p}_min_cosine": c for p, c in cosines.items()}
 
 
-def export_checked(model, folder: Path, data, test: list[str], doc_ids: list[str], prompts: dict, ours) -> dict:
+def export_checked(
+    model, folder: Path, data, test: list[str], doc_ids: list[str], prompts: dict, ours, batch_size: int = 32
+) -> dict:
     """:func:`export_onnx` with a sample of the run's own texts, then the int8 graph's test NDCG@10 beside the
     PyTorch model's, on the documents ``doc_ids``.
 
@@ -133,6 +135,7 @@ def export_checked(model, folder: Path, data, test: list[str], doc_ids: list[str
         test: The test query ids.
         prompts: ``{"query": ..., "document": ...}``, prepended as text (ONNX clients have no prompts).
         ours: The PyTorch model's ``(embeddings of the test queries, embeddings of doc_ids)``.
+        batch_size: The int8 graph's batch: its activations are quantized per batch, so the figure depends on it.
 
     Returns:
         :func:`export_onnx`'s record with ``documents``, ``pytorch_ndcg@10`` and ``int8_ndcg@10``.
@@ -145,8 +148,8 @@ def export_checked(model, folder: Path, data, test: list[str], doc_ids: list[str
     record = export_onnx(model, folder, sample)
     relevant = relevant_rows(data, test, doc_ids)
     int8 = OnnxEncoder(folder, "int8", model)
-    theirs = torch.from_numpy(int8.encode(queries, prompt=prompts.get("query")))
-    theirs_docs = torch.from_numpy(int8.encode(texts, prompt=prompts.get("document")))
+    theirs = torch.from_numpy(int8.encode(queries, batch_size, prompts.get("query")))
+    theirs_docs = torch.from_numpy(int8.encode(texts, batch_size, prompts.get("document")))
     return record | {
         "documents": len(doc_ids),
         "pytorch_ndcg@10": ndcg_at_precision(ours[0], ours[1], relevant, "float32"),

@@ -129,8 +129,9 @@ def save_onnx(run, run_dir: Path, queries, corpus) -> dict:
     prompts = {"query": run.prompts.query, "document": run.prompts.document}
     try:
         with stage("onnx export"):
+            ours, batch = (queries, documents), run.recipe.model.batch_size
             record = export_checked(
-                run._scored, run_dir / "model", run.data, run.splits.test, doc_ids, prompts, (queries, documents)
+                run._scored, run_dir / "model", run.data, run.splits.test, doc_ids, prompts, ours, batch
             )
     except Exception as exc:  # a stack that does not trace, or traces wrong: the run's other outputs stay
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
