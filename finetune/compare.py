@@ -197,7 +197,11 @@ def _recipe_model(run_dir: Path) -> str:
     import yaml
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    return recipe.get("model", {}).get("name") or recipe.get("document_model", {}).get("name", "?")
+    # the base row's model: a reranker's base is its retriever, a cross-adapter's its document model
+    for section in ("retriever", "document_model", "model"):
+        if (recipe.get(section) or {}).get("name"):
+            return recipe[section]["name"]
+    return "?"
 
 
 def markdown_table(rows: list[dict], n_test: int, n_corpus: int) -> str:

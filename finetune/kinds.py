@@ -24,6 +24,7 @@ from finetune.contract import Runner
 from finetune.cross.config import CrossAdapterRecipe
 from finetune.errors import FinetuneError
 from finetune.qlora.config import QLoRARecipe
+from finetune.reranker.config import RerankerRecipe
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,17 @@ KINDS: dict[str, RecipeKind] = {
             sweepable=False,
             not_sweepable="a cross_adapter run already chooses its ridge, mix and epoch on validation; sweep adapter "
             "or qlora recipes",
+        ),
+        RecipeKind(
+            "reranker",
+            RerankerRecipe,
+            "finetune.reranker.runner:RerankerRun",
+            "finetune.reranker.rules",
+            caches_embeddings=False,
+            resumable=False,  # no checkpoints: the reranker trains for a set number of steps
+            sweepable=False,
+            not_sweepable="a reranker run chooses its k on validation; sweep its retriever's qlora recipe",
+            plans_memory="finetune.reranker.plan:plan_text",
         ),
     )
 }

@@ -74,16 +74,30 @@ def write_model_card(folder: Path, model, recipe, result: dict, fingerprint: str
         kind: What the kind says of its model (:attr:`finetune.outcome.Outcome.card`): ``base`` (the
             checkpoint's name), ``base_label`` (the base row's name), ``method`` and ``changed`` (one line each).
     """
+    label = data_label(recipe)
+    facts = base_card_facts(kind["base"])
+    name = f"{Path(kind['base']).name} fine-tuned on {label} ({recipe.kind})"
+    if getattr(model, "model_type", None) == "CrossEncoder":
+        text = _cross_encoder_card(model, facts, name)
+    else:
+        text = _bi_encoder_card(model, facts, name, label, result)
+    prompts = {k: v for k, v in (model.prompts or {}).items() if k in ("query", "document") and v}
+    section = run_section(recipe, result, label, fingerprint, kind | {"prompts": prompts}, facts["base_model"])
+    marker = "\n## Usage\n"
+    text = text.replace(marker, f"\n{section}\n{marker}", 1) if marker in text else f"{text}\n{section}"
+    write_text(folder / "README.md", text)
+
+
+def _bi_encoder_card(model, facts: dict, name: str, label: str, result: dict) -> str:
+    """sentence-transformers' card of a ``SentenceTransformer``, its data filled from the run."""
+    from sentence_transformers.base.model_card import generate_model_card
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
-    label = data_label(recipe)
-    base_name = kind["base"]
-    facts = base_card_facts(base_name)
     card = SentenceTransformerModelCardData(
         language=facts["language"],
         license=facts["license"],
-        model_name=f"{Path(base_name).name} fine-tuned on {label} ({recipe.kind})",
+        model_name=name,
         local_files_only=True,  # no Hub lookups: the base model is named from the recipe, the data is the user's
         tags=["sentence-transformers", "sentence-similarity", "feature-extraction", *TAGS],
     )
@@ -94,15 +108,25 @@ def write_model_card(folder: Path, model, recipe, result: dict, fingerprint: str
     evaluator = InformationRetrievalEvaluator({}, {}, {}, name=f"{label}-test")  # names the metrics only
     card.set_evaluation_metrics(evaluator, {f"{evaluator.name}_cosine_{m}": result["tuned"][m] for m in HEADLINE})
     card.training_logs = _validation_logs(result)
+    return generate_model_card(model)
 
+
+def _cross_encoder_card(model, facts: dict, name: str) -> str:
+    """sentence-transformers' card of a ``CrossEncoder`` (a reranker run's): its ``predict``/``rank`` usage."""
     from sentence_transformers.base.model_card import generate_model_card
+    from sentence_transformers.cross_encoder.model_card import CrossEncoderModelCardData
 
-    text = generate_model_card(model)
-    prompts = {k: v for k, v in (model.prompts or {}).items() if k in ("query", "document") and v}
-    section = run_section(recipe, result, label, fingerprint, kind | {"prompts": prompts}, facts["base_model"])
-    marker = "\n## Usage\n"
-    text = text.replace(marker, f"\n{section}\n{marker}", 1) if marker in text else f"{text}\n{section}"
-    write_text(folder / "README.md", text)
+    card = CrossEncoderModelCardData(
+        language=facts["language"],
+        license=facts["license"],
+        model_name=name,
+        local_files_only=True,
+        tags=["sentence-transformers", "cross-encoder", "reranker", *TAGS],
+    )
+    card.base_model = facts["base_model"]
+    model.model_card_data = card
+    card.register_model(model)
+    return generate_model_card(model)
 
 
 def run_section(recipe, result: dict, data_label: str, fingerprint: str | None, kind: dict, hub_id) -> str:

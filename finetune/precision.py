@@ -54,17 +54,17 @@ def ndcg_at_precision(queries: torch.Tensor, corpus: torch.Tensor, relevant: lis
 def _ranker(d: torch.Tensor, precision: str):
     """``rank(queries)``: the top 10 corpus rows of each query (normalised) against ``d`` stored at ``precision``."""
     if precision == "float32":
-        return lambda q: _top(q, d, 10, lambda a, b: a @ b.T)
+        return lambda q: top_rows(q, d, 10, lambda a, b: a @ b.T)
     if precision == "int8":
         from sentence_transformers.util import quantize_embeddings
 
         ranges = np.vstack([d.min(0).values.numpy(), d.max(0).values.numpy()])  # calibrated on the corpus
         as_int8 = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
-        return lambda q: _top(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
+        return lambda q: top_rows(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
     signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
 
     def binary(q: torch.Tensor) -> torch.Tensor:
-        candidates = _top(signs(q), d, min(RESCORE, len(d)), lambda a, b: a @ signs(b).T)
+        candidates = top_rows(signs(q), d, min(RESCORE, len(d)), lambda a, b: a @ signs(b).T)
         rescored = torch.einsum("qd,qkd->qk", q, signs(d[candidates]))  # the float query against the bits
         return candidates.gather(1, _stable_topk(rescored, min(10, candidates.shape[1]), candidates))
 
@@ -105,7 +105,7 @@ def precision_line(record: dict) -> str:
     return f"stored precision, test NDCG@10 base -> tuned: {'; '.join(cells)} (binary: top {RESCORE} rescored)"
 
 
-def _top(queries: torch.Tensor, corpus: torch.Tensor, k: int, score) -> torch.Tensor:
+def top_rows(queries: torch.Tensor, corpus: torch.Tensor, k: int, score) -> torch.Tensor:
     """The ``k`` best corpus rows per query under ``score(queries, corpus_chunk)``, a chunk of the corpus at a time;
     equal scores go to the lower row, as the evaluator breaks ties by corpus id."""
     best_scores, best_rows = None, None

@@ -155,7 +155,8 @@ def _describe(exc: ValidationError, cls: type[BaseModel]) -> str:
                 hint = f" for {kind} recipes (it is a field of {', '.join(elsewhere)} recipes{why}); remove it"
             phrases.append(f"{field}: unknown field{hint}")
         elif err["type"] == "missing":
-            phrases.append(f"{field}: required field is missing")
+            described = getattr(cls.model_fields.get(loc[0]), "description", None) if len(loc) == 1 else None
+            phrases.append(f"{field}: required field is missing{f' ({described})' if described else ''}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

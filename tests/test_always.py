@@ -70,6 +70,7 @@ SETUP = {  # field -> its value; seen in the data, splits, encoder calls, embedd
         **{f"{s}.{f}": v for s in ("query_model", "document_model") for f, v in MODEL_FIELDS.items()}
         | {"document_model.provider": "openai_compatible"},  # the fake OpenAI-compatible server's embeddings
     },
+    "reranker": {f"retriever.{f}": v for f, v in MODEL_FIELDS.items()},  # the retriever loads and encodes in set-up
 }
 SETUP["cross_adapter"] = {f: v for f, v in SETUP["cross_adapter"].items() if f in ALWAYS}  # the rest have rules
 TRAINING = {  # field -> value; seen in the trained adapter or projection of a tiny run (set up, train, finish)
@@ -99,6 +100,10 @@ BY_TEST = {  # field -> the test that changes it and sees the run change (what i
     "pooling": "test_checkpoint_stack.py::test_explicit_pooling_overrides_and_is_reported",  # mean over cls
     "model.provider": "test_api_embedder.py::test_adapter_trains_over_api_embeddings_batched_retried_and_cached_without_leaking_the_key",  # noqa: E501
     "query_model.provider": "test_cross_adapter.py::test_api_query_encoder_trains_saves_the_projection_and_no_model",
+    "retriever.provider": "test_reranker.py::test_bad_reranker_recipes_are_one_line_and_write_nothing",  # refused
+    "rerank.k": "test_reranker.py::test_a_fixed_k_reranks_and_the_base_row_is_the_retriever_alone",  # k = 10 reranks
+    "negatives.per_query": "test_reranker.py::test_a_bert_reranker_run_writes_both_stages_and_chooses_k_on_validation",
+    "teacher": "test_teacher.py::test_a_taught_qlora_run_records_its_teacher",  # the teacher's loss and record
 }
 WITNESSED = (
     set(ADAPTER_TRAIN)
@@ -228,6 +233,8 @@ def _base_raw(kind: str, prompted, pairs, tmp_path) -> dict:
     common = {"data": {"path": str(pairs), "columns": COLUMNS_PAIRS}, "output": {"dir": str(tmp_path / "runs")}}
     if kind == "adapter":
         return {"kind": kind, "model": {"name": str(small)}, "train": {"epochs": 2}, **common}
+    if kind == "reranker":
+        return {"kind": kind, "model": str(small), "retriever": {"name": str(small)}, "rerank": {"k": 3}, **common}
     models = {"query_model": {"name": str(large)}, "document_model": {"name": str(small)}}
     return {"kind": kind, **models, "mode": "label_only", "train_ratios": [1.0], "train": {"epochs": 2}, **common}
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
-KIND_PACKAGES = ("adapter", "qlora", "cross")
+KIND_PACKAGES = ("adapter", "qlora", "cross", "reranker")
 # top to bottom; a module may import its own layer or any below it, never one above
 LAYERS = (
     {"finetune", "finetune.cli", "finetune.__main__"},  # the package re-exports the public API
@@ -26,7 +26,7 @@ LAYERS = (
     {"finetune.kinds"},
     KIND_PACKAGES,  # the kinds' own packages
 )
-KIND_NAMES = ("adapter", "qlora", "cross_adapter")
+KIND_NAMES = ("adapter", "qlora", "cross_adapter", "reranker")
 
 
 def modules(package: Path = PACKAGE) -> dict[str, ast.Module]:

@@ -12,7 +12,8 @@ from finetune.kinds import KINDS
 from finetune.recipe import apply_overrides, load_recipe, validate_recipe
 
 FAQ = {"type": "builtin", "name": "construction-faq"}
-BASE = {kind: {"kind": kind, "data": FAQ} for kind in ("adapter", "qlora", "cross_adapter")}
+BASE = {kind: {"kind": kind, "data": FAQ} for kind in ("adapter", "qlora", "cross_adapter", "reranker")}
+BASE["reranker"]["retriever"] = {"name": "sentence-transformers/all-MiniLM-L6-v2"}  # the one required section
 
 
 def _leaves(cls: type[BaseModel], prefix: str = "") -> list[str]:

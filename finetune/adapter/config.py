@@ -70,6 +70,8 @@ class AdapterRecipe(RecipeBase):
     unavailable: ClassVar[dict[str, str]] = {
         "export": "ONNX export takes one encoder stack, and this kind's model/ sends queries and documents through "
         "different modules (a Router)",
+        "teacher": "the adapter trains a layer on cached embeddings of a frozen encoder; distil a teacher into the "
+        "encoder with kind: qlora",
     }
     name: str = "adapter"
     adapter: AdapterConfig = AdapterConfig()

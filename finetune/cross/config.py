@@ -123,6 +123,8 @@ class CrossAdapterRecipe(RecipeCore):
     unavailable: ClassVar[dict[str, str]] = {
         "export": "ONNX export takes one encoder stack, and this kind's model/ sends queries and documents through "
         "different modules (a Router)",
+        "teacher": "the cross_adapter trains a projection on cached embeddings of frozen encoders; distil a teacher "
+        "into the encoder with kind: qlora",
     }
     name: str = "cross-adapter"
     query_model: ModelConfig = ModelConfig(name="sentence-transformers/all-mpnet-base-v2")

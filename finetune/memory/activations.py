@@ -64,12 +64,14 @@ class ActivationProfile:
             runs outside the layers: embeddings, final norm).
         layers: Number of transformer layers.
         seq_length: Tokens per sequence.
+        can_checkpoint: False for an architecture transformers cannot checkpoint (MPNet): then checkpointed = total.
     """
 
     total: int
     checkpointed: int
     layers: int
     seq_length: int
+    can_checkpoint: bool = True
 
     @property
     def per_layer(self) -> int:
@@ -174,6 +176,9 @@ def profile(
     total = _count_saved(model, seq_length, autocast)
     # checkpointed layers save through the checkpoint's own hooks: the outer count sees only what
     # the checkpointed forward keeps
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        # MPNet and others: the run refuses train.gradient_checkpointing, so nothing is saved by it
+        return ActivationProfile(total, total, layer_count(config), seq_length, can_checkpoint=False)
     set_checkpointing(model, True)
     try:
         checkpointed = _count_saved(model, seq_length, autocast)

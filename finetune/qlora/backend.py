@@ -88,7 +88,7 @@ def select_backend(
                 "bitsandbytes 4-bit does not run on mps; use quantization=none or device=cpu",
                 where="recipe: quantization",
             )
-    return BackendChoice(backend, device, recipe.quantization, _compute_dtype(recipe.compute_dtype, device))
+    return BackendChoice(backend, device, recipe.quantization, compute_dtype_for(recipe.compute_dtype, device))
 
 
 def preload_unsloth(recipe) -> bool:
@@ -108,7 +108,8 @@ def preload_unsloth(recipe) -> bool:
     return True
 
 
-def _compute_dtype(requested: str, device: str) -> torch.dtype:
+def compute_dtype_for(requested: str, device: str) -> torch.dtype:
+    """``compute_dtype``, ``auto`` resolved: bf16 on CUDA (fp16 where the GPU lacks bf16), float32 elsewhere."""
     if requested != "auto":
         return getattr(torch, requested)
     if device == "cuda":
@@ -160,7 +161,7 @@ def build_encoder(recipe: QLoRARecipe, choice: BackendChoice, quantize: bool = T
     if recipe.pooling != "auto":
         override_pooling(model, recipe.pooling)
     if quantized:
-        _keep_cpu_weights_trainable(model)
+        keep_cpu_weights_trainable(model)
     targets: list[str] = []
     if quantize and recipe.method == "lora":
         targets = _add_lora(model, recipe)
@@ -186,7 +187,7 @@ def enable_checkpointing(model) -> None:
     set_checkpointing(auto_model, True)
 
 
-def _keep_cpu_weights_trainable(model) -> None:
+def keep_cpu_weights_trainable(model) -> None:
     """Stop bitsandbytes repacking 4-bit weights for fast CPU inference during evaluation.
 
     On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight the first time it runs without
@@ -209,7 +210,7 @@ def lora_targets(model, recipe: QLoRARecipe) -> list[str]:
 
 
 def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
-    from peft import LoraConfig, TaskType
+    from peft import TaskType
 
     auto_model = model[0].auto_model
     targets = lora_targets(model, recipe)
@@ -217,17 +218,7 @@ def _add_lora(model, recipe: QLoRARecipe) -> list[str]:
     # weight to float32, and with them the residual stream, doubling activation memory on a GPU
     # (a 262k-token embedding matrix alone: 0.8 GB). Checkpointing: enable_checkpointing, after LoRA.
     auto_model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(
-            task_type=TaskType.FEATURE_EXTRACTION,
-            r=recipe.lora.r,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=targets,
-            use_rslora=recipe.lora.use_rslora,
-            bias=recipe.lora.bias,
-        )
-    )
+    model.add_adapter(recipe.lora.peft_config(targets, task_type=TaskType.FEATURE_EXTRACTION))
     return targets
 
 

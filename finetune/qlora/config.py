@@ -6,18 +6,17 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config import ExportConfig, NegativesConfig, RecipeBase, Section
+from finetune.config import ExportConfig, ModelConfig, NegativesConfig, RecipeBase, Section
 from finetune.matryoshka import check_matryoshka_dims
 
 
-class LoraSection(Section):
-    """peft ``LoraConfig`` settings.
+class LoraAdapters(Section):
+    """peft ``LoraConfig`` settings, shared by every kind that trains LoRA adapters.
 
     ``target_modules: auto`` picks the attention and MLP projections per architecture (BERT:
     query, key, value, dense; MPNet: q, k, v, o; ModernBERT: Wqkv, Wo, Wi; Qwen/Gemma/Llama/
     Mistral: q/k/v/o_proj, gate/up/down_proj) and every linear layer but heads for any other
     (see :mod:`finetune.lora_targets`); a list names layers (``[q_proj, v_proj]``) or full paths.
-    ``train_head`` also trains, in full, the checkpoint's modules after pooling (Dense layers).
     """
 
     r: int = Field(16, gt=0)
@@ -26,6 +25,26 @@ class LoraSection(Section):
     target_modules: Literal["auto"] | list[str] = "auto"
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+
+    def peft_config(self, targets: list[str], **extra):
+        """peft's ``LoraConfig`` of these settings over ``targets`` (``extra``: the task type, modules to save)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            bias=self.bias,
+            **extra,
+        )
+
+
+class LoraSection(LoraAdapters):
+    """The encoder's LoRA settings; ``train_head`` also trains, in full, the checkpoint's modules after
+    pooling (Dense layers)."""
+
     train_head: bool = Field(
         False, description="also train the Dense/other modules after the transformer (frozen by default)"
     )
@@ -68,6 +87,33 @@ class EncoderLossConfig(Section):
         return check_matryoshka_dims(value)
 
 
+class TeacherConfig(Section):
+    """A teacher whose scores the encoder learns from (knowledge distillation), beside or instead of the labels.
+
+    ``model`` is a bi-encoder (any ``SentenceTransformer`` checkpoint, or a finished qlora run's ``model/``) or a
+    cross-encoder (a finished reranker run's ``model/``, or any ``CrossEncoder`` folder); the run folder itself
+    also works. Its scores of each training row's positive and mined negatives are computed once, before
+    training, and cached. ``loss: kl_div`` (``DistillKLDivLoss``) matches the student's softmax over
+    (positive, negatives) to the teacher's; ``margin_mse`` (``MarginMSELoss``) matches the positive-minus-negative
+    margins. ``mnrl_weight`` adds MultipleNegativesRankingLoss on the same batch at that weight (choose it on
+    validation: ``python -m finetune sweep recipes/qlora.yaml teacher.mnrl_weight=0,0.5,1``).
+    """
+
+    model: ModelConfig
+    loss: Literal["kl_div", "margin_mse"] = "kl_div"
+    temperature: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
+        "auto",
+        description="kl_div: the teacher's softmax temperature; auto: 0.05 for a bi-encoder's cosine scores (the "
+        "student's own, MNRL's scale 20), 1 for a cross-encoder's logits",
+    )
+    mnrl_weight: float = Field(0.0, ge=0.0, description="MultipleNegativesRankingLoss added at this weight")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value):
+        return {"model": value} if isinstance(value, str) else value
+
+
 def mini_batch_of(recipe) -> int | None:
     """The cached loss's mini-batch as set (``auto`` excepted): 32 or the batch, whichever is smaller, by default."""
     if not recipe.loss.cached or recipe.loss.mini_batch_size == "auto":
@@ -87,8 +133,8 @@ def resolved_precision(train, cuda: bool, bf16_supported: bool = True) -> str:
     return ("bf16" if bf16_supported else "fp16") if cuda else "fp32"
 
 
-class QLoRATrainConfig(Section):
-    """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
+class TrainerArguments(Section):
+    """The transformers ``TrainingArguments`` every trainer-based kind sets (qlora, reranker)."""
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(
@@ -100,8 +146,15 @@ class QLoRATrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
-    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(10, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class QLoRATrainConfig(TrainerArguments):
+    """``SentenceTransformerTrainingArguments`` the recipe sets (defaults as in the seed notebook)."""
+
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="keep only each layer's input, recompute the rest in backward: less memory, about one more "
@@ -122,8 +175,6 @@ class QLoRATrainConfig(Section):
     )
     save_total_limit: int = Field(2, gt=0)
     load_best_model_at_end: bool = True
-    logging_steps: int = Field(10, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
 
 
 class QLoRARecipe(RecipeBase):
@@ -151,6 +202,24 @@ class QLoRARecipe(RecipeBase):
     negatives: NegativesConfig = NegativesConfig(strategy="none")
     train: QLoRATrainConfig = QLoRATrainConfig()
     export: ExportConfig = ExportConfig()
+    teacher: TeacherConfig | None = Field(
+        None, description="distil a teacher's scores into the encoder (a bi-encoder, or a reranker run's model/)"
+    )
+
+    @model_validator(mode="after")
+    def _teacher(self):
+        if self.teacher is None:
+            return self
+        if self.negatives.strategy == "none":
+            raise ValueError(
+                "teacher: the student learns the teacher's scores over each row's positive and negatives, and "
+                "negatives.strategy is none; set negatives.strategy=mined"
+            )
+        if self.loss.cached or self.loss.matryoshka_dims:
+            raise ValueError("teacher: distillation takes the plain loss; remove loss.cached and loss.matryoshka_dims")
+        if self.teacher.model.provider != "local":
+            raise ValueError("teacher.model.provider: the teacher scores on this machine; use a local checkpoint")
+        return self
 
     @model_validator(mode="after")
     def _combinations(self):

@@ -7,10 +7,12 @@ either one.
 
 from __future__ import annotations
 
+import torch
+
 from finetune.qlora.config import EncoderLossConfig
 
 
-def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, gather: bool):
+def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, gather: bool, teacher=None):
     """The training loss for ``model``.
 
     Args:
@@ -18,6 +20,7 @@ def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, ga
         config: The recipe's ``loss`` section.
         mini_batch_size: The resolved ``loss.mini_batch_size`` (``auto`` already replaced), for the cached loss.
         gather: Gather the other ranks' embeddings as negatives (data-parallel runs).
+        teacher: A :class:`~finetune.qlora.teacher.Distillation`: its loss instead (:func:`distillation_loss`).
 
     Returns:
         A loss module for ``SentenceTransformerTrainer``.
@@ -31,6 +34,8 @@ def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, ga
         MultipleNegativesRankingLoss,
     )
 
+    if teacher is not None:
+        return distillation_loss(model, teacher.config, teacher.temperature)
     if config.cached:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, gather_across_devices=gather)
     else:
@@ -40,7 +45,66 @@ def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, ga
     return loss
 
 
-def describe_loss(config: EncoderLossConfig, mini_batch_size: int | None) -> str:
+def describe_loss(config: EncoderLossConfig, mini_batch_size: int | None, teacher=None) -> str:
     """``MNRL``, ``cached MNRL (mini-batch 8)``, ``... x Matryoshka [384, 128]`` for the run's first line."""
+    if teacher is not None:
+        return describe_teacher_loss(teacher.config, teacher.temperature)
     text = f"cached MNRL (mini-batch {mini_batch_size})" if config.cached else "MNRL"
     return text + (f" x Matryoshka {list(config.matryoshka_dims)}" if config.matryoshka_dims else "")
+
+
+class DistillationLoss(torch.nn.Module):
+    """A distillation loss plus ``weight`` x MultipleNegativesRankingLoss, on one embedding of the batch.
+
+    ``labels`` are the teacher's scores, ``(batch, 1 + negatives)`` with the positive first
+    (:func:`finetune.qlora.teacher.teacher_labels`); MNRL ignores them and uses the rest of the batch too.
+
+    Args:
+        model: The student ``SentenceTransformer``.
+        distill: ``DistillKLDivLoss`` or ``MarginMSELoss`` over the student's cosine scores.
+        weight: MNRL's weight (0: distillation alone).
+        scale: Multiplies the distillation loss (``DistillKLDivLoss`` multiplies its KL by the student temperature
+            squared, 0.0025 at MNRL's 0.05; 400 undoes it, so ``weight`` weighs two cross-entropies alike).
+    """
+
+    def __init__(self, model, distill, weight: float = 0.0, scale: float = 1.0):
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        super().__init__()
+        self.model, self.distill, self.weight, self.scale = model, distill, weight, scale
+        self.mnrl = MultipleNegativesRankingLoss(model) if weight else None
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        embeddings = embed_columns(self.model, sentence_features)
+        loss = self.scale * self.distill.compute_loss_from_embeddings(embeddings, labels)
+        if self.mnrl is not None:
+            loss = loss + self.weight * self.mnrl.compute_loss_from_embeddings(embeddings, labels)
+        return loss
+
+
+def distillation_loss(model, teacher, temperature: float | None) -> DistillationLoss:
+    """The recipe's ``teacher.loss`` over the student's cosine scores, with MNRL at ``teacher.mnrl_weight``.
+
+    Args:
+        model: The student.
+        teacher: The recipe's ``teacher`` section.
+        temperature: The teacher's softmax temperature (``kl_div``); the student's is MNRL's, 0.05.
+    """
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+    from sentence_transformers.util import pairwise_cos_sim
+
+    if teacher.loss == "kl_div":
+        student = 0.05
+        distill = DistillKLDivLoss(
+            model, pairwise_cos_sim, student_temperature=student, teacher_temperature=temperature
+        )
+        return DistillationLoss(model, distill, teacher.mnrl_weight, scale=1 / student**2)
+    return DistillationLoss(model, MarginMSELoss(model, pairwise_cos_sim), teacher.mnrl_weight)
+
+
+def describe_teacher_loss(teacher, temperature: float | None) -> str:
+    """``DistillKLDiv (teacher temperature 0.05) + 0.5 x MNRL`` for the run's first line."""
+    text = f"DistillKLDiv (teacher temperature {temperature:g})" if teacher.loss == "kl_div" else "MarginMSE"
+    return text + (f" + {teacher.mnrl_weight:g} x MNRL" if teacher.mnrl_weight else "")

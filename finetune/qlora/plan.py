@@ -128,6 +128,10 @@ class RecipePlan:
             f"loss {e.loss_buffers / GiB:.2f}); peak RSS {self.rss()['total'] / GiB:.2f} GiB"
         )
 
+    def can_checkpoint(self) -> bool:
+        """Whether transformers can checkpoint this architecture (MPNet cannot)."""
+        return self.shape.profile(self.method, self.setup).can_checkpoint
+
     def record(self, measured_peak_mb: float | None, measured_rss_mb: float | None = None) -> dict:
         """For metrics.json: the prediction, its inputs, and the measured peaks (GPU, RSS) beside it."""
         predicted = self.estimate.total / 2**20
@@ -183,7 +187,7 @@ def _checkpointing_if_needed(plan: RecipePlan, device: str) -> RecipePlan:
     the process (a CPU: the step lives in RAM) would pass the headroom of the free memory."""
     free = free_memory(device)
     need = plan.estimate.total if device == "cuda" else plan.rss()["total"] - plan.process_bytes
-    if need <= free * AUTO_HEADROOM:
+    if need <= free * AUTO_HEADROOM or not plan.can_checkpoint():
         return plan
     setup = replace(plan.setup, checkpointing=True)
     return replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup))
@@ -225,5 +229,8 @@ def plan_run(recipe, device: str, backend: str, echo=print, data=None) -> tuple[
     if checkpointing == "auto":
         where = "GPU memory" if device == "cuda" else "RAM"
         state = "on: without it the plan does not fit" if plan.setup.checkpointing else "off: the plan fits"
-        echo(f"train.gradient_checkpointing auto -> {state} the {free_memory(device) / GiB:.1f} GiB of free {where}")
+        state += f" the {free_memory(device) / GiB:.1f} GiB of free {where}"
+        if not plan.can_checkpoint():
+            state = f"off: {plan.shape.name} cannot checkpoint (its architecture does not support it)"
+        echo(f"train.gradient_checkpointing auto -> {state}")
     return plan, mini, plan.setup.checkpointing

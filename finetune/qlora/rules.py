@@ -14,6 +14,16 @@ from finetune.field_rules import (
     validates,
 )
 
+LORA_WITNESSES = (
+    ("r", 8),
+    ("alpha", 8),
+    ("dropout", 0.1),
+    ("target_modules", "[query]"),
+    ("use_rslora", "true"),
+    ("bias", "all"),
+)
+"""A value other than the default for each LoRA field (``lora.*`` acts only for method lora)."""
+
 
 def _lora(r) -> bool:
     return r.method == "lora"
@@ -65,15 +75,7 @@ RULES: tuple[Rule, ...] = (
     ),
     *(
         Rule(f"lora.{f}", _lora, "method is lora", ("method=full", "quantization=none", f"lora.{f}={v}"))
-        for f, v in (
-            ("r", 8),
-            ("alpha", 8),
-            ("dropout", 0.1),
-            ("target_modules", "[query]"),
-            ("use_rslora", "true"),
-            ("bias", "all"),
-            ("train_head", "true"),
-        )
+        for f, v in (*LORA_WITNESSES, ("train_head", "true"))
     ),
     *model_rules("model", frozen=False),
     Rule(
@@ -81,6 +83,12 @@ RULES: tuple[Rule, ...] = (
         lambda r: not r.model.trust_remote_code,
         "model.trust_remote_code is false (code from the checkpoint's repository is not traced to ONNX)",
         ("model.trust_remote_code=true", "export.onnx=true"),
+    ),
+    Rule(
+        "teacher.temperature",
+        lambda r: r.teacher is not None and r.teacher.loss == "kl_div",
+        "teacher.loss is kl_div (margin_mse matches score differences, with no softmax)",
+        ("negatives.strategy=mined", "teacher.model=t", "teacher.loss=margin_mse", "teacher.temperature=0.1"),
     ),
     Rule(
         "model.encode_devices",
@@ -97,6 +105,7 @@ ALWAYS: frozenset[str] = SHARED_ALWAYS | {
     "method",
     "quantization",
     "pooling",
+    "teacher",
     *(
         f"train.{f}"
         for f in (

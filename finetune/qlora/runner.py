@@ -37,6 +37,7 @@ from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.plan import plan_run, with_checkpointing
 from finetune.qlora.record import card_facts, qlora_record
 from finetune.qlora.stack import pooling_mode
+from finetune.qlora.teacher import prepare_teacher
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
 from finetune.stages import stage
@@ -101,6 +102,7 @@ class QLoRARun:
         check = AS_TRAINED_DOCUMENTS if cap == "all" else min(cap, AS_TRAINED_DOCUMENTS)
         self.test_candidates = self.base_corpus.candidates(splits.test, check, recipe.seed) if options.export else None
         self.negatives = self._negatives()
+        self.teacher = prepare_teacher(recipe, data, splits.train, self.negatives, device, echo)
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
         self._say_what_runs(resolved)
@@ -111,10 +113,11 @@ class QLoRARun:
         if self.pooling_overridden:
             pooling = f"{r.pooling} (recipe; the checkpoint's is {self.checkpoint_pooling}, and the base row keeps it)"
         head = "trained" if r.method == "full" or r.lora.train_head else "frozen"
+        loss = describe_loss(r.loss, self.mini_batch_size, self.teacher)
         targets = f"; LoRA on {summarise(self.lora_targets)}" if self.lora_targets else ""
         self.echo(
             f"{self.choice.describe()}; method {r.method}; trainable {self.trainable:,} of {self.total:,} parameters "
-            f"({100 * self.trainable / self.total:.2f}%){targets}; loss {describe_loss(r.loss, self.mini_batch_size)}"
+            f"({100 * self.trainable / self.total:.2f}%){targets}; loss {loss}"
             f"{'; gradient checkpointing' if r.train.gradient_checkpointing else ''}"
         )
         self.echo(
@@ -156,7 +159,7 @@ class QLoRARun:
         self.base_state = _cpu_state(self.model) if interpolating else None
         del self.reference, self._scored, self.base_corpus
 
-        dataset = training.train_dataset(self.data, self.splits.train, self.negatives)
+        dataset = training.train_dataset(self.data, self.splits.train, self.negatives, self.teacher)
         val = self._evaluator(self.splits.val, "val") if self.splits.val else None
         metric = f"eval_val_{self.model.similarity_fn_name}_ndcg@10" if val else None
         prompts = self.prompts.for_columns(dataset.column_names) or None
@@ -165,7 +168,9 @@ class QLoRARun:
             model=self.model,
             args=training.arguments(self.recipe, self.device, run_dir / "checkpoints", metric, prompts, len(dataset)),
             train_dataset=dataset,
-            loss=build_loss(self.model, self.recipe.loss, self.mini_batch_size, gather=distributed.world_size() > 1),
+            loss=build_loss(
+                self.model, self.recipe.loss, self.mini_batch_size, distributed.world_size() > 1, self.teacher
+            ),
             evaluator=val,
         )
         self.training = training.train(trainer, run_dir, start, self.device, self.options.stop_behind, self.echo)
@@ -210,6 +215,7 @@ class QLoRARun:
             self.echo(dims_line(self.dims_base, matryoshka["tuned"]))
         record = qlora_record(self, self._scored, tuned_trained, checked)
         record["precision"] = self.precision if self.options.export else None
+        record["teacher"] = self.teacher.record if self.teacher else None
         seconds = {
             "train": self.training.seconds,
             "per_step": seconds_per_step(self.training.seconds, result.global_step, self.training.resumed_from),

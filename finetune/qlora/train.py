@@ -43,17 +43,20 @@ class Training:
     seconds: float
 
 
-def train_dataset(data, train_ids: list[str], negatives):
-    """(anchor, positive[, negative_1..k]) rows: one per relevant document of each train query."""
+def train_dataset(data, train_ids: list[str], negatives, teacher=None):
+    """(anchor, positive[, negative_1..k][, label]) rows: one per relevant document of each train query; ``label``
+    holds the teacher's scores of the row's documents (:class:`~finetune.qlora.teacher.Distillation`)."""
     from datasets import Dataset
 
-    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+    columns: dict[str, list] = {"anchor": [], "positive": []}
     for q in train_ids:
         for d in sorted(data.relevant[q]):
             columns["anchor"].append(data.queries[q])
             columns["positive"].append(data.corpus[d])
             for i, neg in enumerate(negatives.by_query[q] if negatives else [], 1):
                 columns.setdefault(f"negative_{i}", []).append(data.corpus[neg])
+    if teacher is not None:  # rows in the same order as teacher.training_rows
+        columns["label"] = teacher.labels.tolist()
     return Dataset.from_dict(columns)
 
 

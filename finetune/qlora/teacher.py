@@ -1,0 +1,170 @@
+"""A teacher for the encoder: its scores of each training row's positive and negatives, computed once and cached.
+
+The teacher is a bi-encoder (cosine of its own query and document embeddings, with its own prompts) or a
+cross-encoder (its raw logit for the pair). Only scores pass from teacher to student, so the teacher's
+tokenizer, embedding size and architecture need not match the student's. The scores are cached beside the
+embedding cache (``$FINETUNE_CACHE/../teacher_scores``), keyed by the teacher's files, its settings and
+every (query, document) text, so a second run with the same teacher and negatives scores nothing.
+
+Example (not run: it needs a model, data or a server)::
+    scores, record = teacher_labels(recipe, data, splits.train, negatives, "cpu")
+    scores.shape  # (rows, 1 + negatives.per_query): positive first
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.atomic import save_tensors
+from finetune.cache import default_cache_dir
+from finetune.errors import FinetuneError
+from finetune.models import model_identity, resolve_model
+from finetune.stages import stage
+
+BI_ENCODER_TEMPERATURE = 0.05  # cosine scores: MNRL's scale 20, the student's own temperature
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher checkpoint: ``kind`` is ``bi-encoder`` or ``cross-encoder``."""
+
+    kind: str
+    path: Path
+
+
+def find_teacher(config) -> Teacher:
+    """The teacher's folder (a run directory's ``model/``, or what :func:`resolve_model` finds) and its kind."""
+    name, where = config.model.name, f"teacher.model {config.model.name}"
+    run = Path(name)
+    if (run / "recipe.yaml").is_file() and not (run / "metrics.json").is_file():
+        raise FinetuneError(
+            "this run directory has not finished (no metrics.json); wait for it, or resume it", where=where
+        )
+    path = run / "model" if (run / "metrics.json").is_file() and (run / "model").is_dir() else None
+    path = path or resolve_model(name).path
+    st_config = path / "config_sentence_transformers.json"
+    model_type = json.loads(st_config.read_text()).get("model_type") if st_config.is_file() else None
+    if model_type == "CrossEncoder" or (model_type is None and not (path / "modules.json").is_file()):
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=config.model.trust_remote_code
+        )
+        architecture = (hf.architectures or [""])[0]
+        if architecture.endswith("ForSequenceClassification") and hf.num_labels != 1:
+            raise FinetuneError(
+                f"the teacher is a classifier with {hf.num_labels} labels, and a teacher gives one score per "
+                "(query, document) pair; use a one-label cross-encoder (a reranker run) or a bi-encoder",
+                where=where,
+            )
+        if model_type == "CrossEncoder" or architecture.endswith("ForSequenceClassification"):
+            return Teacher("cross-encoder", path)
+    return Teacher("bi-encoder", path)
+
+
+def temperature_of(config, teacher: Teacher) -> float:
+    """``teacher.temperature``, ``auto`` resolved by the teacher's kind."""
+    if config.temperature != "auto":
+        return config.temperature
+    return BI_ENCODER_TEMPERATURE if teacher.kind == "bi-encoder" else 1.0
+
+
+def training_rows(data, train_ids: list[str], negatives) -> list[tuple[str, list[str]]]:
+    """(query id, [positive, negative_1, ...]) in the order of the training dataset's rows."""
+    return [(q, [d, *negatives.by_query[q]]) for q in train_ids for d in sorted(data.relevant[q])]
+
+
+@dataclass
+class Distillation:
+    """What training needs of the teacher: its section, resolved temperature, the labels and the record."""
+
+    config: object
+    temperature: float | None
+    labels: torch.Tensor
+    record: dict
+
+
+def prepare_teacher(recipe, data, train_ids: list[str], negatives, device: str, echo=print) -> Distillation | None:
+    """The recipe's teacher scored on the training rows (None without a ``teacher``), and one line saying so."""
+    if recipe.teacher is None:
+        return None
+    labels, record = teacher_labels(recipe, data, train_ids, negatives, device)
+    cached = "from the cache" if record["cache"]["hit"] else "computed now and cached"
+    echo(
+        f"teacher: {record['model']} ({record['kind']}); scores of {record['rows']:,} rows x {labels.shape[1]} "
+        f"documents {cached}; mean margin positive - negative {record['mean_margin']:+.4f}"
+    )
+    return Distillation(recipe.teacher, record["temperature"], labels, record)
+
+
+def teacher_labels(recipe, data, train_ids: list[str], negatives, device: str) -> tuple[torch.Tensor, dict]:
+    """The teacher's scores, one row per training row (positive first), from the cache or computed now.
+
+    Returns:
+        ``(scores, record)``: a ``(rows, 1 + per_query)`` float tensor, and what ``metrics.json`` keeps of it.
+    """
+    from safetensors.torch import load_file
+
+    config, teacher = recipe.teacher, find_teacher(recipe.teacher)
+    rows = training_rows(data, train_ids, negatives)
+    pairs = [(data.queries[q], data.corpus[d]) for q, docs in rows for d in docs]
+    settings = {
+        "kind": teacher.kind,
+        "identity": model_identity(teacher.path),
+        "model": config.model.model_dump(exclude={"batch_size"}),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for q, d in pairs:
+        digest.update(f"{len(q)}:{q}{len(d)}:{d}".encode())
+    file = default_cache_dir().parent / "teacher_scores" / f"{digest.hexdigest()[:32]}.safetensors"
+    hit = file.is_file()
+    with stage("teacher scores"):
+        flat = load_file(str(file))["scores"] if hit else _score(teacher, config.model, pairs, device)
+    if not hit:
+        save_tensors(file, {"scores": flat})
+    scores = flat.reshape(len(rows), -1).float()
+    record = {
+        "model": config.model.name,
+        "kind": teacher.kind,
+        "loss": config.loss,
+        "temperature": temperature_of(config, teacher) if config.loss == "kl_div" else None,
+        "mnrl_weight": config.mnrl_weight,
+        "rows": len(rows),
+        "cache": {"file": str(file), "hit": hit},
+        "mean_margin": float((scores[:, :1] - scores[:, 1:]).mean()),
+    }
+    return scores, record
+
+
+@torch.no_grad()
+def _score(teacher: Teacher, model_config, pairs: list[tuple[str, str]], device: str) -> torch.Tensor:
+    if teacher.kind == "cross-encoder":
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(
+            str(teacher.path), device=device, local_files_only=True, max_length=model_config.max_seq_length
+        )
+        return (
+            model.predict(
+                pairs, batch_size=model_config.batch_size, activation_fn=torch.nn.Identity(), convert_to_tensor=True
+            )
+            .float()
+            .cpu()
+            .reshape(-1)
+        )
+    from finetune.models import load_sentence_transformer
+
+    model, _, prompts = load_sentence_transformer(model_config.model_copy(update={"name": str(teacher.path)}), device)
+    queries, documents = sorted({q for q, _ in pairs}), sorted({d for _, d in pairs})
+    kwargs = {"batch_size": model_config.batch_size, "convert_to_tensor": True}
+    q = model.encode_query(queries, prompt=prompts.query, **kwargs).float().cpu()
+    d = model.encode_document(documents, prompt=prompts.document, **kwargs).float().cpu()
+    qi, di = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(documents)}
+    rows_q = q[torch.tensor([qi[a] for a, _ in pairs])]
+    rows_d = d[torch.tensor([di[b] for _, b in pairs])]
+    return model.similarity_pairwise(rows_q, rows_d).reshape(-1)
