@@ -31,6 +31,7 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
     from finetune.atomic import write_json
     from finetune.data import load_data
     from finetune.model_card import write_model_card
+    from finetune.models import saved_model_type
     from finetune.onnx_export import export_checked, onnx_line, require_onnx, why_not_exportable
     from finetune.recipe import load_recipe
     from finetune.splits import Splits
@@ -38,6 +39,11 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file() or not (run_dir / "model").is_dir():
         raise FinetuneError("not a finished run with a model/ folder; finish or resume it first", where=str(run_dir))
+    if saved_model_type(run_dir / "model") == "CrossEncoder":
+        raise FinetuneError(
+            "export --onnx writes a bi-encoder's graph, and this model/ is a CrossEncoder (a reranker run)",
+            where=str(run_dir / "model"),
+        )
     require_onnx()
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     if any(getattr(config, "trust_remote_code", False) for config in recipe.model_configs()):

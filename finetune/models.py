@@ -8,6 +8,7 @@ says which one was used. When nothing works, one error says what to install.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -150,6 +151,13 @@ def model_identity(path: Path) -> str:
             st = f.stat()
             parts.append(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
     return "\n".join(parts)
+
+
+def saved_model_type(path: Path) -> str | None:
+    """The sentence-transformers class a folder was saved by (``"CrossEncoder"``; None where it does not say:
+    a ``SentenceTransformer`` folder or a plain Hugging Face one)."""
+    config = Path(path) / "config_sentence_transformers.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
 
 
 def pick_device(requested: str = "auto") -> str:

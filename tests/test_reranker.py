@@ -132,6 +132,15 @@ def test_a_bert_reranker_run_writes_both_stages_and_chooses_k_on_validation(bert
         assert metrics["tuned"] == metrics["base"]
 
 
+def test_export_onnx_refuses_a_reranker_run(bert_run, capsys):
+    """``export RUN --onnx`` writes a bi-encoder graph: a CrossEncoder folder is refused, not read as one."""
+    pytest.importorskip("onnxruntime")
+    metrics = (bert_run / "metrics.json").read_text()
+    assert main(["export", str(bert_run), "--onnx"]) == 2
+    assert "this model/ is a CrossEncoder" in _one_line(capsys)
+    assert not (bert_run / "model" / "onnx").exists() and (bert_run / "metrics.json").read_text() == metrics
+
+
 def test_the_exported_bert_reranker_reproduces_the_runs_figures(bert_run):
     metrics = json.loads((bert_run / "metrics.json").read_text())
     rescored, _ = rescored_with_plain_cross_encoder(bert_run)

@@ -23,7 +23,7 @@ import torch
 from finetune.atomic import save_tensors
 from finetune.cache import default_cache_dir
 from finetune.errors import FinetuneError
-from finetune.models import model_identity, resolve_model
+from finetune.models import model_identity, resolve_model, saved_model_type
 from finetune.stages import stage
 
 BI_ENCODER_TEMPERATURE = 0.05  # cosine scores: MNRL's scale 20, the student's own temperature
@@ -47,8 +47,7 @@ def find_teacher(config) -> Teacher:
         )
     path = run / "model" if (run / "metrics.json").is_file() and (run / "model").is_dir() else None
     path = path or resolve_model(name).path
-    st_config = path / "config_sentence_transformers.json"
-    model_type = json.loads(st_config.read_text()).get("model_type") if st_config.is_file() else None
+    model_type = saved_model_type(path)
     if model_type == "CrossEncoder" or (model_type is None and not (path / "modules.json").is_file()):
         from transformers import AutoConfig
 
