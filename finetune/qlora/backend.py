@@ -75,7 +75,14 @@ def select_backend(
         backend = "unsloth"
     else:
         backend = "peft"
-    if backend != "full" and not _installed("peft"):
+    require_libraries(recipe, device)
+    return BackendChoice(backend, device, recipe.quantization, compute_dtype_for(recipe.compute_dtype, device))
+
+
+def require_libraries(recipe, device: str) -> None:
+    """What ``method: lora`` and ``quantization: nf4`` need, checked before anything loads: peft, bitsandbytes, and
+    a device bitsandbytes runs on (every kind that trains LoRA: qlora, reranker)."""
+    if recipe.method == "lora" and not _installed("peft"):
         raise FinetuneError("LoRA needs peft; pip install -e '.[qlora]'", where="recipe: method")
     if recipe.quantization == "nf4":
         if not _installed("bitsandbytes"):
@@ -88,7 +95,6 @@ def select_backend(
                 "bitsandbytes 4-bit does not run on mps; use quantization=none or device=cpu",
                 where="recipe: quantization",
             )
-    return BackendChoice(backend, device, recipe.quantization, compute_dtype_for(recipe.compute_dtype, device))
 
 
 def preload_unsloth(recipe) -> bool:

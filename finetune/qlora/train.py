@@ -94,6 +94,30 @@ def eval_steps(train, rows: int) -> int:
     return per_epoch if total < 0 else max(1, min(per_epoch, total))
 
 
+def trainer_arguments(recipe, device: str, rows: int) -> dict:
+    """The ``TrainingArguments`` that ``train`` (a :class:`~finetune.qlora.config.TrainerArguments`) and the seed
+    set, for any sentence-transformers trainer (qlora's, the reranker's)."""
+    t, cuda = recipe.train, device == "cuda"
+    precision = resolved_precision(t, cuda, cuda and torch.cuda.is_bf16_supported())
+    return dict(
+        num_train_epochs=t.epochs,
+        max_steps=max_steps(t, rows),
+        per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio in transformers v5
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        use_cpu=device == "cpu",
+        logging_nan_inf_filter=False,
+    )
+
+
 def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts: dict | None, rows: int):
     """``SentenceTransformerTrainingArguments`` of the recipe; ``metric`` None: no validation split."""
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -101,22 +125,13 @@ def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts
 
     t, cuda, has_val = recipe.train, device == "cuda", metric is not None
     every = eval_steps(t, rows)
-    precision, optimizer = precision_and_optimizer(recipe, device)
+    _, optimizer = precision_and_optimizer(recipe, device)
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=t.epochs,
-        max_steps=max_steps(t, rows),
-        per_device_train_batch_size=t.batch_size,
+        **trainer_arguments(recipe, device, rows),
         per_device_eval_batch_size=t.batch_size,
-        learning_rate=t.lr,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio in transformers v5
-        lr_scheduler_type=t.scheduler,
-        weight_decay=t.weight_decay,
         optim=optimizer,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
         tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
-        max_grad_norm=t.max_grad_norm,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=prompts,  # the query prompt on anchors, the document prompt on positives and negatives
         eval_strategy="steps" if has_val else "no",
@@ -129,12 +144,7 @@ def arguments(recipe, device: str, output_dir: Path, metric: str | None, prompts
         load_best_model_at_end=t.load_best_model_at_end and has_val and recipe.method == "full",
         metric_for_best_model=metric,
         greater_is_better=True,
-        logging_steps=t.logging_steps,
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else "none",
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        use_cpu=device == "cpu",
-        logging_nan_inf_filter=False,
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if distributed.world_size() > 1 and device == "cpu" else None,
     )

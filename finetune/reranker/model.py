@@ -21,6 +21,7 @@ from finetune.qlora.backend import compute_dtype_for, keep_cpu_weights_trainable
 
 HEADS = ("classifier", "score")  # the one-logit head of *ForSequenceClassification (BERT-class; Qwen/Llama-class)
 CHECK_PAIRS = 256  # pairs the reloaded folder is compared on
+PAIR_LENGTH = 512  # tokens a pair is cut to by default: longer is rare, and an LLM's 32k window would set batch memory
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ def load_reranker(recipe, device: str, quantize: bool = True):
         local_files_only=True,
         model_kwargs=kwargs or None,
     )
-    if recipe.model.max_seq_length is None and model.max_length > 512:
-        model.max_length = 512  # a pair beyond 512 tokens is rare, and an LLM's 32k window would set batch memory
+    if recipe.model.max_seq_length is None and model.max_length > PAIR_LENGTH:
+        model.max_length = PAIR_LENGTH
     if "quantization_config" in kwargs:
         keep_cpu_weights_trainable(model)
     targets = _add_lora(model, recipe, head) if lora else []
@@ -143,8 +144,9 @@ def export(recipe, trained, device: str, folder: Path):
 
 
 def max_difference(a, b, pairs: list[tuple[str, str]], batch_size: int) -> float:
-    """The largest |logit difference| of two rerankers over ``pairs`` (0 when there are none)."""
-    if not pairs:
+    """The largest |logit difference| of two rerankers over ``pairs`` (0 when there are none, or they are one model:
+    full fine-tuning exports the model it trained)."""
+    if not pairs or a is b:
         return 0.0
     identity = torch.nn.Identity()
     scores = [

@@ -12,8 +12,7 @@ from finetune.memory.plan import METHODS, GiB, Setup, estimate, largest_fit
 from finetune.qlora.config import resolved_precision
 from finetune.qlora.plan import method_of, shape_of
 from finetune.qlora.plan_command import parse_memory
-
-PAIR_LENGTH = 512  # the run's default cap (finetune.reranker.model.load_reranker)
+from finetune.reranker.model import PAIR_LENGTH
 
 
 def setup_of(recipe, max_len: int) -> Setup:

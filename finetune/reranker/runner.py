@@ -9,7 +9,6 @@ test (the ``tuned`` row), with the same evaluator, per-query rows and paired int
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from finetune.lora_targets import summarise
 from finetune.mining import find_negatives
 from finetune.models import load_sentence_transformer
 from finetune.outcome import Outcome
+from finetune.qlora.backend import require_libraries
 from finetune.reranker import model as reranking
 from finetune.reranker.config import RerankerRecipe
 from finetune.reranker.second_stage import choose_k, first_stage, reranked, reranker_logits, score
@@ -45,7 +45,7 @@ class RerankerRun:
 
     def __init__(self, recipe: RerankerRecipe, data, splits, device: str, cache=None, echo=print, options=None):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
-        _check_can_run(recipe, splits)
+        _check_can_run(recipe, splits, device)
         self.retriever, resolved, self.prompts = load_sentence_transformer(recipe.retriever, device)
         batch = recipe.retriever.batch_size
         self.corpus = BaseCorpus(self.retriever, data, self.prompts, batch)
@@ -77,8 +77,8 @@ class RerankerRun:
 
     def train(self, run_dir: Path, start: Start) -> None:
         """1. the retriever alone on test (``base``); 2. train the reranker."""
-        evaluator = self._evaluator("test")
-        self.base = evaluate(evaluator, self.retriever, corpus_embeddings=self.corpus.embeddings)
+        self.test_evaluator = self._evaluator("test")  # base here, the two stages in finish
+        self.base = evaluate(self.test_evaluator, self.retriever, corpus_embeddings=self.corpus.embeddings)
         dataset = pairs_dataset(self.data, self.splits.train, self.negatives)
         self.training = train(self.model, self.recipe, dataset, self.device, run_dir / "checkpoints")
         self.rows = len(dataset)
@@ -88,11 +88,11 @@ class RerankerRun:
         with stage("export"):
             exported, reloaded = reranking.export(self.recipe, self.model, self.device, run_dir / "model")
         batch = self.recipe.model.batch_size
-        chosen, by_k = self._choose_k(exported)
+        chosen, by_k, cost = self._choose_k(exported)
         t0 = time.perf_counter()
         logits = reranker_logits(exported, self.data, self.first["test"], chosen, batch)
         per_query = (time.perf_counter() - t0) / max(1, len(self.splits.test))
-        tuned = score(self._evaluator("test"), reranked(self.first["test"], logits, chosen))
+        tuned = score(self.test_evaluator, reranked(self.first["test"], logits, chosen))
         _write_logits(run_dir / "reranked_test.jsonl", self.first["test"], logits)
         sample = self.first["test"].pairs(self.data, max(chosen, 10))[: reranking.CHECK_PAIRS]
         checks = {
@@ -121,9 +121,7 @@ class RerankerRun:
                 "export_check": checks,
             },
         }
-        seconds = {"train": self.training.seconds, "rerank_per_query": per_query}
-        if by_k:  # what reranking costs at the grid's largest k, whichever k won
-            seconds[f"rerank_per_query_at_k{self.val_seconds[0]}"] = self.val_seconds[1]
+        seconds = {"train": self.training.seconds, "rerank_per_query": per_query, **cost}
         return Outcome(self.base, tuned, record, seconds=seconds, exported=exported, card=self._card(chosen))
 
     def _card(self, k: int) -> dict:
@@ -139,18 +137,19 @@ class RerankerRun:
             "validation; 0 means the retriever alone scored best). The retriever and its index are unchanged.",
         }
 
-    def _choose_k(self, reranker) -> tuple[int, dict | None]:
-        """``rerank.k``, or for ``auto`` the grid's best on validation (its NDCG@10 by k beside it)."""
+    def _choose_k(self, reranker) -> tuple[int, dict | None, dict]:
+        """``rerank.k``, or for ``auto`` the grid's best on validation: ``(k, NDCG@10 by k, seconds a validation
+        query took to rerank at the grid's largest k, whichever k won)``."""
         k = self.recipe.rerank.k
         if k != "auto":
-            return k, None
+            return k, None, {}
         grid = self.recipe.rerank.grid
         t0 = time.perf_counter()
         logits = reranker_logits(reranker, self.data, self.first["val"], max(grid), self.recipe.model.batch_size)
-        self.val_seconds = (max(grid), (time.perf_counter() - t0) / len(self.splits.val))  # the cost of the largest k
+        cost = {f"rerank_per_query_at_k{max(grid)}": (time.perf_counter() - t0) / len(self.splits.val)}
         evaluator = self._evaluator("val")
         by_k = {g: score(evaluator, reranked(self.first["val"], logits, g))["ndcg@10"] for g in grid}
-        return choose_k(by_k), by_k
+        return choose_k(by_k), by_k, cost
 
     def _evaluator(self, split: str):
         ids = self.splits.test if split == "test" else self.splits.val
@@ -175,7 +174,7 @@ def _ks(by_k: dict) -> str:
     return ", ".join(f"k={k} {v:.4f}" for k, v in by_k.items())
 
 
-def _check_can_run(recipe: RerankerRecipe, splits) -> None:
+def _check_can_run(recipe: RerankerRecipe, splits, device: str) -> None:
     """What the recipe needs and this machine or split lacks, in one line, before anything loads."""
     if recipe.rerank.k == "auto" and not splits.val:
         raise FinetuneError(
@@ -183,10 +182,4 @@ def _check_can_run(recipe: RerankerRecipe, splits) -> None:
             "or give rerank.k",
             where="recipe: rerank.k",
         )
-    if recipe.quantization == "nf4" and not importlib.util.find_spec("bitsandbytes"):
-        raise FinetuneError(
-            "4-bit NF4 needs bitsandbytes; pip install -e '.[qlora]', or set quantization=none",
-            where="recipe: quantization",
-        )
-    if recipe.method == "lora" and not importlib.util.find_spec("peft"):
-        raise FinetuneError("LoRA needs peft; pip install -e '.[qlora]'", where="recipe: method")
+    require_libraries(recipe, device)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from sentence_transformers.cross_encoder import CrossEncoderTrainer
 
-from finetune.qlora.config import resolved_precision
 from finetune.qlora.progress import use_training_bar
-from finetune.qlora.train import max_steps
+from finetune.qlora.train import trainer_arguments
 
 
 class RerankerTrainer(CrossEncoderTrainer):
@@ -56,28 +55,12 @@ def arguments(recipe, device: str, output_dir: Path, rows: int):
     """``CrossEncoderTrainingArguments`` of the recipe (no checkpoints: k, not the epoch, is chosen on validation)."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
-    t, cuda = recipe.train, device == "cuda"
-    precision = resolved_precision(t, cuda, cuda and torch.cuda.is_bf16_supported())
     return CrossEncoderTrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=t.epochs,
-        max_steps=max_steps(t, rows),
-        per_device_train_batch_size=t.batch_size,
-        learning_rate=t.lr,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio in transformers v5
-        lr_scheduler_type=t.scheduler,
-        weight_decay=t.weight_decay,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        max_grad_norm=t.max_grad_norm,
+        **trainer_arguments(recipe, device, rows),
         eval_strategy="no",
         save_strategy="no",
-        logging_steps=t.logging_steps,
         report_to="none",
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        use_cpu=device == "cpu",
-        logging_nan_inf_filter=False,
     )
 
 
