@@ -76,17 +76,21 @@ def passages(texts: list[str], words: int = 100) -> list[str]:
     return out
 
 
-def recombined(texts: list[str], n: int, seed: int, words: int = 100) -> list[str]:
-    """``n`` passages of about ``words`` words, each of sentences drawn at random from all texts."""
+def recombined(texts: list[str], n: int, seed: int, lengths: list[int]) -> list[str]:
+    """``n`` passages of sentences drawn at random from all texts, each as long (in words) as a real passage
+    drawn at random from ``lengths``: longer passages than the real ones would make encoding look as if it
+    grew faster than N (it grows with the tokens)."""
     pool = [s for t in texts for s in sentences_of(t)]
     rng = random.Random(seed)
     out = []
     while len(out) < n:
-        current, count = [], 0
-        while count < words:
+        target, current, count = rng.choice(lengths), [], 0
+        while count < target:
             sentence = rng.choice(pool)
             current.append(sentence)
             count += len(sentence.split())
+        if len(current) > 1 and count - target > target - (count - len(current[-1].split())):
+            current.pop()  # stop at the sentence boundary nearer the target, not always past it
         out.append(" ".join(current))
     return out
 
@@ -104,13 +108,19 @@ def build_corpus(disfl: Path, size: int, out: Path, wiki: list[str], seed: int =
     own = (disfl / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     real = passages(wiki)
     need = size - len(own)
-    extra = real[:need] + recombined(wiki, max(0, need - len(real)), seed)
+    extra = real[:need] + recombined(wiki, max(0, need - len(real)), seed, [len(t.split()) for t in real])
     with (tmp / "corpus.jsonl").open("w", encoding="utf-8") as f:
         f.write("\n".join(own) + "\n")
         for i, text in enumerate(extra):
             f.write(json.dumps({"_id": f"wiki{i}", "title": "", "text": text}) + "\n")
     tmp.rename(out)
     return out
+
+
+def mean_words(corpus: Path) -> float:
+    with corpus.open(encoding="utf-8") as f:
+        counts = [len(json.loads(line)["text"].split()) for line in f if line.strip()]
+    return sum(counts) / len(counts)
 
 
 def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: int) -> dict:
@@ -136,6 +146,8 @@ def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: in
         # 1, 5 and 15-minute load averages at the end: above the 2 cores, other work shared the machine
         "load_average_at_end": os.getloadavg(),
         "n_corpus": metrics["n_corpus"],
+        # encoding's work grows with the words, not only the passages: the same mean length keeps N honest
+        "corpus_mean_words": mean_words(folder / "corpus.jsonl"),
         "wall_s": sum(s["seconds"] for s in stages.values()),
         "peak_rss_mb": metrics["peak_rss_mb"],
         "stages": stages,
