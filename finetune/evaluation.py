@@ -54,6 +54,20 @@ class PerQueryEvaluator(InformationRetrievalEvaluator):
         return super().compute_metrics(queries_result_list)
 
 
+# Query-by-document cells one corpus chunk may hold. On a chunk with tied scores at the top-k cut (duplicate
+# documents), sentence-transformers' evaluator builds two int64 tie-key matrices of queries x chunk: with its
+# default 50,000-document chunk and 1,593 queries that is 1.3 GB, measured as the adapter's peak RSS at 10^5
+# passages (benchmarks/README.md, Scale). Capping the cells keeps that under 256 MB whatever the corpus size;
+# the ranking is the same (ties are broken by corpus id in any chunking).
+CHUNK_CELLS = 2**24
+
+
+def corpus_chunk_size(n_queries: int) -> int:
+    """Documents per corpus chunk for ``n_queries`` queries: at most 50,000 (sentence-transformers' default) and
+    at most :data:`CHUNK_CELLS` query-document cells, at least 1,000."""
+    return max(1000, min(50_000, CHUNK_CELLS // max(1, n_queries)))
+
+
 class Scores(dict):
     """Metric name -> value (what :func:`evaluate` returns), with the per-query values in ``per_query``."""
 
@@ -99,6 +113,7 @@ def build_evaluator(
         name=name,
         query_prompt=query_prompt,
         corpus_prompt=corpus_prompt,
+        corpus_chunk_size=corpus_chunk_size(len(query_ids)),
         batch_size=batch_size,
         write_csv=False,
     )

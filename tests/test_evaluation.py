@@ -176,3 +176,33 @@ def test_lookup_similarities_are_cosine_like_a_model():
     lookup = EmbeddingLookup([], torch.empty(0, 4))
     assert torch.allclose(lookup.similarity(a, b), cos_sim(a, b))
     assert torch.allclose(lookup.similarity_pairwise(a, b), cos_sim(a, b).diagonal())
+
+
+def test_corpus_chunks_hold_a_bounded_number_of_cells_and_rank_the_same(monkeypatch):
+    """The evaluator's corpus chunk shrinks as queries grow (its tie handling builds queries x chunk int64
+    matrices: 1.3 GB at 1,593 queries and the default 50,000), and chunking does not change any figure, ties
+    across chunk boundaries included."""
+    from finetune import evaluation
+
+    many = RetrievalData(
+        queries={f"q{i}": "x" for i in range(5000)}, corpus={"d": "x"}, relevant={f"q{i}": {"d"} for i in range(5000)}
+    )
+    assert build_evaluator(many, list(many.queries)).corpus_chunk_size * 5000 <= evaluation.CHUNK_CELLS
+    assert build_evaluator(many, ["q0"]).corpus_chunk_size == 50_000
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    docs = torch.cat([base, base[:25]])  # 25 exact duplicates: ties at every rank they reach
+    texts = [f"d{i:02d}" for i in range(len(docs))]
+    queries = torch.nn.functional.normalize(base[:12] + 0.3 * torch.randn(12, 8, generator=g), dim=1)
+    data = RetrievalData(
+        queries={f"q{i}": f"q{i}" for i in range(12)},
+        corpus={t: t for t in texts},
+        relevant={f"q{i}": {texts[i], texts[40 + i % 25]} for i in range(12)},
+    )
+    lookup = EmbeddingLookup(list(data.queries.values()), queries, texts, docs)
+    whole = evaluate(build_evaluator(data, list(data.queries)), lookup, corpus_embeddings=docs)
+    monkeypatch.setattr(evaluation, "corpus_chunk_size", lambda n: 7)  # chunks of 7 split duplicates apart
+    chunked = evaluate(build_evaluator(data, list(data.queries)), lookup, corpus_embeddings=docs)
+    assert dict(chunked) == pytest.approx(dict(whole), abs=1e-12)
+    assert chunked.per_query == whole.per_query
