@@ -66,6 +66,7 @@ def summarize(run_dir: Path) -> dict:
         "seconds": seconds(metrics),
         "wall_seconds": metrics.get("wall_seconds"),
         "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "stages": metrics.get("stages"),  # where the time went, with each stage's peak RSS; absent in older runs
         "peak_gpu_mb": metrics.get("peak_gpu_mb"),
         "gpu": metrics.get("gpu"),
         "precision": metrics.get("precision"),

@@ -57,14 +57,17 @@ class PerQueryEvaluator(InformationRetrievalEvaluator):
 # Query-by-document cells one corpus chunk may hold. On a chunk with tied scores at the top-k cut (duplicate
 # documents), sentence-transformers' evaluator builds two int64 tie-key matrices of queries x chunk: with its
 # default 50,000-document chunk and 1,593 queries that is 1.3 GB, measured as the adapter's peak RSS at 10^5
-# passages (benchmarks/README.md, Scale). Capping the cells keeps that under 256 MB whatever the corpus size;
-# the ranking is the same (ties are broken by corpus id in any chunking).
+# passages (benchmarks/README.md, Scale). Capping the cells keeps that under 256 MB whatever the corpus size,
+# up to 16,777 queries; the ranking is the same (ties are broken by corpus id in any chunking). A chunk keeps
+# at least 1,000 documents: the evaluator walks every query's top 100 in Python once per chunk, so ever
+# smaller chunks would trade the memory for time that grows with queries x chunks.
 CHUNK_CELLS = 2**24
 
 
 def corpus_chunk_size(n_queries: int) -> int:
     """Documents per corpus chunk for ``n_queries`` queries: at most 50,000 (sentence-transformers' default) and
-    at most :data:`CHUNK_CELLS` query-document cells, at least 1,000."""
+    at most :data:`CHUNK_CELLS` query-document cells, but never under 1,000 (so above 16,777 queries the cells
+    exceed the cap)."""
     return max(1000, min(50_000, CHUNK_CELLS // max(1, n_queries)))
 
 
