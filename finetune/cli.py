@@ -309,10 +309,10 @@ def _validate(recipe, args) -> int:
             f"data OK: {data.source}: {len(data.queries)} queries, {len(data.corpus)} documents; splits "
             f"{splits.counts()}"
         )
-        for model in recipe.model_configs():
+        for field, model in recipe.model_configs().items():
             if model.provider != "local":
                 print(f"model: {model.name} at {model.base_url} ({model.provider}; not contacted by validate)")
                 continue
-            resolved = resolve_model(model.name)
+            resolved = resolve_model(model.name, field=field)
             print(f"model OK: {model.name} -> {resolved.path} ({resolved.source})")
     return 0

@@ -260,9 +260,11 @@ class RecipeCore(Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
-    def model_configs(self) -> list[ModelConfig]:
-        """Every encoder this recipe loads (``validate`` resolves each)."""
-        return [getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)]
+    def model_configs(self) -> dict[str, ModelConfig]:
+        """Every encoder this recipe loads, by the field naming its checkpoint (``validate`` resolves each)."""
+        return {
+            f"{f}.name": getattr(self, f) for f in type(self).model_fields if isinstance(getattr(self, f), ModelConfig)
+        }
 
 
 class MergeConfig(Section):

@@ -46,7 +46,7 @@ def export_run_onnx(run_dir: Path, echo=print) -> dict:
         )
     require_onnx()
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
-    if any(getattr(config, "trust_remote_code", False) for config in recipe.model_configs()):
+    if any(getattr(config, "trust_remote_code", False) for config in recipe.model_configs().values()):
         raise FinetuneError("code from the checkpoint's repository is not traced to ONNX", where=str(run_dir))
     model = SentenceTransformer(str(run_dir / "model"), device="cpu")
     reason = why_not_exportable(model)

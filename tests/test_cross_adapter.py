@@ -254,6 +254,12 @@ def test_bad_cross_recipes_fail_with_one_line(cross_recipe, tmp_path):
     with pytest.raises(FinetuneError, match="min_queries"):
         run_recipe(no_domain, echo=lambda *_: None)
     assert not (tmp_path / "runs").exists()  # checked before a run directory is made
+    (tmp_path / "empty").mkdir()
+    for side in ("query_model", "document_model"):  # the error names the field the folder came from
+        no_model = cross_recipe(**{side: {"name": str(tmp_path / "empty")}})
+        with pytest.raises(FinetuneError, match=rf"^{side}\.name .*empty: folder has no config\.json"):
+            run_recipe(no_model, echo=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
     raw = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "cross_adapter.yaml").read_text())
     assert validate_recipe(raw).modes() == ["both", "alignment_only", "label_only"]
 

@@ -254,11 +254,17 @@ def _one_line(capsys) -> str:
             lambda raw: raw["retriever"].update(provider="openai_compatible", base_url="http://127.0.0.1:9/v1"),
             ["retriever.provider: a reranker recipe loads both models' weights"],
         ),
+        (
+            lambda raw: raw["retriever"].update(name=str(Path(raw["output"]["dir"]).parent / "finished-run")),
+            ["retriever.name ", "looks like a run directory; point retriever.name at its model folder"],
+        ),
     ],
-    ids=["no retriever", "no negatives", "nf4 without lora", "auto k", "prompt", "eval.also", "api retriever"],
+    ids=["no retriever", "no negatives", "nf4 without lora", "auto k", "prompt", "eval.also", "api retriever", "run"],
 )
 def test_bad_reranker_recipes_are_one_line_and_write_nothing(tiny_model, tmp_path, capsys, change, expected):
     raw = reranker_recipe(tmp_path, tiny_model, tiny_model)
+    (tmp_path / "finished-run" / "model").mkdir(parents=True)  # a run directory: the checkpoint is in model/
+    (tmp_path / "finished-run" / "model" / "modules.json").write_text("[]")
     change(raw)
     assert main(["run", _write(tmp_path, raw)]) == 2
     line = _one_line(capsys)

@@ -138,6 +138,7 @@ def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsy
         (taught_recipe(tmp_path, tiny_model, unfinished), "this run directory has not finished"),
         (no_negatives, "negatives.strategy is none; set negatives.strategy=mined"),
         (taught_recipe(tmp_path, tiny_model, two), "the teacher is a classifier with 2 labels"),
+        (taught_recipe(tmp_path, tiny_model, tmp_path / "nowhere"), "teacher.model.name /"),  # the field that named it
     ]
     for raw, expected in cases:
         capsys.readouterr()

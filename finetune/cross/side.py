@@ -15,6 +15,8 @@ from finetune.cache import EmbeddingCache
 from finetune.cross.extra import CrossExtraSets
 from finetune.models import FrozenEncoder, load_frozen_encoder
 
+FIELDS = {"small": "document_model.name", "large": "query_model.name"}  # the recipe field each side is named by
+
 
 @dataclass
 class Side:
@@ -68,7 +70,7 @@ def embed_side(
     Returns:
         The :class:`Side`.
     """
-    encoder = load_frozen_encoder(config, device)
+    encoder = load_frozen_encoder(config, device, field=FIELDS[name])
     encode = dict(
         model=encoder.model, identity=encoder.identity, batch_size=config.batch_size, devices=config.encode_devices
     )

@@ -46,7 +46,7 @@ def find_teacher(config) -> Teacher:
             "this run directory has not finished (no metrics.json); wait for it, or resume it", where=where
         )
     path = run / "model" if (run / "metrics.json").is_file() and (run / "model").is_dir() else None
-    path = path or resolve_model(name).path
+    path = path or resolve_model(name, field="teacher.model.name").path
     model_type = saved_model_type(path)
     if model_type == "CrossEncoder" or (model_type is None and not (path / "modules.json").is_file()):
         from transformers import AutoConfig

@@ -46,7 +46,9 @@ class RerankerRun:
     def __init__(self, recipe: RerankerRecipe, data, splits, device: str, cache=None, echo=print, options=None):
         self.recipe, self.data, self.splits, self.device, self.echo = recipe, data, splits, device, echo
         _check_can_run(recipe, splits, device)
-        self.retriever, resolved, self.prompts = load_sentence_transformer(recipe.retriever, device)
+        self.retriever, resolved, self.prompts = load_sentence_transformer(
+            recipe.retriever, device, field="retriever.name"
+        )
         batch = recipe.retriever.batch_size
         self.corpus = BaseCorpus(self.retriever, data, self.prompts, batch)
         self.negatives = find_negatives(
