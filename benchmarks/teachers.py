@@ -56,13 +56,31 @@ def latency(run: Path, k: int, queries: int = 20) -> float:
     return 1000 * (time.perf_counter() - t0) / len(test)
 
 
+def constant_score_loss(run: Path, pairs: int) -> float:
+    """The reranker's training loss (``BinaryCrossEntropyLoss``, positives weighted by ``negatives.per_query``) when it
+    gives every pair the same, best constant score: a logged loss at this level means it has not learned to rank.
+
+    With P positive and N negative pairs and weight w, the mean weighted BCE of a constant p is
+    (w P (-ln p) + N (-ln(1 - p))) / (P + N), least at p = w P / (w P + N).
+    """
+    import math
+
+    from finetune.splits import Splits
+
+    w = float(yaml.safe_load((run / "recipe.yaml").read_text())["negatives"]["per_query"])
+    negatives = int(w) * len(Splits.load(run / "splits.json").train)
+    positives = pairs - negatives
+    p = w * positives / (w * positives + negatives)
+    return (w * positives * -math.log(p) + negatives * -math.log(1 - p)) / pairs
+
+
 def row(run: Path, reference: dict) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     tuned = read_per_query(run / "per_query.jsonl")["tuned"]
     if set(tuned) != set(reference):
         raise SystemExit(f"{run}: its test queries differ from the reference's; run both on one splits.file")
     out = {
-        "run": run.name,
+        "run": f"{run.parent.name}/final" if run.name == "final" else run.name,  # a sweep's final run: by its sweep
         "command": (run / "command.txt").read_text().strip(),
         "kind": metrics["kind"],
         "model": yaml.safe_load((run / "recipe.yaml").read_text())["model"]["name"],
@@ -74,6 +92,15 @@ def row(run: Path, reference: dict) -> dict:
         **_val(metrics),
     }
     if metrics["kind"] == "reranker":  # at the chosen k as the run timed it, and measured here at k = 10 and 50
+        trained = metrics["reranker"]
+        losses = [e["loss"] for e in trained["log_history"]]
+        out["training"] = {
+            "steps": trained["steps"],
+            "train_pairs": trained["train_pairs"],
+            "mean_loss": trained["train_loss"],
+            "logged_losses": losses,
+            "constant_score_loss": constant_score_loss(run, trained["train_pairs"]),
+        }
         out["rerank_ms_per_query"] = {k: 1000 * v for k, v in metrics["seconds"].items() if k.startswith("rerank_")}
         out["rerank_ms_per_query"] |= {f"measured_at_k{k}": latency(run, k) for k in (10, 50)}
     return out

@@ -146,6 +146,10 @@ def test_run_writes_summary_meta_projection_and_a_router_model_matching_the_tool
         vs, ref = r["vs_small"], small[(r["experiment"], r["test_set"])]
         assert vs["difference"] == pytest.approx(r["ndcg@10"] - ref["ndcg@10"], abs=1e-9) and vs["n"] == r["n_test"]
     assert (run_dir / "per_query.jsonl").is_file() and "significance" in metrics
+    # the stage table books choosing (ridge x mix points, each cell's validation) as validation: a test scoring
+    # makes a summary row (the models alone once per test set), so there are no more of them than rows
+    stages = metrics["stages"]
+    assert stages["validation"]["calls"] > 0 and stages["test evaluation"]["calls"] <= len(rows)
     summary = (run_dir / "summary.md").read_text()
     assert (run_dir / "budget.png").stat().st_size > 0 and "label_only" in summary
     assert summary.strip().splitlines()[-1].startswith(("Use ", "Keep the small model alone"))

@@ -117,18 +117,21 @@ class Cells:
         transform = None if projection is None else (lambda q: projection(q.to(self.device)).cpu())
         return EmbeddingLookup(self.query_texts, queries, self.doc_texts, documents, transform)
 
-    def score(self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None) -> dict:
-        """The shared evaluator's metrics for query ``ids`` against the whole corpus."""
-        key = tuple(ids)
+    def score(
+        self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, split: str = "test"
+    ) -> dict:
+        """The shared evaluator's metrics for query ``ids`` against the whole corpus; ``split`` (``val`` for
+        choosing, ``test`` for reporting) names the evaluator, so the run's stage table books the time right."""
+        key = (tuple(ids), split)
         if key not in self._evaluators:  # selection scores the same queries for every ridge x mix point
-            self._evaluators[key] = build_evaluator(self.data, ids, "test")
+            self._evaluators[key] = build_evaluator(self.data, ids, split)
         return evaluate(
             self._evaluators[key], self.lookup(queries, documents, projection), corpus_embeddings=documents
         )
 
-    def projected(self, ids: list[str], projection: Projection) -> dict:
+    def projected(self, ids: list[str], projection: Projection, split: str = "test") -> dict:
         """Metrics of ``projection``'s queries against the small model's (unchanged) document index."""
-        return self.score(ids, self.inputs, self.small.docs, projection)
+        return self.score(ids, self.inputs, self.small.docs, projection, split)
 
     def zero_shot(self, ids: list[str]) -> dict[str, dict]:
         """Small model alone, large model alone, and (equal widths only) large queries against small documents."""
@@ -187,7 +190,7 @@ class Cells:
             for mix in self.recipe.alignment.mix if self.both else [None]:
                 p = candidate.projection if mix is None else candidate.projection.mixed(mix, probes)
                 choice = {**candidate.setting, **({} if mix is None else {"mix": mix})}
-                grid.append(GridPoint(self.projected(ids, p)["ndcg@10"], choice, p))
+                grid.append(GridPoint(self.projected(ids, p, "val")["ndcg@10"], choice, p))
         best = max(grid, key=lambda g: g.ndcg)  # max keeps the first of equals: the smallest mix
         chosen = {**best.choice, "selection_ndcg@10": best.ndcg, "selection_queries": len(ids)}
         chosen["grid"] = [{**g.choice, "ndcg@10": g.ndcg} for g in grid]

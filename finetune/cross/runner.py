@@ -131,7 +131,9 @@ class CrossAdapterRun:
             "domain": exp.domain,
             "labelled": len(exp.train) + len(exp.val),  # queries whose labels the cell may read
         }
-        small_val = cells.score(exp.val, cells.small.queries, cells.small.docs)["ndcg@10"] if exp.val else None
+        small_val = (
+            cells.score(exp.val, cells.small.queries, cells.small.docs, split="val")["ndcg@10"] if exp.val else None
+        )
         rows = []
         for test_name, ids in exp.tests.items():
             for label, metrics in cells.zero_shot(ids).items():
@@ -139,7 +141,7 @@ class CrossAdapterRun:
                 rows.append(_row(where, test_name, ids, label, 0, metrics, val))
         for mode, objective in self.recipe.methods():
             projection, info = cells.fit(mode, objective, exp)
-            val = cells.projected(exp.val, projection)["ndcg@10"] if exp.val else None
+            val = cells.projected(exp.val, projection, "val")["ndcg@10"] if exp.val else None
             name = self.recipe.method_name(mode, objective)
             labelled = 0 if mode == "alignment_only" else len(exp.train)
             for test_name, ids in exp.tests.items():
