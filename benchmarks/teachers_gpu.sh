@@ -18,7 +18,9 @@
 # the same command runs again. Writes benchmarks/results/teachers_gpu_<set>.json.
 # Environment: PYTHON (default python), DISFL (default ../shared/data/disfl_qa), MPNET (all-mpnet-base-v2's
 # folder; default ~/.cache/finetune-models/all-mpnet-base-v2, as ../shared/scripts/get_mpnet.sh writes it),
-# EXTRA (overrides for every run; default device=cuda; "device=cpu train.max_steps=2" tries the script).
+# DIR (default runs/gpu-teachers), EXTRA (overrides for every run; default device=cuda).
+# To try it on a CPU in about 12 minutes (any checkpoint standing in for mpnet; delete the results file after):
+#   EXTRA="device=cpu train.max_steps=2" MPNET=<a model folder> DIR=runs/smoke bash benchmarks/teachers_gpu.sh faq
 set -uo pipefail
 py=${PYTHON:-python}
 dir=${DIR:-runs/gpu-teachers}
