@@ -21,6 +21,7 @@ from record import write_result
 from finetune.qlora.behind import val_ndcg_key
 from finetune.report import read_per_query
 from finetune.significance import paired_metric
+from finetune.splits import Splits
 
 
 def _val(metrics: dict) -> dict:
@@ -41,7 +42,6 @@ def latency(run: Path, k: int, queries: int = 20) -> float:
 
     from finetune.data import load_data
     from finetune.recipe import load_recipe
-    from finetune.splits import Splits
 
     recipe = load_recipe(str(run / "recipe.yaml"))
     data = load_data(recipe.data)
@@ -56,7 +56,7 @@ def latency(run: Path, k: int, queries: int = 20) -> float:
     return 1000 * (time.perf_counter() - t0) / len(test)
 
 
-def constant_score_loss(run: Path, pairs: int) -> float:
+def constant_score_loss(per_query: int, train_queries: int, pairs: int) -> float:
     """The reranker's training loss (``BinaryCrossEntropyLoss``, positives weighted by ``negatives.per_query``) when it
     gives every pair the same, best constant score: a logged loss at this level means it has not learned to rank.
 
@@ -65,10 +65,7 @@ def constant_score_loss(run: Path, pairs: int) -> float:
     """
     import math
 
-    from finetune.splits import Splits
-
-    w = float(yaml.safe_load((run / "recipe.yaml").read_text())["negatives"]["per_query"])
-    negatives = int(w) * len(Splits.load(run / "splits.json").train)
+    w, negatives = float(per_query), per_query * train_queries
     positives = pairs - negatives
     p = w * positives / (w * positives + negatives)
     return (w * positives * -math.log(p) + negatives * -math.log(1 - p)) / pairs
@@ -79,11 +76,12 @@ def row(run: Path, reference: dict) -> dict:
     tuned = read_per_query(run / "per_query.jsonl")["tuned"]
     if set(tuned) != set(reference):
         raise SystemExit(f"{run}: its test queries differ from the reference's; run both on one splits.file")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     out = {
         "run": f"{run.parent.name}/final" if run.name == "final" else run.name,  # a sweep's final run: by its sweep
         "command": (run / "command.txt").read_text().strip(),
         "kind": metrics["kind"],
-        "model": yaml.safe_load((run / "recipe.yaml").read_text())["model"]["name"],
+        "model": recipe["model"]["name"],
         "test_ndcg@10": metrics["tuned"]["ndcg@10"],
         "base_test_ndcg@10": metrics["base"]["ndcg@10"],
         "vs_reference": paired_metric(reference, tuned, "ndcg@10"),
@@ -99,7 +97,9 @@ def row(run: Path, reference: dict) -> dict:
             "train_pairs": trained["train_pairs"],
             "mean_loss": trained["train_loss"],
             "logged_losses": losses,
-            "constant_score_loss": constant_score_loss(run, trained["train_pairs"]),
+            "constant_score_loss": constant_score_loss(
+                recipe["negatives"]["per_query"], len(Splits.load(run / "splits.json").train), trained["train_pairs"]
+            ),
         }
         out["rerank_ms_per_query"] = {k: 1000 * v for k, v in metrics["seconds"].items() if k.startswith("rerank_")}
         out["rerank_ms_per_query"] |= {f"measured_at_k{k}": latency(run, k) for k in (10, 50)}
