@@ -1,15 +1,19 @@
 """Peak RSS of the QLoRA default on a CPU, and what the plan predicted, side by side in one run.
 
-Four runs of ``recipes/qlora.yaml`` on a data set (Disfl-QA: paragraphs up to 256 tokens), each in
-its own process and bounded by ``train.max_steps``: glibc's default allocator or the toolkit's fixed
-mmap threshold (:mod:`finetune.memory.host`; ``FINETUNE_GLIBC_MALLOC=default`` turns it off), with
-gradient checkpointing off or on. Each row holds the process's peak RSS, the peak when training
-ended, the plan's predicted peak RSS, the median step time and the per-step training loss (equal
-losses: the allocator changes where memory comes from, not what is computed).
+Runs of ``recipes/qlora.yaml`` on a data set (Disfl-QA: paragraphs up to 256 tokens; without
+``--data`` the recipe's own FAQ), each in its own process and bounded by ``train.max_steps``: glibc's
+default allocator or the toolkit's fixed mmap threshold (:mod:`finetune.memory.host`;
+``FINETUNE_GLIBC_MALLOC=default`` turns it off), with gradient checkpointing off, on, or ``auto``
+(the shipped default: the plan decides). Each row holds the process's peak RSS, the peak when
+training ended, the plan's predicted peak RSS, whether it checkpointed, the median step time and
+the per-step training loss (equal losses: the allocator and checkpointing change where memory comes
+from, not what is computed).
 
     python benchmarks/qlora_rss.py --data $DISFL_QA --steps 2
     python benchmarks/qlora_rss.py --data $DISFL_QA --steps 2 --variants "glibc default, checkpointing off" \
         "fixed threshold, checkpointing off" "fixed threshold, checkpointing on"
+    python benchmarks/qlora_rss.py --data $DISFL_QA --steps 6 --variants "fixed threshold, checkpointing off" \
+        "fixed threshold, checkpointing on" "fixed threshold, checkpointing auto" --out .../qlora_rss_time_disfl.json
 
 The first variant named is the one the others are compared with.
 """
@@ -32,13 +36,15 @@ VARIANTS = {  # name: (environment, overrides)
     "fixed threshold, checkpointing off": ({}, ["train.gradient_checkpointing=false"]),
     "glibc default, checkpointing on": ({"FINETUNE_GLIBC_MALLOC": "default"}, ["train.gradient_checkpointing=true"]),
     "fixed threshold, checkpointing on": ({}, ["train.gradient_checkpointing=true"]),
+    "fixed threshold, checkpointing auto": ({}, []),  # the shipped default: the plan decides
 }
 
 
-def run(name: str, data: str, steps: int, work: Path) -> dict:
+def run(name: str, data: str | None, steps: int, work: Path) -> dict:
     env, overrides = VARIANTS[name]
     run_dir = work / name.replace(", ", "-").replace(" ", "_")
-    command = [sys.executable, "-m", "finetune", "run", str(ROOT / "recipes" / "qlora.yaml"), f"data={data}"]
+    command = [sys.executable, "-m", "finetune", "run", str(ROOT / "recipes" / "qlora.yaml")]
+    command += [f"data={data}"] if data else []
     command += [f"train.max_steps={steps}", "train.logging_steps=1", *overrides, "--run-dir", str(run_dir)]
     command += ["--overwrite"]
     said = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(command[1:])
@@ -68,7 +74,7 @@ def run(name: str, data: str, steps: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="a BEIR folder, e.g. Disfl-QA")
+    parser.add_argument("--data", help="a BEIR folder, e.g. Disfl-QA (default: the recipe's own, the FAQ)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--work", default="runs/qlora-rss", help="run folders (a finished one is kept)")

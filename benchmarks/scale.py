@@ -128,8 +128,10 @@ def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: in
     run_dir = work / "runs" / f"{recipe}-{size}"
     steps = [f"train.max_steps={qlora_steps}" if qlora_steps else "train.epochs=1"]
     extra = OVERRIDES[recipe] + (steps if recipe == "qlora" else [])
-    if recipe != "qlora":
-        extra.append(f"cache.dir={work / 'cache' / f'{recipe}-{size}'}")  # a cold cache: encoding is measured
+    if recipe != "qlora":  # a cold cache, emptied first: a size measured again must encode again
+        cache = work / "cache" / f"{recipe}-{size}"
+        shutil.rmtree(cache, ignore_errors=True)
+        extra.append(f"cache.dir={cache}")
     command = [sys.executable, "-m", "finetune", "run", str(ROOT / "recipes" / f"{recipe}.yaml"), f"data={folder}"]
     command += [f"name={recipe}-{size}", *extra, "--run-dir", str(run_dir), "--overwrite"]
     print("$", " ".join(command), flush=True)

@@ -302,8 +302,16 @@ def test_qlora_matryoshka_reports_each_size_and_auto_mini_batch(tiny_model, pair
         loss={"cached": True, "mini_batch_size": "auto", "matryoshka_dims": [32, 8]},
         train={"max_steps": 2},
     )
+    from finetune.data import load_data
+    from finetune.memory.lengths import column_lengths
+    from finetune.models import load_sentence_transformer
+    from finetune.splits import make_splits
+
+    data = load_data(recipe.data)  # the run plans at its data's column lengths: the room is counted at them
+    model, _, prompts = load_sentence_transformer(recipe.model, "cpu")
+    lengths = column_lengths(model, prompts, data, make_splits(data, recipe.splits, recipe.seed).train)
     shape, max_len = shape_of(recipe.model)
-    setup = recipe_plan.setup_of(recipe, "cpu", max_len)
+    setup = recipe_plan.setup_of(recipe, "cpu", max_len, lengths)
     room = estimate(shape, "nf4", replace(setup, mini_batch_size=3)).total / recipe_plan.AUTO_HEADROOM
     monkeypatch.setattr(recipe_plan, "free_memory", lambda device: int(room) + 1)
     metrics = _run(recipe, tmp_path)
@@ -314,10 +322,8 @@ def test_qlora_matryoshka_reports_each_size_and_auto_mini_batch(tiny_model, pair
     assert dims["tuned"]["32"] == pytest.approx(metrics["tuned"]["ndcg@10"], abs=1e-6)
     assert metrics["memory_plan"]["setup"]["mini_batch_size"] == 3
     # the base row at 8 is plain sentence-transformers' embeddings, truncated
-    from finetune.data import load_data
     from finetune.matryoshka import ndcg_by_dimension
 
-    data = load_data(recipe.data)
     test = json.loads((next((tmp_path / "runs").iterdir()) / "splits.json").read_text())["test"]
     plain = SentenceTransformer(str(tiny_model), device="cpu")
     q = plain.encode_query([data.queries[i] for i in test], convert_to_tensor=True)
@@ -450,7 +456,7 @@ def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
 def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_model, pairs_file, tmp_path, monkeypatch):
     import finetune.qlora.plan as recipe_plan
 
-    def broken(recipe, device, corpus_size=0):  # noqa: ARG001
+    def broken(recipe, device, corpus_size=0, lengths=None, process_bytes=None):  # noqa: ARG001
         raise NotImplementedError("an op without a meta kernel")
 
     monkeypatch.setattr(recipe_plan, "plan_recipe", broken)
@@ -500,8 +506,11 @@ def test_plan_refuses_a_frozen_encoder_recipe(tiny_model, pairs_file, tmp_path, 
 
 
 def test_the_plan_leaves_the_run_s_random_stream_alone(tiny_model, pairs_file, tmp_path):
-    """Every qlora run plans first; LoRA's initialisation draws after it, so a plan that drew would move it."""
-    from finetune.qlora.plan import plan_recipe
+    """Every qlora run plans before LoRA's initialisation draws, so a plan that drew would move it: the plan at
+    the data's column lengths, and what the run then asks of it (its line, whether it can checkpoint, auto's
+    reason), which count profiles the plan had not."""
+    from finetune.memory.lengths import ColumnLengths
+    from finetune.qlora.plan import plan_recipe, plan_run
 
     recipe = _recipe(tiny_model, pairs_file, tmp_path)
     torch.manual_seed(0)
@@ -509,3 +518,79 @@ def test_the_plan_leaves_the_run_s_random_stream_alone(tiny_model, pairs_file, t
     torch.manual_seed(0)
     plan_recipe(recipe, "cpu")
     assert torch.equal(torch.rand(3), untouched)
+    torch.manual_seed(0)
+    plan, _, _ = plan_run(recipe, "cpu", "peft", lambda _: None, None, ColumnLengths(5, 9, 9))
+    plan.can_checkpoint()
+    assert torch.equal(torch.rand(3), untouched)
+
+
+def test_each_column_is_planned_at_its_own_length(tiny_model):
+    """sentence-transformers pads each column to its own longest text: a step of short queries beside long
+    documents saves what each column saves at its length, which the plan counts; every text at the longest
+    length (the plan without the data) overcounts."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_model))
+    config.attention_probs_dropout_prob = config.hidden_dropout_prob = 0.1  # a CPU's math kernel, as training
+    lengths = (8, 40, 40)
+    saved = sum(_real_cpu_saves(config, n) for n in lengths)
+    shape = EncoderShape(config, dim=32)
+    setup = Setup(batch_size=1, seq_length=40, columns=3, dtype="float32", attention="math")
+    per_column = estimate(shape, "full", replace(setup, column_lengths=lengths)).activations
+    assert per_column == pytest.approx(saved, rel=0.02)
+    assert estimate(shape, "full", setup).activations > 1.2 * saved
+    ckpt = replace(setup, column_lengths=lengths, checkpointing=True)
+    assert estimate(shape, "full", ckpt).activations < per_column
+
+
+def test_column_lengths_are_the_longest_training_texts_with_their_prompts(tiny_model):
+    """Anchors are the training queries with the query prompt; positives only their relevant documents;
+    negatives any corpus document; each cut at the model's max_seq_length."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.data.dataset import RetrievalData
+    from finetune.memory.lengths import column_lengths
+    from finetune.prompts import Prompts
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    model.max_seq_length = 48
+    queries = {"q1": "tap", "q2": "why does the kitchen tap drip", "test": "a far longer test question " * 3}
+    corpus = {"d1": "fit a washer", "d2": "call a plumber about the drip", "d3": "a long unrelated page " * 20}
+    data = RetrievalData(queries, corpus, {"q1": {"d1"}, "q2": {"d2"}, "test": {"d3"}})
+
+    def tokens(text, prompt=None):
+        return model.preprocess([text], prompt=prompt)["input_ids"].shape[1]
+
+    got = column_lengths(model, Prompts("query: ", None), data, ["q1", "q2"])
+    assert got.anchor == tokens(queries["q2"], "query: ") > tokens(queries["q2"])
+    assert got.positive == tokens(corpus["d2"]) < got.negative == 48
+    assert got.columns(negatives=2, cap=32) == (got.anchor, got.positive, 32, 32)
+
+
+def test_a_cpu_run_checkpoints_when_it_would_take_over_a_quarter_of_the_ram(
+    tiny_model, pairs_file, tmp_path, monkeypatch
+):
+    """On a CPU, auto's budget is the smaller of 90% of the free RAM and a quarter of the machine's: RAM is shared
+    with everything else, so a run that fits the free RAM may still checkpoint. The run records the choice and
+    the data's column lengths in its plan."""
+    import finetune.qlora.plan as recipe_plan
+
+    plain = recipe_plan.plan_recipe(
+        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), "cpu", 60
+    )
+    need = plain.rss()["total"] - plain.process_bytes
+    monkeypatch.setattr(recipe_plan, "free_memory", lambda device: 100 * need)
+    corpus = type("Data", (), {"corpus": dict.fromkeys(range(60))})
+    for ram, on in ((4 * need + 2**22, False), (4 * need - 2**22, True)):
+        monkeypatch.setattr(recipe_plan, "machine_memory", lambda ram=ram: ram)
+        lines = []
+        _, _, checkpointing = recipe_plan.plan_run(
+            _recipe(tiny_model, pairs_file, tmp_path), "cpu", "x", lines.append, corpus
+        )
+        assert checkpointing is on
+        assert "a quarter of this machine's" in lines[-1]
+    monkeypatch.setattr(recipe_plan, "machine_memory", lambda: 2**20)  # a run's plan, at the data's lengths
+    metrics = _run(_recipe(tiny_model, pairs_file, tmp_path, train={"max_steps": 1}), tmp_path)
+    assert metrics["gradient_checkpointing"] is True
+    lengths = metrics["memory_plan"]["setup"]["column_lengths"]
+    assert len(lengths) == 2 and lengths[0] < lengths[1]  # short questions, longer answers

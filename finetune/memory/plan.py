@@ -52,6 +52,9 @@ class Setup:
         batch_size: The logical batch (MNRL's in-batch negatives).
         seq_length: Tokens per text; the plan assumes every text is this long (no padding).
         columns: Texts per example: anchor, positive and each negative.
+        column_lengths: Tokens per column, anchor first, when the data is known: sentence-transformers
+            tokenizes a column at a time, so each pads to its own longest text (short queries beside
+            long passages). Empty: every column ``seq_length``.
         checkpointing: Gradient checkpointing on every layer.
         cached: ``CachedMultipleNegativesRankingLoss``: gradients flow through ``mini_batch_size`` texts at a time.
         mini_batch_size: For the cached loss.
@@ -77,11 +80,12 @@ class Setup:
     lora_r: int = 16
     lora_targets: str | tuple[str, ...] = "auto"
     attention: str = "fused"
+    column_lengths: tuple[int, ...] = ()
 
     @property
-    def live_sequences(self) -> int:
-        """Sequences whose activations are alive at once: the whole step's, or one mini-batch's."""
-        return self.mini_batch_size if self.cached else self.batch_size * self.columns
+    def lengths(self) -> tuple[int, ...]:
+        """Tokens of each column's texts in the planned step."""
+        return self.column_lengths or (self.seq_length,) * self.columns
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class EncoderShape:
 
     @cached_property
     def _meta(self):
-        return meta_encoder(self.config, torch.bfloat16)
+        with torch.random.fork_rng(devices=[]):  # building a model draws; a run's stream must not move
+            return meta_encoder(self.config, torch.bfloat16)
 
     @cached_property
     def tensors(self) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -161,9 +166,10 @@ class EncoderShape:
             params = torch.float32 if method == "full" else compute  # full: float32 masters
             lora = None if method == "full" else (self.lora_targets(setup), setup.lora_r)
             trainable = "full" if method == "full" else "lora"
-            self._profiles[key] = profile(
-                self.config, params, setup.seq_length, trainable, lora, autocast, setup.attention
-            )
+            with torch.random.fork_rng(devices=[]):  # as _meta: the plan is asked from inside a run too
+                self._profiles[key] = profile(
+                    self.config, params, setup.seq_length, trainable, lora, autocast, setup.attention
+                )
         return self._profiles[key]
 
 
@@ -210,10 +216,14 @@ def trainable_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
 
 
 def activation_bytes(shape: EncoderShape, method: str, setup: Setup) -> int:
-    """Activations kept for backward, plus one checkpointed layer's recomputation."""
-    p = shape.profile(method, setup)
-    recomputing = setup.mini_batch_size if setup.cached else setup.batch_size  # one column at a time
-    return setup.live_sequences * p.kept(setup.checkpointing) + recomputing * p.recompute(setup.checkpointing)
+    """Activations kept for backward, column by column at its own length, plus one checkpointed layer's
+    recomputation (one column at a time: the longest's)."""
+    ckpt = setup.checkpointing
+    profiles = [shape.profile(method, replace(setup, seq_length=n)) for n in setup.lengths]
+    longest = max(profiles, key=lambda p: p.seq_length)
+    if setup.cached:  # a mini-batch of any column at a time: the longest column's is the peak
+        return setup.mini_batch_size * (longest.kept(ckpt) + longest.recompute(ckpt))
+    return setup.batch_size * (sum(p.kept(ckpt) for p in profiles) + longest.recompute(ckpt))
 
 
 def loss_bytes(shape: EncoderShape, setup: Setup) -> int:

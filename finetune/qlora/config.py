@@ -158,8 +158,9 @@ class QLoRATrainConfig(TrainerArguments):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="keep only each layer's input, recompute the rest in backward: less memory, about one more "
-        "forward pass per step (x1.4 to x1.6 measured on a CPU); auto: on when the memory plan's peak does not "
-        "fit the free GPU memory (or, on a CPU, the available RAM), and the run says which",
+        "forward pass per step (x1.2 to x1.6 measured on a CPU); auto: on when the memory plan's peak does not "
+        "fit 90% of the free GPU memory (on a CPU: what the run adds passes a quarter of the machine's RAM, or 90% "
+        "of the available RAM if less), and the run says which",
     )
     eval_steps: Literal["auto"] | Annotated[int, Field(gt=0)] = Field(
         "auto",

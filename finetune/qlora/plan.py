@@ -17,10 +17,15 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.memory.lengths import ColumnLengths
 from finetune.memory.plan import METHODS, EncoderShape, Estimate, GiB, Setup, estimate, largest_fit
 from finetune.qlora.config import mini_batch_of, resolved_optimizer, resolved_precision
 
 AUTO_HEADROOM = 0.9  # mini_batch_size auto plans for 90% of the free memory: allocator fragmentation
+# gradient_checkpointing auto on a CPU keeps the run under a quarter of the machine's RAM: unlike a GPU's memory,
+# RAM is shared with the system and the user's other work, and swapping costs far more than checkpointing does
+# (a quarter more time a step, 7.2 -> 2.2 GiB on Disfl-QA: results/qlora_rss_time_disfl.json)
+CPU_RAM_SHARE = 0.25
 
 
 def embedding_dim(path: Path, config) -> int:
@@ -56,14 +61,17 @@ def method_of(recipe) -> str:
     return "nf4" if recipe.quantization == "nf4" else "lora16"
 
 
-def setup_of(recipe, device: str, max_len: int) -> Setup:
-    """The recipe's step as the planner sees it, on ``device`` (a GPU: bf16 and 8-bit AdamW unless set)."""
+def setup_of(recipe, device: str, max_len: int, lengths: ColumnLengths | None = None) -> Setup:
+    """The recipe's step as the planner sees it, on ``device`` (a GPU: bf16 and 8-bit AdamW unless set);
+    with the data's ``lengths``, each column at its longest text, else every text at the full length."""
     gpu = device == "cuda"
     negatives = recipe.negatives.per_query if recipe.negatives.strategy != "none" else 0
     optimizer, precision = resolved_optimizer(recipe.train, gpu), resolved_precision(recipe.train, gpu)
+    seq_length = min(recipe.model.max_seq_length or max_len, max_len)
     return Setup(
         batch_size=recipe.train.batch_size,
-        seq_length=min(recipe.model.max_seq_length or max_len, max_len),
+        seq_length=seq_length,
+        column_lengths=lengths.columns(negatives, seq_length) if lengths else (),
         columns=2 + negatives,
         checkpointing=recipe.train.gradient_checkpointing is True,  # auto: planned without, then decided
         cached=recipe.loss.cached,
@@ -77,6 +85,15 @@ def setup_of(recipe, device: str, max_len: int) -> Setup:
         else tuple(recipe.lora.target_modules),
         attention="fused" if gpu else "math",
     )
+
+
+def machine_memory() -> int:
+    """Bytes of RAM this machine has."""
+    try:
+        import psutil
+    except ImportError:  # not a dependency
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(psutil.virtual_memory().total)
 
 
 def free_memory(device: str) -> int:
@@ -121,8 +138,11 @@ class RecipePlan:
         loss = f", cached loss mini-batch {s.mini_batch_size}" if s.cached else ""
         ckpt = ", checkpointing" if s.checkpointing else ""
         where = "GPU " if self.device == "cuda" else ""
+        tokens = f"{s.seq_length} tokens"
+        if s.column_lengths:
+            tokens = f"{'/'.join(map(str, s.column_lengths))} tokens (each column's longest text)"
         return (
-            f"memory plan: {METHODS[self.method]}, batch {s.batch_size} x {s.columns} texts x {s.seq_length} tokens"
+            f"memory plan: {METHODS[self.method]}, batch {s.batch_size} x {s.columns} texts x {tokens}"
             f"{loss}{ckpt}: {where}peak {e.total / GiB:.2f} GiB predicted (weights {e.weights / GiB:.2f}, trained + "
             f"optimizer {e.trainable / GiB:.2f}, activations {e.activations / GiB:.2f}, "
             f"loss {e.loss_buffers / GiB:.2f}); peak RSS {self.rss()['total'] / GiB:.2f} GiB"
@@ -146,23 +166,28 @@ class RecipePlan:
             "predicted_rss_mb": rss,
             "measured_rss_mb": measured_rss_mb,
             "rss_measured_over_predicted": measured_rss_mb / rss if measured_rss_mb else None,
-            "note": "the plan assumes every text is seq_length tokens; real batches pad to their longest text",
+            "note": "the plan pads every column to its longest text in the data (setup.column_lengths; "
+            "empty: every text seq_length tokens)",
         }
 
 
-def plan_recipe(recipe, device: str, corpus_size: int = 0) -> RecipePlan:
+def plan_recipe(
+    recipe, device: str, corpus_size: int = 0, lengths: ColumnLengths | None = None, process_bytes: int | None = None
+) -> RecipePlan:
     """The estimate for ``recipe`` on ``device``; ``mini_batch_size: auto`` resolved from the free memory.
-    ``corpus_size`` documents' embeddings count towards the peak RSS. The run's random stream is left
-    as it was: building the meta model draws from it, and LoRA's initialisation comes after the plan."""
+    ``corpus_size`` documents' embeddings count towards the peak RSS; ``lengths``, the data's longest texts,
+    set each column's length (else every text is at the full length); ``process_bytes`` is the process's RSS
+    before the run loaded anything (else now). The run's random stream is left as it was: building the meta
+    model draws from it, and LoRA's initialisation comes after the plan."""
     with torch.random.fork_rng(devices=[]):
-        return _plan_recipe(recipe, device, corpus_size)
+        return _plan_recipe(recipe, device, corpus_size, lengths, process_bytes)
 
 
-def _plan_recipe(recipe, device: str, corpus_size: int) -> RecipePlan:
+def _plan_recipe(recipe, device: str, corpus_size: int, lengths, process_bytes) -> RecipePlan:
     from finetune.timing import rss_bytes
 
     shape, max_len = shape_of(recipe.model)
-    setup, method = setup_of(recipe, device, max_len), method_of(recipe)
+    setup, method = setup_of(recipe, device, max_len, lengths), method_of(recipe)
     if recipe.loss.cached and recipe.loss.mini_batch_size == "auto":
         free = free_memory(device)
         fits = largest_fit(shape, method, setup, int(free * AUTO_HEADROOM))
@@ -174,20 +199,37 @@ def _plan_recipe(recipe, device: str, corpus_size: int) -> RecipePlan:
                 where="recipe: loss.mini_batch_size",
             )
         setup = replace(setup, mini_batch_size=fits)
+    process = rss_bytes() if process_bytes is None else process_bytes
     plan = RecipePlan(
-        shape, setup, method, estimate(shape, method, setup), device, rss_bytes(), 4 * corpus_size * shape.dim
+        shape, setup, method, estimate(shape, method, setup), device, process, 4 * corpus_size * shape.dim
     )
     if recipe.train.gradient_checkpointing == "auto":
         plan = _checkpointing_if_needed(plan, device)
     return plan
 
 
+def checkpointing_budget(device: str) -> tuple[int, str]:
+    """Bytes ``gradient_checkpointing: auto`` lets a run add without checkpointing, and why: 90% of the GPU's
+    free memory; on a CPU, :data:`CPU_RAM_SHARE` of the machine's RAM, or 90% of the free RAM when less."""
+    free = int(free_memory(device) * AUTO_HEADROOM)
+    if device == "cuda":
+        return free, f"90% of the {free_memory(device) / GiB:.1f} GiB of free GPU memory"
+    share = int(machine_memory() * CPU_RAM_SHARE)
+    if free < share:
+        return free, f"90% of the {free_memory(device) / GiB:.1f} GiB of free RAM"
+    return share, f"a quarter of this machine's {machine_memory() / GiB:.1f} GiB of RAM"
+
+
+def _run_needs(plan: RecipePlan, device: str) -> int:
+    """What the run adds: the step (a GPU), or everything beyond the process as it stands (a CPU: the step
+    lives in RAM)."""
+    return plan.estimate.total if device == "cuda" else plan.rss()["total"] - plan.process_bytes
+
+
 def _checkpointing_if_needed(plan: RecipePlan, device: str) -> RecipePlan:
-    """``gradient_checkpointing: auto``: the plan with checkpointing on when, without it, the step (a GPU) or
-    the process (a CPU: the step lives in RAM) would pass the headroom of the free memory."""
-    free = free_memory(device)
-    need = plan.estimate.total if device == "cuda" else plan.rss()["total"] - plan.process_bytes
-    if need <= free * AUTO_HEADROOM or not plan.can_checkpoint():
+    """``gradient_checkpointing: auto``: the plan with checkpointing on when, without it, the run would
+    pass :func:`checkpointing_budget`."""
+    if _run_needs(plan, device) <= checkpointing_budget(device)[0] or not plan.can_checkpoint():
         return plan
     setup = replace(plan.setup, checkpointing=True)
     return replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup))
@@ -200,15 +242,18 @@ def with_checkpointing(recipe, on: bool):
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": on})})
 
 
-def plan_run(recipe, device: str, backend: str, echo=print, data=None) -> tuple[RecipePlan | None, int | None, bool]:
-    """For a run: the plan (printed first), the cached loss's mini-batch (``auto`` resolved), and whether to
-    checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS. A model the meta-device
-    count cannot run costs the run its plan line, not the run; ``auto`` mini-batches then cannot be resolved
-    and say so, ``auto`` checkpointing stays off."""
+def plan_run(
+    recipe, device: str, backend: str, echo=print, data=None, lengths: ColumnLengths | None = None, process_bytes=None
+) -> tuple[RecipePlan | None, int | None, bool]:
+    """For a run: the plan (printed), the cached loss's mini-batch (``auto`` resolved), and whether to
+    checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS, ``lengths`` and
+    ``process_bytes`` as :func:`plan_recipe` takes them. A model the meta-device count cannot run costs the
+    run its plan line, not the run; ``auto`` mini-batches then cannot be resolved and say so, ``auto``
+    checkpointing stays off."""
     mini, auto = mini_batch_of(recipe), recipe.loss.cached and recipe.loss.mini_batch_size == "auto"
     checkpointing = recipe.train.gradient_checkpointing
     try:
-        plan = plan_recipe(recipe, device, len(data.corpus) if data is not None else 0)
+        plan = plan_recipe(recipe, device, len(data.corpus) if data is not None else 0, lengths, process_bytes)
     except FinetuneError:
         raise
     except Exception as exc:  # any failure of the count on an unusual architecture
@@ -227,10 +272,17 @@ def plan_run(recipe, device: str, backend: str, echo=print, data=None) -> tuple[
         mini = plan.setup.mini_batch_size
         echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
     if checkpointing == "auto":
-        where = "GPU memory" if device == "cuda" else "RAM"
-        state = "on: without it the plan does not fit" if plan.setup.checkpointing else "off: the plan fits"
-        state += f" the {free_memory(device) / GiB:.1f} GiB of free {where}"
-        if not plan.can_checkpoint():
-            state = f"off: {plan.shape.name} cannot checkpoint (its architecture does not support it)"
-        echo(f"train.gradient_checkpointing auto -> {state}")
+        echo(f"train.gradient_checkpointing auto -> {_auto_checkpointing_said(plan, device)}")
     return plan, mini, plan.setup.checkpointing
+
+
+def _auto_checkpointing_said(plan: RecipePlan, device: str) -> str:
+    """What ``auto`` chose and why: what the run adds without checkpointing against the budget."""
+    if not plan.can_checkpoint():
+        return f"off: {plan.shape.name} cannot checkpoint (its architecture does not support it)"
+    setup = replace(plan.setup, checkpointing=False)
+    need = _run_needs(replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup)), device)
+    budget, why = checkpointing_budget(device)
+    if plan.setup.checkpointing:
+        return f"on: without it the run adds {need / GiB:.1f} GiB, over {budget / GiB:.1f} GiB ({why})"
+    return f"off: the run adds {need / GiB:.1f} GiB, within {budget / GiB:.1f} GiB ({why})"

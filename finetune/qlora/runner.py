@@ -1,7 +1,7 @@
 """Run a ``qlora`` recipe: 4-bit/16-bit LoRA or full fine-tuning through SentenceTransformerTrainer.
 
-The run reads as its phases: set up (the constructor: backend, memory plan, the checkpoint as
-``SentenceTransformer(path)`` loads it, the training stack checked against it, negatives), then
+The run reads as its phases: set up (the constructor: backend, the checkpoint as ``SentenceTransformer(path)``
+loads it, the memory plan at the data's text lengths, the training stack checked against it, negatives), then
 :meth:`QLoRARun.train` (base row, train, restore the best checkpoint) and :meth:`QLoRARun.finish`
 (merge scale, export, tuned row). Training itself is :mod:`finetune.qlora.train`; the export and
 its checks are :mod:`finetune.qlora.export`.
@@ -24,6 +24,7 @@ from finetune.evaluation import build_evaluator, evaluate
 from finetune.extra_sets import ExtraSet, load_extra_sets
 from finetune.lora_targets import summarise
 from finetune.matryoshka import check_against_dimension, dims_line, model_ndcg_by_dimension
+from finetune.memory.lengths import column_lengths
 from finetune.merge_scale import check_can_choose_scale, interpolate, lora_scale, scale_lora_in_place
 from finetune.models import describe_stack, load_sentence_transformer
 from finetune.onnx_export import require_onnx
@@ -41,7 +42,7 @@ from finetune.qlora.teacher import prepare_teacher
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
 from finetune.stages import stage
-from finetune.timing import seconds_per_step
+from finetune.timing import rss_bytes, seconds_per_step
 
 logger = logging.getLogger(__name__)
 # the as-trained check's documents at most: a diagnostic, encoded by the 4-bit model (slower than float32 on a CPU)
@@ -80,9 +81,13 @@ class QLoRARun:
         if recipe.export.onnx and options.export:
             require_onnx()
         self.choice = select_backend(recipe, device)
-        self.memory, self.mini_batch_size, checkpointing = plan_run(recipe, device, self.choice.backend, echo, data)
-        self.recipe = recipe = with_checkpointing(recipe, checkpointing)  # auto resolved: what later steps read
+        process = rss_bytes()  # before the checkpoint loads: the plan counts its float32 copy itself
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
+        lengths = column_lengths(self.reference, self.prompts, data, splits.train)  # what the step pads to
+        self.memory, self.mini_batch_size, ckpt = plan_run(
+            recipe, device, self.choice.backend, echo, data, lengths, process
+        )
+        self.recipe = recipe = with_checkpointing(recipe, ckpt)  # auto resolved: what later steps read
         check_against_dimension(
             recipe.loss.matryoshka_dims, self.reference.get_embedding_dimension(), recipe.model.name
         )
@@ -284,12 +289,8 @@ class QLoRARun:
 
     def _by_dimension(self, model) -> dict | None:
         """Test NDCG@10 at each ``loss.matryoshka_dims`` size (encoded once, truncated), or None."""
-        dims = self.recipe.loss.matryoshka_dims
-        if not dims:
-            return None
-        return model_ndcg_by_dimension(
-            model, self.data, self.splits.test, self.prompts, dims, self.recipe.model.batch_size
-        )
+        dims, batch = self.recipe.loss.matryoshka_dims, self.recipe.model.batch_size
+        return model_ndcg_by_dimension(model, self.data, self.splits.test, self.prompts, dims, batch) if dims else None
 
 
 def _cpu_state(model) -> dict:
