@@ -50,7 +50,7 @@ class Setup:
 
     Args:
         batch_size: The logical batch (MNRL's in-batch negatives).
-        seq_length: Tokens per text; the plan assumes every text is this long (no padding).
+        seq_length: Tokens per text at most (the model's cut); without ``column_lengths`` every text is this long.
         columns: Texts per example: anchor, positive and each negative.
         column_lengths: Tokens per column, anchor first, when the data is known: sentence-transformers
             tokenizes a column at a time, so each pads to its own longest text (short queries beside
