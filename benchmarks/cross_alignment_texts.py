@@ -53,7 +53,7 @@ def main() -> None:
                 {
                     "texts": min(n, len(small_all)),
                     "objective": objective,
-                    "test_ndcg@10": cells.projected(splits.test, projection)["ndcg@10"],
+                    "test_ndcg@10": cells.projected(splits.test, projection, "test")["ndcg@10"],
                     "chosen": {k: v for k, v in info["alignment"].items() if k != "grid"},
                 }
             )

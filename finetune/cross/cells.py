@@ -118,10 +118,11 @@ class Cells:
         return EmbeddingLookup(self.query_texts, queries, self.doc_texts, documents, transform)
 
     def score(
-        self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, split: str = "test"
+        self, ids: list[str], queries: torch.Tensor, documents: torch.Tensor, projection=None, *, split: str
     ) -> dict:
         """The shared evaluator's metrics for query ``ids`` against the whole corpus; ``split`` (``val`` for
-        choosing, ``test`` for reporting) names the evaluator, so the run's stage table books the time right."""
+        choosing, ``test`` for reporting; no default, so no scoring is booked as test by omission) names the
+        evaluator, so the run's stage table books the time right."""
         key = (tuple(ids), split)
         if key not in self._evaluators:  # selection scores the same queries for every ridge x mix point
             self._evaluators[key] = build_evaluator(self.data, ids, split)
@@ -129,21 +130,22 @@ class Cells:
             self._evaluators[key], self.lookup(queries, documents, projection), corpus_embeddings=documents
         )
 
-    def projected(self, ids: list[str], projection: Projection, split: str = "test") -> dict:
+    def projected(self, ids: list[str], projection: Projection, split: str) -> dict:
         """Metrics of ``projection``'s queries against the small model's (unchanged) document index."""
-        return self.score(ids, self.inputs, self.small.docs, projection, split)
+        return self.score(ids, self.inputs, self.small.docs, projection, split=split)
 
     def zero_shot(self, ids: list[str]) -> dict[str, dict]:
-        """Small model alone, large model alone, and (equal widths only) large queries against small documents."""
+        """Small model alone, large model alone, and (equal widths only) large queries against small documents,
+        on test queries: reported rows."""
         key = tuple(ids)
         if key not in self._zero_shot:
             small, large = self.small, self.large
             rows = {
-                "small model alone": self.score(ids, small.queries, small.docs),
-                "large model alone": self.score(ids, large.queries, large.docs),
+                "small model alone": self.score(ids, small.queries, small.docs, split="test"),
+                "large model alone": self.score(ids, large.queries, large.docs, split="test"),
             }
             if large.width == small.width:
-                rows["large queries, small documents"] = self.score(ids, large.queries, small.docs)
+                rows["large queries, small documents"] = self.score(ids, large.queries, small.docs, split="test")
             self._zero_shot[key] = rows
         return self._zero_shot[key]
 

@@ -145,7 +145,7 @@ class CrossAdapterRun:
             name = self.recipe.method_name(mode, objective)
             labelled = 0 if mode == "alignment_only" else len(exp.train)
             for test_name, ids in exp.tests.items():
-                metrics = cells.projected(ids, projection)
+                metrics = cells.projected(ids, projection, "test")
                 row = _row(where, test_name, ids, name, labelled, metrics, val)
                 # paired NDCG@10 difference to the small model alone on the same test queries
                 row["vs_small"] = paired_metric(

@@ -121,6 +121,7 @@ class RecipePlan:
     device: str = "cuda"
     process_bytes: int = 0  # the process's RSS when the plan was made (interpreter, libraries, data)
     corpus_bytes: int = 0  # the corpus embeddings a run holds (float32)
+    auto_checkpointing: str = ""  # gradient_checkpointing auto: what it chose and why, as the run says it
 
     def rss(self) -> dict:
         """Predicted peak RSS by part: the process as it stands, one float32 copy of the checkpoint (the
@@ -211,13 +212,15 @@ def _plan_recipe(recipe, device: str, corpus_size: int, lengths, process_bytes) 
 def checkpointing_budget(device: str) -> tuple[int, str]:
     """Bytes ``gradient_checkpointing: auto`` lets a run add without checkpointing, and why: 90% of the GPU's
     free memory; on a CPU, :data:`CPU_RAM_SHARE` of the machine's RAM, or 90% of the free RAM when less."""
-    free = int(free_memory(device) * AUTO_HEADROOM)
+    available = free_memory(device)
+    free = int(available * AUTO_HEADROOM)
     if device == "cuda":
-        return free, f"90% of the {free_memory(device) / GiB:.1f} GiB of free GPU memory"
-    share = int(machine_memory() * CPU_RAM_SHARE)
+        return free, f"90% of the {available / GiB:.1f} GiB of free GPU memory"
+    ram = machine_memory()
+    share = int(ram * CPU_RAM_SHARE)
     if free < share:
-        return free, f"90% of the {free_memory(device) / GiB:.1f} GiB of free RAM"
-    return share, f"a quarter of this machine's {machine_memory() / GiB:.1f} GiB of RAM"
+        return free, f"90% of the {available / GiB:.1f} GiB of free RAM"
+    return share, f"a quarter of this machine's {ram / GiB:.1f} GiB of RAM"
 
 
 def _run_needs(plan: RecipePlan, device: str) -> int:
@@ -228,11 +231,17 @@ def _run_needs(plan: RecipePlan, device: str) -> int:
 
 def _checkpointing_if_needed(plan: RecipePlan, device: str) -> RecipePlan:
     """``gradient_checkpointing: auto``: the plan with checkpointing on when, without it, the run would
-    pass :func:`checkpointing_budget`."""
-    if _run_needs(plan, device) <= checkpointing_budget(device)[0] or not plan.can_checkpoint():
-        return plan
+    pass :func:`checkpointing_budget`; the decision and its reason are made once, here."""
+    if not plan.can_checkpoint():
+        said = f"off: {plan.shape.name} cannot checkpoint (its architecture does not support it)"
+        return replace(plan, auto_checkpointing=said)
+    need, (budget, why) = _run_needs(plan, device), checkpointing_budget(device)
+    if need <= budget:
+        said = f"off: the run adds {need / GiB:.1f} GiB, within {budget / GiB:.1f} GiB ({why})"
+        return replace(plan, auto_checkpointing=said)
     setup = replace(plan.setup, checkpointing=True)
-    return replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup))
+    said = f"on: without it the run adds {need / GiB:.1f} GiB, over {budget / GiB:.1f} GiB ({why})"
+    return replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup), auto_checkpointing=said)
 
 
 def with_checkpointing(recipe, on: bool):
@@ -272,17 +281,5 @@ def plan_run(
         mini = plan.setup.mini_batch_size
         echo(f"loss.mini_batch_size auto -> {mini} (the largest the plan fits in the free memory)")
     if checkpointing == "auto":
-        echo(f"train.gradient_checkpointing auto -> {_auto_checkpointing_said(plan, device)}")
+        echo(f"train.gradient_checkpointing auto -> {plan.auto_checkpointing}")
     return plan, mini, plan.setup.checkpointing
-
-
-def _auto_checkpointing_said(plan: RecipePlan, device: str) -> str:
-    """What ``auto`` chose and why: what the run adds without checkpointing against the budget."""
-    if not plan.can_checkpoint():
-        return f"off: {plan.shape.name} cannot checkpoint (its architecture does not support it)"
-    setup = replace(plan.setup, checkpointing=False)
-    need = _run_needs(replace(plan, setup=setup, estimate=estimate(plan.shape, plan.method, setup)), device)
-    budget, why = checkpointing_budget(device)
-    if plan.setup.checkpointing:
-        return f"on: without it the run adds {need / GiB:.1f} GiB, over {budget / GiB:.1f} GiB ({why})"
-    return f"off: the run adds {need / GiB:.1f} GiB, within {budget / GiB:.1f} GiB ({why})"
