@@ -14,11 +14,14 @@ the slope of a log-log fit over the sizes.
 
 Writes ``results/scale.json`` (or ``--out``) and a PNG beside it. The targets (issue 37) are read
 from the 10^5 runs: qlora validation share and overhead, adapter peak RSS and wall / encoding time.
+Until qlora has run one epoch at 10^5, ``qlora_epoch_projected`` estimates those shares from the
+largest qlora run's measured costs per call (see ``projection``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -160,6 +163,10 @@ def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: in
             train_steps=metrics["train_steps"],
             step_time=metrics["step_time"],
             val_documents=metrics.get("val_documents"),
+            train_rows=metrics["splits"]["train"],  # Disfl-QA: one positive a query, so one row a query
+            batch_size=metrics["batch_size"],
+            # queries whose mined window held only near-duplicates of the positive get a random negative
+            negatives_filled_random=metrics["negatives"]["filled_random"],
         )
     return row
 
@@ -207,22 +214,58 @@ def targets(rows: dict) -> dict:
     return out
 
 
+def projection(rows: dict, exponents: dict, n: int = 100_000) -> dict | None:
+    """One qlora epoch at ``n`` passages, projected from the largest measured run: an estimate, not a target.
+
+    Training is one epoch of the run's median step (plus its slower first step); validation keeps its
+    measured cost per call once the candidate set is at its cap (``train.val_documents``), at one call an
+    epoch (``train.eval_steps: auto``); every other stage grows from the largest run by its measured
+    exponent. None without two sizes or while the candidate set is still the whole corpus.
+    """
+    by_size = rows.get("qlora", {})
+    size = max(by_size, key=int, default=None)
+    if len(by_size) < 2 or by_size[size]["val_documents"] >= by_size[size]["n_corpus"]:
+        return None
+    run, grow = by_size[size], exponents["qlora"]
+    steps = math.ceil(run["train_rows"] / run["batch_size"])
+    step = run["step_time"]
+    seconds = {
+        name: stage["seconds"] * (n / int(size)) ** (grow[name] if grow.get(name) is not None else 1.0)
+        for name, stage in run["stages"].items()
+    }
+    seconds["training"] = steps * step["median_s"] + step["first_s"] - step["median_s"]
+    seconds["validation"] = run["stages"]["validation"]["seconds"] / run["stages"]["validation"]["calls"]
+    wall = sum(seconds.values())
+    overhead = wall - seconds["training"] - seconds["encoding"] - seconds.get("test evaluation", 0.0)
+    return {
+        "n_corpus": n,
+        "from_n_corpus": int(size),
+        "epoch_steps": steps,
+        "seconds": seconds,
+        "wall_s": wall,
+        "validation_share": seconds["validation"] / wall,
+        "overhead_share": overhead / wall,
+    }
+
+
 def plot(rows: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    names = sorted({n for by_size in rows.values() for r in by_size.values() for n in r["stages"]})
+    colours = dict(zip(names, itertools.cycle(plt.get_cmap("tab20").colors)))  # a stage keeps its colour
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows) + 2, 4), squeeze=False)
     for ax, (recipe, by_size) in zip(axes[0], rows.items()):
         sizes = sorted(by_size, key=int)
-        names = {n for size in sizes for n in by_size[size]["stages"]}
-        for name in sorted(names):
+        for name in names:
             ys = [by_size[size]["stages"].get(name, {}).get("seconds", float("nan")) for size in sizes]
-            ax.plot([int(x) for x in sizes], ys, marker="o", label=name)
+            ax.plot([int(x) for x in sizes], ys, marker="o", color=colours[name], label=name)
         ax.set(xscale="log", yscale="log", xlabel="documents", ylabel="seconds", title=recipe)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(rows) + 2), 1))
     fig.savefig(path, dpi=110)
 
 
@@ -257,9 +300,12 @@ def main() -> None:
         }
         for recipe, by_size in rows.items()
     }
-    write_result(Path(out).stem, {"runs": rows, "growth_exponents": exponents, "targets": targets(rows)}, out)
+    report = {"growth_exponents": exponents, "targets": targets(rows), "qlora_epoch_projected": None}
+    if "qlora" in exponents:
+        report["qlora_epoch_projected"] = projection(rows, exponents)
+    write_result(Path(out).stem, {"runs": rows, **report}, out)
     plot(rows, out.with_suffix(".png"))
-    print(json.dumps({"growth_exponents": exponents, "targets": targets(rows)}, indent=1))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
