@@ -165,7 +165,7 @@ def run_recipe(recipe: str, folder: Path, size: int, work: Path, qlora_steps: in
             val_documents=metrics.get("val_documents"),
             train_rows=metrics["splits"]["train"],  # Disfl-QA: one positive a query, so one row a query
             batch_size=metrics["batch_size"],
-            # queries whose mined window held only near-duplicates of the positive get a random negative
+            # slots given a random negative: the mined window held too few candidates below the margin
             negatives_filled_random=metrics["negatives"]["filled_random"],
         )
     return row

@@ -110,8 +110,7 @@ def _dense_candidates(
     doc_of_text = {}
     for did, text in data.corpus.items():
         doc_of_text.setdefault(text, did)
-    n_candidates = config.range_max or config.range_min + 10 * config.per_query
-    n_candidates = min(n_candidates, len(corpus_texts) - 1) - config.range_min
+    n_candidates = min(window_end(config), len(corpus_texts) - 1) - config.range_min
     if n_candidates < 1:
         raise FinetuneError(
             f"the corpus has {len(corpus_texts)} documents, too few to skip range_min={config.range_min}",
@@ -153,7 +152,7 @@ def _bm25_candidates(data, query_ids, config, seed: int) -> dict[str, list[str]]
         bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False), show_progress=False
     )
     texts = [data.queries[q] for q in query_ids]
-    depth = config.range_max or config.range_min + 10 * config.per_query
+    depth = window_end(config)
     # the positives may rank inside the window: fetch that many more, and skip them below
     widest = max(len(data.relevant[q]) for q in query_ids)
     k = min(len(doc_ids), depth + widest)
@@ -181,6 +180,11 @@ def _bm25_candidates(data, query_ids, config, seed: int) -> dict[str, list[str]]
     return out
 
 
+def window_end(config: NegativesConfig) -> int:
+    """The last rank mined or BM25 negatives are taken from: ``range_max``, else 10 per negative asked."""
+    return config.range_max or config.range_min + 10 * config.per_query
+
+
 def _fill(data, query_ids, ranked: dict[str, list[str]], config, seed: int) -> MinedNegatives:
     """Top up each query to ``per_query`` negatives with random non-relevant documents."""
     rng = random.Random(seed)
@@ -206,10 +210,22 @@ def _fill(data, query_ids, ranked: dict[str, list[str]], config, seed: int) -> M
         "filled_random": filled,
     }
     logger.info(
-        "%s negatives: %d queries x %d; %d slot(s) filled at random",
+        "%s negatives: %d queries x %d; %d slot(s) filled at random%s",
         config.strategy,
         len(query_ids),
         config.per_query,
         filled,
+        _why_random(config, filled, len(query_ids)),
     )
     return MinedNegatives(by_query, stats)
+
+
+def _why_random(config: NegativesConfig, filled: int, queries: int) -> str:
+    """Why mining left slots to chance, and the setting that changes it (more distractors leave more)."""
+    if not filled or config.strategy != "mined":
+        return ""
+    return (
+        f" ({100 * filled / (queries * config.per_query):.0f}%): the nearest candidates, ranks {config.range_min} "
+        f"to about {window_end(config)}, held too few below negatives.relative_margin and negatives.max_score; "
+        "a larger negatives.range_max looks further down"
+    )

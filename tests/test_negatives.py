@@ -56,6 +56,19 @@ def test_mined_negatives_respect_max_score():
     assert capped.by_query["q0"] == ["d2", "d3"]  # d4 (0.99) and d1 (0.94) score above 0.9
 
 
+def test_a_window_left_short_says_how_many_went_to_chance_and_what_widens_it(caplog):
+    """At scale, more distractors crowd the top ranks with near-ties; the run says so and names the fix."""
+    data, lookup = _toy()
+    narrow = NegativesConfig(strategy="mined", per_query=1, relative_margin=None, max_score=0.9, range_max=1)
+    with caplog.at_level("INFO", logger="finetune.mining"):
+        short = find_negatives(data, ["q0"], narrow, model=lookup)
+    assert short.stats["filled_random"] == 1  # d4 (1.0) and d1 (0.94) are over max_score
+    assert "1 slot(s) filled at random (100%): the nearest candidates, ranks 0 to about 1, held too few" in caplog.text
+    assert "a larger negatives.range_max" in caplog.text
+    wide = find_negatives(data, ["q0"], narrow.model_copy(update={"range_max": 3}), model=lookup)
+    assert wide.by_query["q0"] == ["d2"] and wide.stats["filled_random"] == 0  # the advice works
+
+
 def test_bm25_negatives_rank_by_shared_words_and_skip_positives_and_their_text():
     corpus = {
         "pos": "radon gas in the basement",
