@@ -182,23 +182,25 @@ def growth(sizes: list[int], seconds: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / den if den else None
 
 
+def qlora_shares(seconds: dict[str, float]) -> dict[str, float]:
+    """Validation's share of the wall time (the sum of the stages), and the overhead's: everything but the
+    unavoidable work (training steps, the base and exported encodings, the test evaluations of both rows)."""
+    wall = sum(seconds.values())
+    unavoidable = sum(seconds.get(name, 0.0) for name in ("training", "encoding", "test evaluation"))
+    return {"validation_share": seconds.get("validation", 0.0) / wall, "overhead_share": (wall - unavoidable) / wall}
+
+
 def targets(rows: dict) -> dict:
     """The issue's targets, read from each recipe's largest run."""
     out = {}
     if "qlora" in rows:
         size = max(rows["qlora"], key=int)
-        s, wall = rows["qlora"][size]["stages"], rows["qlora"][size]["wall_s"]
-
-        def sec(name):
-            return s.get(name, {}).get("seconds", 0.0)
-
-        # training steps, the base encoding and the test evaluations (base row, tuned row) are the unavoidable work
-        overhead = wall - sec("training") - sec("encoding") - sec("test evaluation")
+        shares = qlora_shares({name: s["seconds"] for name, s in rows["qlora"][size]["stages"].items()})
         out["qlora"] = {
             "n_corpus": int(size),
-            "validation_share": sec("validation") / wall,
+            "validation_share": shares["validation_share"],
             "validation_target": 0.15,
-            "overhead_share": overhead / wall,
+            "overhead_share": shares["overhead_share"],
             "overhead_target": 0.20,
         }
     if "adapter" in rows:
@@ -235,16 +237,13 @@ def projection(rows: dict, exponents: dict, n: int = 100_000) -> dict | None:
     }
     seconds["training"] = steps * step["median_s"] + step["first_s"] - step["median_s"]
     seconds["validation"] = run["stages"]["validation"]["seconds"] / run["stages"]["validation"]["calls"]
-    wall = sum(seconds.values())
-    overhead = wall - seconds["training"] - seconds["encoding"] - seconds.get("test evaluation", 0.0)
     return {
         "n_corpus": n,
         "from_n_corpus": int(size),
         "epoch_steps": steps,
         "seconds": seconds,
-        "wall_s": wall,
-        "validation_share": seconds["validation"] / wall,
-        "overhead_share": overhead / wall,
+        "wall_s": sum(seconds.values()),
+        **qlora_shares(seconds),
     }
 
 

@@ -565,6 +565,8 @@ def test_column_lengths_are_the_longest_training_texts_with_their_prompts(tiny_m
     assert got.anchor == tokens(queries["q2"], "query: ") > tokens(queries["q2"])
     assert got.positive == tokens(corpus["d2"]) < got.negative == 48
     assert got.columns(negatives=2, cap=32) == (got.anchor, got.positive, 32, 32)
+    without = column_lengths(model, Prompts("query: ", None), data, ["q1", "q2"], negatives=False)
+    assert (without.anchor, without.positive, without.negative) == (got.anchor, got.positive, 0)  # corpus unread
 
 
 def test_a_cpu_run_checkpoints_when_it_would_take_over_a_quarter_of_the_ram(

@@ -60,7 +60,7 @@ def longest_tokens(model, texts: Iterable[str], prompt: str | None = None, sampl
     return int(model.preprocess(longest, prompt=prompt)["input_ids"].shape[1])
 
 
-def column_lengths(model, prompts, data, train_ids: list[str]) -> ColumnLengths:
+def column_lengths(model, prompts, data, train_ids: list[str], negatives: bool = True) -> ColumnLengths:
     """The longest training anchor, positive and negative of a run, as ``model`` tokenizes them.
 
     Args:
@@ -68,6 +68,7 @@ def column_lengths(model, prompts, data, train_ids: list[str]) -> ColumnLengths:
         prompts: The run's :class:`~finetune.prompts.Prompts` (query prompt on anchors, document prompt on the rest).
         data: The run's :class:`~finetune.data.dataset.RetrievalData`.
         train_ids: The training queries.
+        negatives: Whether the step has negative columns; without, the corpus is not read (0).
 
     Returns:
         :class:`ColumnLengths`; negatives are any corpus document (mined or given), so theirs is the corpus's longest.
@@ -76,5 +77,5 @@ def column_lengths(model, prompts, data, train_ids: list[str]) -> ColumnLengths:
     return ColumnLengths(
         anchor=longest_tokens(model, (data.queries[q] for q in train_ids), prompts.query),
         positive=longest_tokens(model, positives, prompts.document),
-        negative=longest_tokens(model, data.corpus.values(), prompts.document),
+        negative=longest_tokens(model, data.corpus.values(), prompts.document) if negatives else 0,
     )

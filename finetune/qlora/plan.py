@@ -61,11 +61,16 @@ def method_of(recipe) -> str:
     return "nf4" if recipe.quantization == "nf4" else "lora16"
 
 
+def negative_columns(recipe) -> int:
+    """Negative columns in each training row: ``negatives.per_query``, or none for in-batch negatives only."""
+    return recipe.negatives.per_query if recipe.negatives.strategy != "none" else 0
+
+
 def setup_of(recipe, device: str, max_len: int, lengths: ColumnLengths | None = None) -> Setup:
     """The recipe's step as the planner sees it, on ``device`` (a GPU: bf16 and 8-bit AdamW unless set);
     with the data's ``lengths``, each column at its longest text, else every text at the full length."""
     gpu = device == "cuda"
-    negatives = recipe.negatives.per_query if recipe.negatives.strategy != "none" else 0
+    negatives = negative_columns(recipe)
     optimizer, precision = resolved_optimizer(recipe.train, gpu), resolved_precision(recipe.train, gpu)
     seq_length = min(recipe.model.max_seq_length or max_len, max_len)
     return Setup(
@@ -87,13 +92,19 @@ def setup_of(recipe, device: str, max_len: int, lengths: ColumnLengths | None = 
     )
 
 
-def machine_memory() -> int:
-    """Bytes of RAM this machine has."""
+def _ram(which: str) -> int:
+    """The machine's RAM in bytes, ``total`` or ``available``: psutil's count, else the kernel's pages."""
     try:
         import psutil
     except ImportError:  # not a dependency
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return int(psutil.virtual_memory().total)
+        pages = "SC_PHYS_PAGES" if which == "total" else "SC_AVPHYS_PAGES"
+        return int(os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE"))
+    return int(getattr(psutil.virtual_memory(), which))
+
+
+def machine_memory() -> int:
+    """Bytes of RAM this machine has."""
+    return _ram("total")
 
 
 def free_memory(device: str) -> int:
@@ -102,11 +113,7 @@ def free_memory(device: str) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info()[0])
-    try:
-        import psutil
-    except ImportError:  # not a dependency: the kernel's count of free pages
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return int(psutil.virtual_memory().available)
+    return _ram("available")
 
 
 @dataclass

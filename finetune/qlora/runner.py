@@ -35,7 +35,7 @@ from finetune.qlora import train as training
 from finetune.qlora.backend import build_checked, parameter_counts, select_backend, training_sample
 from finetune.qlora.config import QLoRARecipe
 from finetune.qlora.losses import build_loss, describe_loss
-from finetune.qlora.plan import plan_run, with_checkpointing
+from finetune.qlora.plan import negative_columns, plan_run, with_checkpointing
 from finetune.qlora.record import card_facts, qlora_record
 from finetune.qlora.stack import pooling_mode
 from finetune.qlora.teacher import prepare_teacher
@@ -83,7 +83,8 @@ class QLoRARun:
         self.choice = select_backend(recipe, device)
         process = rss_bytes()  # before the checkpoint loads: the plan counts its float32 copy itself
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
-        lengths = column_lengths(self.reference, self.prompts, data, splits.train)  # what the step pads to
+        negatives = negative_columns(recipe) > 0
+        lengths = column_lengths(self.reference, self.prompts, data, splits.train, negatives)  # what a step pads to
         self.memory, self.mini_batch_size, ckpt = plan_run(
             recipe, device, self.choice.backend, echo, data, lengths, process
         )
