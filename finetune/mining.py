@@ -105,6 +105,8 @@ def _dense_candidates(
     from datasets import Dataset
     from sentence_transformers.util import mine_hard_negatives
 
+    from finetune.evaluation import query_chunk_size
+
     rows = [(data.queries[q], data.corpus[d]) for q in query_ids for d in sorted(data.relevant[q])]
     corpus_texts = list(dict.fromkeys(data.corpus.values()))
     doc_of_text = {}
@@ -130,6 +132,9 @@ def _dense_candidates(
         corpus_prompt=document_prompt,
         output_format="labeled-list",
         batch_size=batch_size,
+        # its default scores 16,384 queries at once against the whole corpus: 2.1 GiB more RSS for
+        # 5,579 training queries at 10^5 documents, 21 GiB at 10^6
+        faiss_batch_size=query_chunk_size(len(corpus_texts)),
         verbose=False,
     )
     by_text: dict[str, list[str]] = {}

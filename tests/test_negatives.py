@@ -9,7 +9,7 @@ from conftest import adapter_recipe, fit
 from finetune.config import NegativesConfig
 from finetune.data.dataset import RetrievalData
 from finetune.errors import FinetuneError
-from finetune.evaluation import EmbeddingLookup
+from finetune.evaluation import CHUNK_CELLS, EmbeddingLookup, query_chunk_size
 from finetune.mining import find_negatives
 from finetune.recipe import validate_recipe
 from finetune.run import run_recipe
@@ -67,6 +67,28 @@ def test_a_window_left_short_says_how_many_went_to_chance_and_what_widens_it(cap
     assert "a larger negatives.range_max" in caplog.text
     wide = find_negatives(data, ["q0"], narrow.model_copy(update={"range_max": 3}), model=lookup)
     assert wide.by_query["q0"] == ["d2"] and wide.stats["filled_random"] == 0  # the advice works
+
+
+def test_mining_scores_a_bounded_block_of_queries_at_a_time_with_the_same_result(monkeypatch):
+    """Memory must not grow as queries x corpus: at 10^5 documents the one block of every training query
+    held 2.1 GiB."""
+    data, lookup = _toy()
+    config = NegativesConfig(strategy="mined", per_query=2, relative_margin=None)
+    whole = find_negatives(data, ["q0", "q1"], config, model=lookup)
+    blocks = []
+    similarity = lookup.similarity
+    monkeypatch.setattr(lookup, "similarity", lambda a, b: blocks.append(a.shape[0] * b.shape[0]) or similarity(a, b))
+    monkeypatch.setattr("finetune.evaluation.query_chunk_size", lambda n: 1)  # one query against the 5 documents
+    chunked = find_negatives(data, ["q0", "q1"], config, model=lookup)
+    assert chunked.by_query == whole.by_query
+    scored = [cells for cells in blocks if cells > 1]  # the positives' pairwise scores go elsewhere
+    assert scored == [5, 5]
+
+
+def test_a_query_block_holds_a_bounded_number_of_scores_but_enough_queries_to_stay_fast():
+    assert query_chunk_size(10_000) * 10_000 <= CHUNK_CELLS < (query_chunk_size(10_000) + 1) * 10_000
+    assert query_chunk_size(30_000) * 30_000 <= CHUNK_CELLS
+    assert query_chunk_size(10**6) == query_chunk_size(10**8) == 256
 
 
 def test_bm25_negatives_rank_by_shared_words_and_skip_positives_and_their_text():

@@ -31,6 +31,7 @@ def qlora_row(n: int, val_documents: int, validation_s: float, calls: int) -> di
         "val_documents": val_documents,
         "stages": stages,
         "train_rows": 5579,
+        "train_steps": 8,
         "batch_size": 32,
         "step_time": {"first_s": 30.0, "median_s": 10.0},
     }
@@ -57,3 +58,19 @@ def test_no_projection_from_one_size_or_before_the_candidate_set_is_capped():
     assert scale.projection(one, {"qlora": {}}) is None
     uncapped = {"qlora": {"3000": qlora_row(3_000, 3_000, 6.0, 1), "10000": qlora_row(10_000, 10_000, 60.0, 1)}}
     assert scale.projection(uncapped, {"qlora": {}}) is None
+
+
+def test_a_run_at_the_projected_size_keeps_its_measured_stages_and_extends_only_training():
+    rows = {"qlora": {"30000": qlora_row(30_000, 20_000, 240.0, 1), "100000": qlora_row(100_000, 20_000, 250.0, 1)}}
+    exponents = {"qlora": {"encoding": 1.0, "validation": 0.03, "training": 0.0, "test evaluation": 1.0}}
+    s = scale.projection(rows, exponents, n=100_000)["seconds"]
+    assert s["encoding"] == pytest.approx(1000.0) and s["test evaluation"] == pytest.approx(100.0)
+    assert s["validation"] == pytest.approx(250.0) and s["as-trained check"] == pytest.approx(50.0)
+    assert s["training"] == pytest.approx(175 * 10.0 + 20.0)
+
+
+def test_the_targets_say_whether_the_qlora_run_trained_a_whole_epoch():
+    bounded = {"qlora": {"100000": qlora_row(100_000, 20_000, 250.0, 1)}}
+    assert scale.targets(bounded)["qlora"]["one_epoch"] is False
+    bounded["qlora"]["100000"]["train_steps"] = 175
+    assert scale.targets(bounded)["qlora"]["one_epoch"] is True
