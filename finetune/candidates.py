@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from sentence_transformers.util import cos_sim
 
+from finetune.evaluation import query_chunk_size
+
 
 def candidate_ids(
     doc_ids: Sequence[str],
@@ -39,7 +41,7 @@ def candidate_ids(
     cap: int,
     seed: int,
     similarity=cos_sim,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> list[str]:
     """The candidate set's document ids, in corpus order.
 
@@ -51,7 +53,8 @@ def candidate_ids(
         cap: At most this many documents (more only when the positives alone exceed it).
         seed: Fixes the random sample.
         similarity: The model's similarity function (cosine by default).
-        chunk: Queries scored at a time, so memory stays ``chunk x corpus`` scores.
+        chunk: Queries scored at a time, so memory stays ``chunk x corpus`` scores; by default mining's
+            bound (:func:`~finetune.evaluation.query_chunk_size`).
 
     Returns:
         Ids of the positives, the base model's top documents and the random sample.
@@ -62,6 +65,7 @@ def candidate_ids(
     hard_until = len(keep) + max(0, cap - len(keep)) // 2
     # twice the even share of each query, since their top documents overlap each other and the positives
     depth = max(1, 2 * (hard_until - len(keep)) // max(1, len(relevant)) + 1)
+    chunk = chunk or query_chunk_size(len(doc_ids))
     ranked = _top(query_embeddings, document_embeddings, min(depth, len(doc_ids)), similarity, chunk)
     for rank in range(ranked.shape[1]):  # rank by rank, so every query gets its hardest first
         for row in ranked[:, rank].tolist():
