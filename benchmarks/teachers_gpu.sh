@@ -6,7 +6,8 @@
 #
 #   1. qlora-minilm     recipes/qlora.yaml as shipped: the reference, and the first stage of 4 and 6
 #   2. qlora-mpnet      the same recipe on all-mpnet-base-v2: the teacher
-#   3. distill/final    MiniLM taught by 2, teacher.mnrl_weight chosen on validation (a sweep over 0, 0.5, 1)
+#   3. distill/final    MiniLM taught by 2, teacher.loss and teacher.mnrl_weight chosen on validation (a sweep
+#                       over kl_div and in_batch_kl x 0, 0.5, 1)
 #   4. reranker-minilm  recipes/reranker.yaml from MiniLM's weights behind 1 (negatives mined by 1), k on validation
 #   5. reranker-mpnet   the same from mpnet's weights
 #   6. two-stage        the reranker from 5's starting weights behind the distilled student 3
@@ -54,10 +55,10 @@ for set in "${sets[@]}"; do
   splits="splits.file=$d/qlora-minilm/splits.json"
   run "$set" qlora-mpnet qlora "model.name=$mpnet" "$splits"
   if [ -f "$d/qlora-mpnet/metrics.json" ]; then
-    echo "== $set distill: teacher.mnrl_weight chosen on validation"
+    echo "== $set distill: teacher.loss and teacher.mnrl_weight chosen on validation"
     # shellcheck disable=SC2086
     "$py" -m finetune sweep recipes/qlora.yaml ${data[$set]} "${extra[@]}" "$splits" "teacher.model.name=$d/qlora-mpnet" \
-      teacher.mnrl_weight=0,0.5,1 --dir "$d/distill" || echo "== $set distill FAILED (exit $?)"
+      teacher.loss=kl_div,in_batch_kl teacher.mnrl_weight=0,0.5,1 --dir "$d/distill" || echo "== $set distill FAILED (exit $?)"
   fi
   run "$set" reranker-minilm reranker "retriever.name=$d/qlora-minilm/model" "$splits"
   run "$set" reranker-mpnet reranker "model.name=$mpnet" "retriever.name=$d/qlora-minilm/model" "$splits"

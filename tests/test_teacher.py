@@ -93,12 +93,95 @@ def test_distillation_moves_the_students_scores_to_the_teachers(tiny_model):
     assert torch.equal(scores.argmax(1), teacher.argmax(1))
 
 
+def test_in_batch_labels_index_the_teachers_embeddings(tiny_model, tiny_model_wide, tmp_path, cache_dir):
+    """in_batch_kl: each row's (query, positive, negatives) indices give the same cosines as kl_div's scores."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.data import load_data
+    from finetune.mining import find_negatives
+    from finetune.qlora.teacher import teacher_embeddings, teacher_labels
+    from finetune.recipe import validate_recipe
+
+    raw = taught_recipe(tmp_path, tiny_model, tiny_model_wide)
+    recipe, in_batch = (
+        validate_recipe(raw),
+        validate_recipe({**raw, "teacher": {**raw["teacher"], "loss": "in_batch_kl"}}),
+    )
+    data = load_data(recipe.data)
+    train = list(data.queries)[:20]
+    negatives = find_negatives(data, train, recipe.negatives, model=SentenceTransformer(str(tiny_model)))
+    scores, _ = teacher_labels(recipe, data, train, negatives, "cpu")
+    indices, (queries, documents), record = teacher_embeddings(in_batch, data, train, negatives, "cpu")
+    assert indices.shape == (len(scores), 4) and indices.dtype == torch.int64
+    assert len(queries) == 20 and len(documents) == len(set(indices[:, 1:].reshape(-1).tolist()))
+    rows = (queries[indices[:, :1]] * documents[indices[:, 1:]]).sum(-1)
+    assert rows == pytest.approx(scores, abs=1e-5)
+    assert record["loss"] == "in_batch_kl" and record["temperature"] == 0.05 and not record["cache"]["hit"]
+    again = teacher_embeddings(in_batch, data, train, negatives, "cpu")
+    assert again[2]["cache"]["hit"] and torch.equal(again[0], indices) and torch.equal(again[1][1], documents)
+
+
+def _batch(model, size: int = 8):
+    texts = [[f"query {i} about {t}" for i, t in enumerate("abcdefgh"[:size])]]
+    texts += [[f"document {j}{i} on {t}" for i, t in enumerate("abcdefgh"[:size])] for j in range(2)]
+    return texts, [model.tokenize(column) for column in texts]
+
+
+def test_in_batch_kl_is_zero_when_the_student_is_its_own_teacher(tiny_model):
+    """The teacher's candidates line up with the student's (every positive, then every negative): a student scored
+    against its own embeddings diverges by nothing, and by something once the teacher's documents are reordered."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.qlora.losses import InBatchDistillationLoss
+
+    student = SentenceTransformer(str(tiny_model), device="cpu")
+    texts, features = _batch(student)
+    labels = torch.tensor([[i, i, 8 + i] for i in range(8)])  # query i; positive i, negative 8 + i in the table
+    with torch.no_grad():
+        queries = student.encode(texts[0], convert_to_tensor=True, normalize_embeddings=True)
+        documents = student.encode(texts[1] + texts[2], convert_to_tensor=True, normalize_embeddings=True)
+        same = InBatchDistillationLoss(student, queries, documents, temperature=0.05)(features, labels).item()
+        other = InBatchDistillationLoss(student, queries, documents.flip(0), temperature=0.05)(features, labels).item()
+    assert same == pytest.approx(0.0, abs=1e-5) and other > 1e-3
+
+
+def test_in_batch_distillation_moves_the_student_to_the_teachers_ranking(tiny_model):
+    """Trained on the in-batch KL alone, the student comes to pick the document the teacher puts first."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.qlora.losses import InBatchDistillationLoss
+
+    torch.manual_seed(0)
+    student = SentenceTransformer(str(tiny_model), device="cpu")
+    _, features = _batch(student)
+    queries = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    documents = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
+    labels = torch.tensor([[i, i, 8 + i] for i in range(8)])
+    loss = InBatchDistillationLoss(student, queries, documents, temperature=0.05)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    values = []
+    for _ in range(120):
+        value = loss(features, labels)
+        values.append(value.item())
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    assert values[-1] < 0.2 * values[0]
+    with torch.no_grad():
+        e = [torch.nn.functional.normalize(student(f)["sentence_embedding"], dim=-1) for f in features]
+        student_best = (e[0] @ torch.cat(e[1:]).T).argmax(1)
+    assert (student_best == (queries @ documents.T).argmax(1)).sum() >= 7  # of 8: Adam still wobbles a little
+
+
 def test_a_taught_qlora_run_records_its_teacher(tiny_model, tiny_model_wide, tmp_path, cache_dir):
-    run = _run(taught_recipe(tmp_path, tiny_model, tiny_model_wide, mnrl_weight=0.5))
-    metrics = json.loads((run / "metrics.json").read_text())
-    teacher = metrics["teacher"]
-    assert teacher["kind"] == "bi-encoder" and teacher["mnrl_weight"] == 0.5 and teacher["rows"] > 0
-    assert metrics["train_steps"] == 6 and (run / "model" / "modules.json").is_file()
+    for loss in ("kl_div", "in_batch_kl"):
+        (tmp_path / loss).mkdir()
+        run = _run(taught_recipe(tmp_path / loss, tiny_model, tiny_model_wide, mnrl_weight=0.5, loss=loss))
+        metrics = json.loads((run / "metrics.json").read_text())
+        teacher = metrics["teacher"]
+        assert teacher["kind"] == "bi-encoder" and teacher["mnrl_weight"] == 0.5 and teacher["rows"] > 0
+        assert teacher["loss"] == loss and teacher["temperature"] == 0.05
+        assert metrics["train_steps"] == 6 and (run / "model" / "modules.json").is_file()
 
 
 def test_a_reranker_run_teaches_by_its_logits(tiny_model, tmp_path, cache_dir):
@@ -124,9 +207,11 @@ def _write(tmp_path: Path, raw: dict) -> str:
 def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsys):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    two = tmp_path / "two-labels"
-    BertForSequenceClassification.from_pretrained(str(tiny_model.parent / "hf"), num_labels=2).save_pretrained(two)
-    AutoTokenizer.from_pretrained(str(tiny_model.parent / "hf")).save_pretrained(two)
+    two, one = tmp_path / "two-labels", tmp_path / "one-label"
+    for folder, labels in ((two, 2), (one, 1)):
+        hf = str(tiny_model.parent / "hf")
+        BertForSequenceClassification.from_pretrained(hf, num_labels=labels).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(hf).save_pretrained(folder)
     adapter = {"kind": "adapter", "data": _data(tmp_path), "model": str(tiny_model), "teacher": str(tiny_model)}
     no_negatives = taught_recipe(tmp_path, tiny_model, tiny_model)
     no_negatives["negatives"] = {"strategy": "none"}
@@ -138,6 +223,7 @@ def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsy
         (taught_recipe(tmp_path, tiny_model, unfinished), "this run directory has not finished"),
         (no_negatives, "negatives.strategy is none; set negatives.strategy=mined"),
         (taught_recipe(tmp_path, tiny_model, two), "the teacher is a classifier with 2 labels"),
+        (taught_recipe(tmp_path, tiny_model, one, loss="in_batch_kl"), "teacher.loss: in_batch_kl scores every query"),
         (taught_recipe(tmp_path, tiny_model, tmp_path / "nowhere"), "teacher.model.name /"),  # the field that named it
     ]
     for raw, expected in cases:

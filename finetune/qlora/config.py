@@ -95,16 +95,18 @@ class TeacherConfig(Section):
     also works. Its scores of each training row's positive and mined negatives are computed once, before
     training, and cached. ``loss: kl_div`` (``DistillKLDivLoss``) matches the student's softmax over
     (positive, negatives) to the teacher's; ``margin_mse`` (``MarginMSELoss``) matches the positive-minus-negative
-    margins. ``mnrl_weight`` adds MultipleNegativesRankingLoss on the same batch at that weight (choose it on
-    validation: ``python -m finetune sweep recipes/qlora.yaml teacher.mnrl_weight=0,0.5,1``).
+    margins; ``in_batch_kl`` (a bi-encoder teacher only) matches the softmax over every document in the batch,
+    MNRL's candidates, to the teacher's, from its cached embeddings. ``mnrl_weight`` adds
+    MultipleNegativesRankingLoss on the same batch at that weight (choose it on validation:
+    ``python -m finetune sweep recipes/qlora.yaml teacher.mnrl_weight=0,0.5,1``).
     """
 
     model: ModelConfig
-    loss: Literal["kl_div", "margin_mse"] = "kl_div"
+    loss: Literal["kl_div", "margin_mse", "in_batch_kl"] = "kl_div"
     temperature: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
         "auto",
-        description="kl_div: the teacher's softmax temperature; auto: 0.05 for a bi-encoder's cosine scores (the "
-        "student's own, MNRL's scale 20), 1 for a cross-encoder's logits",
+        description="kl_div, in_batch_kl: the teacher's softmax temperature; auto: 0.05 for a bi-encoder's cosine "
+        "scores (the student's own, MNRL's scale 20), 1 for a cross-encoder's logits",
     )
     mnrl_weight: float = Field(0.0, ge=0.0, description="MultipleNegativesRankingLoss added at this weight")
 

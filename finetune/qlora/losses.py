@@ -35,6 +35,8 @@ def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, ga
     )
 
     if teacher is not None:
+        if teacher.embeddings is not None:
+            return InBatchDistillationLoss(model, *teacher.embeddings, teacher.temperature, teacher.config.mnrl_weight)
         return distillation_loss(model, teacher.config, teacher.temperature)
     if config.cached:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, gather_across_devices=gather)
@@ -84,6 +86,62 @@ class DistillationLoss(torch.nn.Module):
         return loss
 
 
+class InBatchDistillationLoss(torch.nn.Module):
+    """KL divergence from the teacher's softmax over every document of the batch to the student's, plus MNRL.
+
+    MNRL scores each query against every positive and negative of the batch and asks for its own positive;
+    this asks for the teacher's whole distribution over the same candidates (as TAS-B distils in-batch
+    negatives), so each query learns from 63 soft targets at batch 32 with one negative, not from 2.
+
+    Args:
+        model: The student ``SentenceTransformer`` (scored by cosine at MNRL's temperature, 0.05).
+        queries: The teacher's query embeddings, normalised: ``labels[:, 0]`` indexes them.
+        documents: The teacher's document embeddings: ``labels[:, 1:]`` (positive, negatives) index them.
+        temperature: The teacher's softmax temperature over its scores (dot products of the tables).
+        weight: MNRL's weight (0: distillation alone).
+
+    Example::
+        >>> import torch
+        >>> from finetune.qlora.losses import InBatchDistillationLoss
+        >>> kl = InBatchDistillationLoss.divergence(torch.eye(2) / 0.05, torch.eye(2), temperature=0.05)
+        >>> round(float(kl), 6)
+        0.0
+    """
+
+    STUDENT_TEMPERATURE = 0.05
+
+    def __init__(self, model, queries, documents, temperature: float, weight: float = 0.0):
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+        super().__init__()
+        self.model, self.queries, self.documents = model, queries, documents
+        self.temperature, self.weight = temperature, weight
+        self.mnrl = MultipleNegativesRankingLoss(model) if weight else None
+
+    @staticmethod
+    def divergence(student_logits: torch.Tensor, teacher_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Mean over queries of KL(teacher softmax || student softmax), rows are queries."""
+        teacher = torch.log_softmax(teacher_scores / temperature, dim=1)
+        student = torch.log_softmax(student_logits, dim=1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+        from sentence_transformers.util import cos_sim
+
+        embeddings = embed_columns(self.model, sentence_features)
+        candidates = torch.cat(embeddings[1:])  # every positive, then every first negative, ...: MNRL's order
+        student = cos_sim(embeddings[0], candidates) / self.STUDENT_TEMPERATURE
+        index = labels.long().cpu()
+        teacher_queries = self.queries[index[:, 0]]
+        teacher_documents = self.documents[index[:, 1:].T.reshape(-1)]  # the same order as ``candidates``
+        teacher = (teacher_queries @ teacher_documents.T).to(student.device)
+        loss = self.divergence(student, teacher, self.temperature)
+        if self.mnrl is not None:
+            loss = loss + self.weight * self.mnrl.compute_loss_from_embeddings(embeddings, labels)
+        return loss
+
+
 def distillation_loss(model, teacher, temperature: float | None) -> DistillationLoss:
     """The recipe's ``teacher.loss`` over the student's cosine scores, with MNRL at ``teacher.mnrl_weight``.
 
@@ -106,5 +164,6 @@ def distillation_loss(model, teacher, temperature: float | None) -> Distillation
 
 def describe_teacher_loss(teacher, temperature: float | None) -> str:
     """``DistillKLDiv (teacher temperature 0.05) + 0.5 x MNRL`` for the run's first line."""
-    text = f"DistillKLDiv (teacher temperature {temperature:g})" if teacher.loss == "kl_div" else "MarginMSE"
+    names = {"kl_div": "DistillKLDiv", "in_batch_kl": "in-batch KL", "margin_mse": "MarginMSE"}
+    text = names[teacher.loss] + (f" (teacher temperature {temperature:g})" if temperature is not None else "")
     return text + (f" + {teacher.mnrl_weight:g} x MNRL" if teacher.mnrl_weight else "")

@@ -86,8 +86,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "teacher.temperature",
-        lambda r: r.teacher is not None and r.teacher.loss == "kl_div",
-        "teacher.loss is kl_div (margin_mse matches score differences, with no softmax)",
+        lambda r: r.teacher is not None and r.teacher.loss != "margin_mse",
+        "teacher.loss is kl_div or in_batch_kl (margin_mse matches score differences, with no softmax)",
         ("negatives.strategy=mined", "teacher.model=t", "teacher.loss=margin_mse", "teacher.temperature=0.1"),
     ),
     Rule(

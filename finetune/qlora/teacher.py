@@ -6,6 +6,10 @@ tokenizer, embedding size and architecture need not match the student's. The sco
 embedding cache (``$FINETUNE_CACHE/../teacher_scores``), keyed by the teacher's files, its settings and
 every (query, document) text, so a second run with the same teacher and negatives scores nothing.
 
+``teacher.loss: in_batch_kl`` scores every query of a batch against every document of the batch, which only
+a bi-encoder can do without a forward pass per pair: the cache then holds the teacher's embeddings of the
+training queries and documents, and each row's label is its indices into them (query, positive, negatives).
+
 Example (not run: it needs a model, data or a server)::
     scores, record = teacher_labels(recipe, data, splits.train, negatives, "cpu")
     scores.shape  # (rows, 1 + negatives.per_query): positive first
@@ -86,19 +90,25 @@ class Distillation:
     temperature: float | None
     labels: torch.Tensor
     record: dict
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # in_batch_kl: (queries, documents), normalised
 
 
 def prepare_teacher(recipe, data, train_ids: list[str], negatives, device: str, echo=print) -> Distillation | None:
     """The recipe's teacher scored on the training rows (None without a ``teacher``), and one line saying so."""
     if recipe.teacher is None:
         return None
-    labels, record = teacher_labels(recipe, data, train_ids, negatives, device)
+    if recipe.teacher.loss == "in_batch_kl":
+        labels, embeddings, record = teacher_embeddings(recipe, data, train_ids, negatives, device)
+        what = f"embeddings of {len(embeddings[0]):,} queries and {len(embeddings[1]):,} documents"
+    else:
+        (labels, record), embeddings = teacher_labels(recipe, data, train_ids, negatives, device), None
+        what = f"scores of {record['rows']:,} rows x {labels.shape[1]} documents"
     cached = "from the cache" if record["cache"]["hit"] else "computed now and cached"
     echo(
-        f"teacher: {record['model']} ({record['kind']}); scores of {record['rows']:,} rows x {labels.shape[1]} "
-        f"documents {cached}; mean margin positive - negative {record['mean_margin']:+.4f}"
+        f"teacher: {record['model']} ({record['kind']}); {what} {cached}; "
+        f"mean margin positive - negative {record['mean_margin']:+.4f}"
     )
-    return Distillation(recipe.teacher, record["temperature"], labels, record)
+    return Distillation(recipe.teacher, record["temperature"], labels, record, embeddings)
 
 
 def teacher_labels(recipe, data, train_ids: list[str], negatives, device: str) -> tuple[torch.Tensor, dict]:
@@ -107,37 +117,81 @@ def teacher_labels(recipe, data, train_ids: list[str], negatives, device: str) -
     Returns:
         ``(scores, record)``: a ``(rows, 1 + per_query)`` float tensor, and what ``metrics.json`` keeps of it.
     """
-    from safetensors.torch import load_file
-
     config, teacher = recipe.teacher, find_teacher(recipe.teacher)
     rows = training_rows(data, train_ids, negatives)
     pairs = [(data.queries[q], data.corpus[d]) for q, docs in rows for d in docs]
+    file = _cache_file(teacher, config.model, pairs, "scores")
+    tensors, hit = _cached(file, lambda: {"scores": _score(teacher, config.model, pairs, device)})
+    scores = tensors["scores"].reshape(len(rows), -1).float()
+    return scores, _record(config, teacher, len(rows), (file, hit), scores)
+
+
+def teacher_embeddings(recipe, data, train_ids: list[str], negatives, device: str):
+    """For ``in_batch_kl``: the teacher's embeddings of the training queries and documents, and each row's indices.
+
+    Returns:
+        ``(indices, (queries, documents), record)``: indices is a ``(rows, 2 + per_query)`` int64 tensor (query,
+        positive, negatives) into the two embedding tables; a row's cosine scores are those of :func:`teacher_labels`.
+    """
+    config, teacher = recipe.teacher, find_teacher(recipe.teacher)
+    if teacher.kind != "bi-encoder":
+        raise FinetuneError(
+            "in_batch_kl scores every query of a batch against every document of it, which needs a bi-encoder's "
+            "embeddings, and this teacher is a cross-encoder; use teacher.loss=kl_div or margin_mse",
+            where="teacher.loss",
+        )
+    rows = training_rows(data, train_ids, negatives)
+    queries, documents = (
+        sorted({data.queries[q] for q, _ in rows}),
+        sorted({data.corpus[d] for _, ds in rows for d in ds}),
+    )
+    file = _cache_file(teacher, config.model, [(q, "") for q in queries] + [("", d) for d in documents], "embeddings")
+    tables, hit = _cached(file, lambda: _tables(teacher, config.model, queries, documents, device))
+    qi, di = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(documents)}
+    indices = torch.tensor([[qi[data.queries[q]], *(di[data.corpus[d]] for d in ds)] for q, ds in rows])
+    q, d = tables["queries"], tables["documents"]
+    scores = (q[indices[:, :1]] * d[indices[:, 1:]]).sum(-1)
+    return indices, (q, d), _record(config, teacher, len(rows), (file, hit), scores)
+
+
+def _cache_file(teacher: Teacher, model_config, pairs: list[tuple[str, str]], what: str) -> Path:
+    """The cache file for these texts under this teacher: its files, its settings and every text in order."""
     settings = {
         "kind": teacher.kind,
         "identity": model_identity(teacher.path),
-        "model": config.model.model_dump(exclude={"batch_size"}),
+        "model": model_config.model_dump(exclude={"batch_size"}),
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for q, d in pairs:
         digest.update(f"{len(q)}:{q}{len(d)}:{d}".encode())
-    file = default_cache_dir().parent / "teacher_scores" / f"{digest.hexdigest()[:32]}.safetensors"
-    hit = file.is_file()
+    name = digest.hexdigest()[:32] + ("" if what == "scores" else f"-{what}")
+    return default_cache_dir().parent / "teacher_scores" / f"{name}.safetensors"
+
+
+def _cached(file: Path, compute) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors in ``file``, or ``compute()`` saved there; and whether they came from the file."""
+    from safetensors.torch import load_file
+
     with stage("teacher scores"):
-        flat = load_file(str(file))["scores"] if hit else _score(teacher, config.model, pairs, device)
-    if not hit:
-        save_tensors(file, {"scores": flat})
-    scores = flat.reshape(len(rows), -1).float()
-    record = {
+        if file.is_file():
+            return load_file(str(file)), True
+        tensors = compute()
+    save_tensors(file, tensors)
+    return tensors, False
+
+
+def _record(config, teacher: Teacher, rows: int, cache: tuple[Path, bool], scores: torch.Tensor) -> dict:
+    """What ``metrics.json`` keeps of the teacher; ``scores`` are the rows' (positive first), for the margin."""
+    return {
         "model": config.model.name,
         "kind": teacher.kind,
         "loss": config.loss,
-        "temperature": temperature_of(config, teacher) if config.loss == "kl_div" else None,
+        "temperature": temperature_of(config, teacher) if config.loss != "margin_mse" else None,
         "mnrl_weight": config.mnrl_weight,
-        "rows": len(rows),
-        "cache": {"file": str(file), "hit": hit},
+        "rows": rows,
+        "cache": {"file": str(cache[0]), "hit": cache[1]},
         "mean_margin": float((scores[:, :1] - scores[:, 1:]).mean()),
     }
-    return scores, record
 
 
 @torch.no_grad()
@@ -156,14 +210,37 @@ def _score(teacher: Teacher, model_config, pairs: list[tuple[str, str]], device:
             .cpu()
             .reshape(-1)
         )
+    from sentence_transformers import SimilarityFunction
+
+    queries, documents = sorted({q for q, _ in pairs}), sorted({d for _, d in pairs})
+    q, d, similarity = _embed(teacher, model_config, queries, documents, device)
+    qi, di = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(documents)}
+    rows_q, rows_d = q[torch.tensor([qi[a] for a, _ in pairs])], d[torch.tensor([di[b] for _, b in pairs])]
+    return SimilarityFunction.to_similarity_pairwise_fn(similarity)(rows_q, rows_d).reshape(-1)
+
+
+def _tables(teacher: Teacher, model_config, queries: list[str], documents: list[str], device: str) -> dict:
+    """in_batch_kl's tables: the teacher's embeddings, normalised when it scores by cosine, so a dot product is
+    its score (a score that is not a cosine or a dot product is refused)."""
+    q, d, similarity = _embed(teacher, model_config, queries, documents, device)
+    if similarity not in ("cosine", "dot"):
+        raise FinetuneError(
+            f"in_batch_kl takes a teacher that scores by cosine or dot product, and this one scores by {similarity}; "
+            "use teacher.loss=kl_div",
+            where="teacher.loss",
+        )
+    if similarity == "cosine":
+        q, d = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    return {"queries": q.contiguous(), "documents": d.contiguous()}
+
+
+@torch.no_grad()
+def _embed(teacher: Teacher, model_config, queries: list[str], documents: list[str], device: str):
+    """A bi-encoder teacher's query and document embeddings, with its own prompts, and its similarity's name."""
     from finetune.models import load_sentence_transformer
 
     model, _, prompts = load_sentence_transformer(model_config.model_copy(update={"name": str(teacher.path)}), device)
-    queries, documents = sorted({q for q, _ in pairs}), sorted({d for _, d in pairs})
     kwargs = {"batch_size": model_config.batch_size, "convert_to_tensor": True}
     q = model.encode_query(queries, prompt=prompts.query, **kwargs).float().cpu()
     d = model.encode_document(documents, prompt=prompts.document, **kwargs).float().cpu()
-    qi, di = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(documents)}
-    rows_q = q[torch.tensor([qi[a] for a, _ in pairs])]
-    rows_d = d[torch.tensor([di[b] for _, b in pairs])]
-    return model.similarity_pairwise(rows_q, rows_d).reshape(-1)
+    return q, d, model.similarity_fn_name
