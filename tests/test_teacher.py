@@ -229,6 +229,8 @@ def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsy
     for raw, expected in cases:
         capsys.readouterr()
         assert main(["run", _write(tmp_path, raw)]) == 2
-        lines = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("error")]
+        out = capsys.readouterr()
+        lines = [x for x in out.err.strip().splitlines() if x.startswith("error")]
         assert len(lines) == 1 and expected in lines[0], lines
+        assert "memory plan" not in out.out + out.err  # refused before the run plans, loads and encodes
         assert not (tmp_path / "runs").exists()

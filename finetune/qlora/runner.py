@@ -38,7 +38,7 @@ from finetune.qlora.losses import build_loss, describe_loss
 from finetune.qlora.plan import negative_columns, plan_run, with_checkpointing
 from finetune.qlora.record import card_facts, qlora_record
 from finetune.qlora.stack import pooling_mode
-from finetune.qlora.teacher import prepare_teacher
+from finetune.qlora.teacher import check_teacher, prepare_teacher
 from finetune.qlora.trainer import FinetuneTrainer
 from finetune.splits import Splits
 from finetune.stages import stage
@@ -80,6 +80,7 @@ class QLoRARun:
         self.options, self._evaluators = options, {}
         if recipe.export.onnx and options.export:
             require_onnx()
+        check_teacher(recipe.teacher)  # a teacher it cannot use is refused before the corpus is encoded
         self.choice = select_backend(recipe, device)
         process = rss_bytes()  # before the checkpoint loads: the plan counts its float32 copy itself
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)

@@ -70,6 +70,21 @@ def find_teacher(config) -> Teacher:
     return Teacher("bi-encoder", path)
 
 
+def check_teacher(config) -> Teacher | None:
+    """The teacher (None without one), found and fit for its loss: a run calls this before any encoding, so a
+    teacher it cannot use is refused in one line before the work, not after it."""
+    if config is None:
+        return None
+    teacher = find_teacher(config)
+    if config.loss == "in_batch_kl" and teacher.kind != "bi-encoder":
+        raise FinetuneError(
+            "in_batch_kl scores every query of a batch against every document of it, which needs a bi-encoder's "
+            "embeddings, and this teacher is a cross-encoder; use teacher.loss=kl_div or margin_mse",
+            where="teacher.loss",
+        )
+    return teacher
+
+
 def temperature_of(config, teacher: Teacher) -> float:
     """``teacher.temperature``, ``auto`` resolved by the teacher's kind."""
     if config.temperature != "auto":
@@ -133,13 +148,7 @@ def teacher_embeddings(recipe, data, train_ids: list[str], negatives, device: st
         ``(indices, (queries, documents), record)``: indices is a ``(rows, 2 + per_query)`` int64 tensor (query,
         positive, negatives) into the two embedding tables; a row's cosine scores are those of :func:`teacher_labels`.
     """
-    config, teacher = recipe.teacher, find_teacher(recipe.teacher)
-    if teacher.kind != "bi-encoder":
-        raise FinetuneError(
-            "in_batch_kl scores every query of a batch against every document of it, which needs a bi-encoder's "
-            "embeddings, and this teacher is a cross-encoder; use teacher.loss=kl_div or margin_mse",
-            where="teacher.loss",
-        )
+    config, teacher = recipe.teacher, check_teacher(recipe.teacher)
     rows = training_rows(data, train_ids, negatives)
     queries, documents = (
         sorted({data.queries[q] for q, _ in rows}),
