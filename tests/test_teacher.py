@@ -132,7 +132,7 @@ def test_in_batch_kl_is_zero_when_the_student_is_its_own_teacher(tiny_model):
     against its own embeddings diverges by nothing, and by something once the teacher's documents are reordered."""
     from sentence_transformers import SentenceTransformer
 
-    from finetune.qlora.losses import InBatchDistillationLoss
+    from finetune.qlora.losses import DistillationLoss, InBatchKL
 
     student = SentenceTransformer(str(tiny_model), device="cpu")
     texts, features = _batch(student)
@@ -140,8 +140,8 @@ def test_in_batch_kl_is_zero_when_the_student_is_its_own_teacher(tiny_model):
     with torch.no_grad():
         queries = student.encode(texts[0], convert_to_tensor=True, normalize_embeddings=True)
         documents = student.encode(texts[1] + texts[2], convert_to_tensor=True, normalize_embeddings=True)
-        same = InBatchDistillationLoss(student, queries, documents, temperature=0.05)(features, labels).item()
-        other = InBatchDistillationLoss(student, queries, documents.flip(0), temperature=0.05)(features, labels).item()
+        same = DistillationLoss(student, InBatchKL(queries, documents, 0.05))(features, labels).item()
+        other = DistillationLoss(student, InBatchKL(queries, documents.flip(0), 0.05))(features, labels).item()
     assert same == pytest.approx(0.0, abs=1e-5) and other > 1e-3
 
 
@@ -149,7 +149,7 @@ def test_in_batch_distillation_moves_the_student_to_the_teachers_ranking(tiny_mo
     """Trained on the in-batch KL alone, the student comes to pick the document the teacher puts first."""
     from sentence_transformers import SentenceTransformer
 
-    from finetune.qlora.losses import InBatchDistillationLoss
+    from finetune.qlora.losses import DistillationLoss, InBatchKL
 
     torch.manual_seed(0)
     student = SentenceTransformer(str(tiny_model), device="cpu")
@@ -157,7 +157,7 @@ def test_in_batch_distillation_moves_the_student_to_the_teachers_ranking(tiny_mo
     queries = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     documents = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
     labels = torch.tensor([[i, i, 8 + i] for i in range(8)])
-    loss = InBatchDistillationLoss(student, queries, documents, temperature=0.05)
+    loss = DistillationLoss(student, InBatchKL(queries, documents, temperature=0.05))
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     values = []
     for _ in range(120):

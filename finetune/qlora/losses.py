@@ -35,9 +35,7 @@ def build_loss(model, config: EncoderLossConfig, mini_batch_size: int | None, ga
     )
 
     if teacher is not None:
-        if teacher.embeddings is not None:
-            return InBatchDistillationLoss(model, *teacher.embeddings, teacher.temperature, teacher.config.mnrl_weight)
-        return distillation_loss(model, teacher.config, teacher.temperature)
+        return distillation_loss(model, teacher.config, teacher.temperature, teacher.embeddings)
     if config.cached:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, gather_across_devices=gather)
     else:
@@ -55,15 +53,19 @@ def describe_loss(config: EncoderLossConfig, mini_batch_size: int | None, teache
     return text + (f" x Matryoshka {list(config.matryoshka_dims)}" if config.matryoshka_dims else "")
 
 
+STUDENT_TEMPERATURE = 0.05  # MNRL's scale 20: the student's softmax in every distillation loss
+
+
 class DistillationLoss(torch.nn.Module):
     """A distillation loss plus ``weight`` x MultipleNegativesRankingLoss, on one embedding of the batch.
 
     ``labels`` are the teacher's scores, ``(batch, 1 + negatives)`` with the positive first
-    (:func:`finetune.qlora.teacher.teacher_labels`); MNRL ignores them and uses the rest of the batch too.
+    (:func:`finetune.qlora.teacher.teacher_labels`), or for :class:`InBatchKL` each row's indices into the
+    teacher's embeddings; MNRL ignores them and uses the rest of the batch too.
 
     Args:
         model: The student ``SentenceTransformer``.
-        distill: ``DistillKLDivLoss`` or ``MarginMSELoss`` over the student's cosine scores.
+        distill: ``DistillKLDivLoss``, ``MarginMSELoss`` or :class:`InBatchKL` over the student's cosine scores.
         weight: MNRL's weight (0: distillation alone).
         scale: Multiplies the distillation loss (``DistillKLDivLoss`` multiplies its KL by the student temperature
             squared, 0.0025 at MNRL's 0.05; 400 undoes it, so ``weight`` weighs two cross-entropies alike).
@@ -86,37 +88,30 @@ class DistillationLoss(torch.nn.Module):
         return loss
 
 
-class InBatchDistillationLoss(torch.nn.Module):
-    """KL divergence from the teacher's softmax over every document of the batch to the student's, plus MNRL.
+class InBatchKL:
+    """KL divergence from the teacher's softmax over every document of the batch to the student's: the
+    ``distill`` part of :class:`DistillationLoss` for ``teacher.loss: in_batch_kl``.
 
     MNRL scores each query against every positive and negative of the batch and asks for its own positive;
     this asks for the teacher's whole distribution over the same candidates (as TAS-B distils in-batch
-    negatives), so each query learns from 63 soft targets at batch 32 with one negative, not from 2.
+    negatives), so each query learns from 64 soft targets at batch 32 with one negative, not from 2.
 
     Args:
-        model: The student ``SentenceTransformer`` (scored by cosine at MNRL's temperature, 0.05).
         queries: The teacher's query embeddings, normalised: ``labels[:, 0]`` indexes them.
         documents: The teacher's document embeddings: ``labels[:, 1:]`` (positive, negatives) index them.
-        temperature: The teacher's softmax temperature over its scores (dot products of the tables).
-        weight: MNRL's weight (0: distillation alone).
+        temperature: The teacher's softmax temperature over its scores (dot products of the tables); the
+            student's is :data:`STUDENT_TEMPERATURE`.
 
     Example::
         >>> import torch
-        >>> from finetune.qlora.losses import InBatchDistillationLoss
-        >>> kl = InBatchDistillationLoss.divergence(torch.eye(2) / 0.05, torch.eye(2), temperature=0.05)
+        >>> from finetune.qlora.losses import InBatchKL
+        >>> kl = InBatchKL.divergence(torch.eye(2) / 0.05, torch.eye(2), temperature=0.05)
         >>> round(float(kl), 6)
         0.0
     """
 
-    STUDENT_TEMPERATURE = 0.05
-
-    def __init__(self, model, queries, documents, temperature: float, weight: float = 0.0):
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-        super().__init__()
-        self.model, self.queries, self.documents = model, queries, documents
-        self.temperature, self.weight = temperature, weight
-        self.mnrl = MultipleNegativesRankingLoss(model) if weight else None
+    def __init__(self, queries: torch.Tensor, documents: torch.Tensor, temperature: float):
+        self.queries, self.documents, self.temperature = queries, documents, temperature
 
     @staticmethod
     def divergence(student_logits: torch.Tensor, teacher_scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -125,40 +120,38 @@ class InBatchDistillationLoss(torch.nn.Module):
         student = torch.log_softmax(student_logits, dim=1)
         return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
-    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
-        from sentence_transformers.base.losses.merged_forward import embed_columns
+    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         from sentence_transformers.util import cos_sim
 
-        embeddings = embed_columns(self.model, sentence_features)
         candidates = torch.cat(embeddings[1:])  # every positive, then every first negative, ...: MNRL's order
-        student = cos_sim(embeddings[0], candidates) / self.STUDENT_TEMPERATURE
-        index = labels.long().cpu()
+        student = cos_sim(embeddings[0], candidates) / STUDENT_TEMPERATURE
+        index = labels.long().cpu()  # only the batch's rows of the tables move to the device
         teacher_queries = self.queries[index[:, 0]]
         teacher_documents = self.documents[index[:, 1:].T.reshape(-1)]  # the same order as ``candidates``
         teacher = (teacher_queries @ teacher_documents.T).to(student.device)
-        loss = self.divergence(student, teacher, self.temperature)
-        if self.mnrl is not None:
-            loss = loss + self.weight * self.mnrl.compute_loss_from_embeddings(embeddings, labels)
-        return loss
+        return self.divergence(student, teacher, self.temperature)
 
 
-def distillation_loss(model, teacher, temperature: float | None) -> DistillationLoss:
+def distillation_loss(model, teacher, temperature: float | None, embeddings=None) -> DistillationLoss:
     """The recipe's ``teacher.loss`` over the student's cosine scores, with MNRL at ``teacher.mnrl_weight``.
 
     Args:
         model: The student.
         teacher: The recipe's ``teacher`` section.
-        temperature: The teacher's softmax temperature (``kl_div``); the student's is MNRL's, 0.05.
+        temperature: The teacher's softmax temperature (``kl_div``, ``in_batch_kl``); the student's is
+            :data:`STUDENT_TEMPERATURE`.
+        embeddings: ``in_batch_kl``: the teacher's (queries, documents) tables the labels index.
     """
     from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
     from sentence_transformers.util import pairwise_cos_sim
 
+    if teacher.loss == "in_batch_kl":
+        return DistillationLoss(model, InBatchKL(*embeddings, temperature), teacher.mnrl_weight)
     if teacher.loss == "kl_div":
-        student = 0.05
         distill = DistillKLDivLoss(
-            model, pairwise_cos_sim, student_temperature=student, teacher_temperature=temperature
+            model, pairwise_cos_sim, student_temperature=STUDENT_TEMPERATURE, teacher_temperature=temperature
         )
-        return DistillationLoss(model, distill, teacher.mnrl_weight, scale=1 / student**2)
+        return DistillationLoss(model, distill, teacher.mnrl_weight, scale=1 / STUDENT_TEMPERATURE**2)
     return DistillationLoss(model, MarginMSELoss(model, pairwise_cos_sim), teacher.mnrl_weight)
 
 
