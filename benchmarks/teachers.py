@@ -87,6 +87,11 @@ def row(run: Path, reference: dict) -> dict:
         "vs_reference": paired_metric(reference, tuned, "ndcg@10"),
         "train_seconds": (metrics.get("seconds") or {}).get("train"),
         "teacher": metrics.get("teacher"),
+        "stored_precision": metrics.get("precision"),  # test NDCG@10 at float32, int8 and binary (bi-encoders)
+        "wall_seconds": metrics.get("wall_seconds"),
+        "stages": metrics.get("stages"),
+        "peak_rss_mb": metrics.get("peak_rss_mb"),
+        "predicted_rss_mb": (metrics.get("memory_plan") or {}).get("predicted_rss_mb"),
         **_val(metrics),
     }
     if metrics["kind"] == "reranker":  # at the chosen k as the run timed it, and measured here at k = 10 and 50
