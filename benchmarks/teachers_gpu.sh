@@ -2,7 +2,7 @@
 # Issue 39's benchmark at full length, for a CUDA GPU: on the FAQ and on Disfl-QA, every row on the splits
 # of the first run, each paired per test query against MiniLM QLoRA alone by benchmarks/teachers.py. On 2
 # CPU cores these rows were bounded (Disfl-QA: 60 QLoRA steps, a 300-step reranker; an mpnet step takes
-# about 90 s there); here each runs the shipped recipe's schedule:
+# about 96 s there, measured in results/teachers_disfl_distill.json); here each runs the shipped recipe's schedule:
 #
 #   1. qlora-minilm     recipes/qlora.yaml as shipped: the reference, and the first stage of 4 and 6
 #   2. qlora-mpnet      the same recipe on all-mpnet-base-v2: the teacher

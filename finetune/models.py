@@ -163,6 +163,17 @@ def saved_model_type(path: Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
 
 
+def saved_max_length(path: Path) -> int | None:
+    """The length sentence-transformers cuts texts at when it loads ``path``: ``max_seq_length`` in
+    ``sentence_bert_config.json`` (saved by sentence-transformers before v6), else the tokenizer's
+    ``model_max_length`` (where v6 keeps it; transformers writes a huge number when the model has none)."""
+    for file, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        value = json.loads((path / file).read_text(encoding="utf-8")).get(key) if (path / file).is_file() else None
+        if isinstance(value, int) and 0 < value < 10**6:
+            return value
+    return None
+
+
 def pick_device(requested: str = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``mps``, else ``cpu``; an explicit device that is missing is an
     error.

@@ -456,7 +456,7 @@ def test_meta_count_under_emulated_autocast_equals_cuda_autocast(tiny_model):
 def test_a_planner_failure_costs_the_gpu_run_its_plan_line_not_the_run(tiny_model, pairs_file, tmp_path, monkeypatch):
     import finetune.qlora.plan as recipe_plan
 
-    def broken(recipe, device, corpus_size=0, lengths=None, process_bytes=None):  # noqa: ARG001
+    def broken(recipe, device, data=None, lengths=None, process_bytes=None, teacher=None):  # noqa: ARG001
         raise NotImplementedError("an op without a meta kernel")
 
     monkeypatch.setattr(recipe_plan, "plan_recipe", broken)
@@ -483,14 +483,14 @@ def test_checkpointing_auto_turns_on_only_when_the_plan_does_not_fit(
     import finetune.qlora.plan as recipe_plan
 
     recipe = _recipe(tiny_model, pairs_file, tmp_path)
+    corpus = type("Data", (), {"corpus": dict.fromkeys(range(1000))})
     plain = recipe_plan.plan_recipe(
-        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), device, 1000
+        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), device, corpus
     )
     need = plain.estimate.total if device == "cuda" else plain.rss()["total"] - plain.process_bytes
     for free, on in ((int(need / 0.9) + 2**20, False), (int(need / 0.9) - 2**20, True)):
         monkeypatch.setattr(recipe_plan, "free_memory", lambda device, free=free: free)
         lines = []
-        corpus = type("Data", (), {"corpus": dict.fromkeys(range(1000))})
         plan, _, checkpointing = recipe_plan.plan_run(recipe, device, "peft", lines.append, corpus)
         assert checkpointing is on and plan.setup.checkpointing is on
         assert (plan.estimate.activations < plain.estimate.activations) is on
@@ -577,12 +577,12 @@ def test_a_cpu_run_checkpoints_when_it_would_take_over_a_quarter_of_the_ram(
     the data's column lengths in its plan."""
     import finetune.qlora.plan as recipe_plan
 
+    corpus = type("Data", (), {"corpus": dict.fromkeys(range(60))})
     plain = recipe_plan.plan_recipe(
-        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), "cpu", 60
+        _recipe(tiny_model, pairs_file, tmp_path, train={"gradient_checkpointing": False}), "cpu", corpus
     )
     need = plain.rss()["total"] - plain.process_bytes
     monkeypatch.setattr(recipe_plan, "free_memory", lambda device: 100 * need)
-    corpus = type("Data", (), {"corpus": dict.fromkeys(range(60))})
     for ram, on in ((4 * need + 2**22, False), (4 * need - 2**22, True)):
         monkeypatch.setattr(recipe_plan, "machine_memory", lambda ram=ram: ram)
         lines = []
@@ -596,3 +596,25 @@ def test_a_cpu_run_checkpoints_when_it_would_take_over_a_quarter_of_the_ram(
     assert metrics["gradient_checkpointing"] is True
     lengths = metrics["memory_plan"]["setup"]["column_lengths"]
     assert len(lengths) == 2 and lengths[0] < lengths[1]  # short questions, longer answers
+
+
+def test_the_plan_reads_the_length_sentence_transformers_cuts_at(tiny_model, tmp_path):
+    """sentence-transformers 6 keeps max_seq_length in the tokenizer's config, older saves in
+    sentence_bert_config.json; the plan reads the length the model loads with, not the position table's size."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.config import ModelConfig
+
+    assert not (tiny_model / "sentence_bert_config.json").is_file() or "max_seq_length" not in json.loads(
+        (tiny_model / "sentence_bert_config.json").read_text()
+    )
+    _, max_len = shape_of(ModelConfig(name=str(tiny_model)))
+    assert max_len == SentenceTransformer(str(tiny_model), device="cpu").max_seq_length == 64  # positions: 128
+    older = tmp_path / "older"
+    shutil.copytree(tiny_model, older)
+    (older / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    assert (
+        shape_of(ModelConfig(name=str(older)))[1] == SentenceTransformer(str(older), device="cpu").max_seq_length == 48
+    )

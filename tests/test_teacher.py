@@ -4,6 +4,7 @@ and cached; the student learns them; a reranker run teaches as well as a bi-enco
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,7 @@ def test_a_taught_qlora_run_records_its_teacher(tiny_model, tiny_model_wide, tmp
         assert teacher["kind"] == "bi-encoder" and teacher["mnrl_weight"] == 0.5 and teacher["rows"] > 0
         assert teacher["loss"] == loss and teacher["temperature"] == 0.05
         assert metrics["train_steps"] == 6 and (run / "model" / "modules.json").is_file()
+        assert metrics["memory_plan"]["predicted_rss"]["teacher_encoding"] > 0  # the plan counted the teacher
 
 
 def test_a_reranker_run_teaches_by_its_logits(tiny_model, tmp_path, cache_dir):
@@ -218,12 +220,21 @@ def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsy
     unfinished = tmp_path / "unfinished-run"
     unfinished.mkdir()
     (unfinished / "recipe.yaml").write_text("kind: qlora\n")
+    euclidean = (
+        tmp_path / "euclidean"
+    )  # a bi-encoder that scores by distance: no dot product of its tables is its score
+    shutil.copytree(tiny_model, euclidean)
+    settings = json.loads((euclidean / "config_sentence_transformers.json").read_text())
+    (euclidean / "config_sentence_transformers.json").write_text(
+        json.dumps({**settings, "similarity_fn_name": "euclidean"})
+    )
     cases = [
         (adapter, "teacher: unknown field for adapter recipes"),
         (taught_recipe(tmp_path, tiny_model, unfinished), "this run directory has not finished"),
         (no_negatives, "negatives.strategy is none; set negatives.strategy=mined"),
         (taught_recipe(tmp_path, tiny_model, two), "the teacher is a classifier with 2 labels"),
         (taught_recipe(tmp_path, tiny_model, one, loss="in_batch_kl"), "teacher.loss: in_batch_kl scores every query"),
+        (taught_recipe(tmp_path, tiny_model, euclidean, loss="in_batch_kl"), "and this one scores by euclidean"),
         (taught_recipe(tmp_path, tiny_model, tmp_path / "nowhere"), "teacher.model.name /"),  # the field that named it
     ]
     for raw, expected in cases:
@@ -234,3 +245,63 @@ def test_bad_teachers_are_one_line_and_write_nothing(tiny_model, tmp_path, capsy
         assert len(lines) == 1 and expected in lines[0], lines
         assert "memory plan" not in out.out + out.err  # refused before the run plans, loads and encodes
         assert not (tmp_path / "runs").exists()
+
+
+def test_the_plan_counts_the_teachers_encoding_and_checkpoints_for_training_only(
+    tiny_model, tiny_model_wide, tmp_path, monkeypatch
+):
+    """The teacher encodes before training and is freed: the peak RSS is the larger of its encoding and the training
+    step, and ``gradient_checkpointing: auto`` decides on training alone (checkpointing cannot shrink the teacher)."""
+    import finetune.qlora.plan as recipe_plan
+    from finetune.data import load_data
+    from finetune.qlora.teacher import check_teacher
+    from finetune.recipe import validate_recipe
+
+    def plan(batch_size: int | None):
+        raw = taught_recipe(tmp_path, tiny_model, tiny_model_wide)
+        raw["train"]["gradient_checkpointing"] = "auto"
+        if batch_size is None:
+            del raw["teacher"]
+        else:
+            raw["teacher"]["model"]["batch_size"] = batch_size
+        recipe = validate_recipe(raw)
+        return recipe_plan.plan_recipe(
+            recipe, "cpu", load_data(recipe.data), None, 10**9, check_teacher(recipe.teacher)
+        )
+
+    alone = plan(None)
+    needs = alone.rss()["total"] - alone.process_bytes  # what training adds
+    monkeypatch.setattr(recipe_plan, "free_memory", lambda device: 100 * needs)
+    monkeypatch.setattr(recipe_plan, "machine_memory", lambda: 4 * needs + 2**22)  # training fits: no checkpointing
+    alone, small, large = plan(None), plan(1), plan(100_000)
+    assert alone.rss()["teacher_encoding"] == 0 and small.rss()["teacher_encoding"] > 0
+    assert small.rss()["total"] == alone.rss()["total"]  # under the step: the peak is training's
+    held = large.rss()["total"] - large.rss()["teacher_encoding"]
+    assert (
+        large.rss()["teacher_encoding"] > large.rss()["training_step"]
+        and held == alone.rss()["total"] - alone.rss()["training_step"]
+    )
+    assert large.peak() == large.teacher_phase() > alone.peak()
+    assert "teacher encoding" in large.line() and "teacher encoding" not in alone.line()
+    assert not large.setup.checkpointing and not alone.setup.checkpointing, large.auto_checkpointing
+
+
+def test_the_teachers_longest_batch_is_its_own_tokenizers(tiny_model, tmp_path):
+    """The plan sizes the teacher's batch by its own tokenizer, as sentence-transformers pads it, cut at its length."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.data import load_data
+    from finetune.qlora.teacher import Teacher, longest_batch
+    from finetune.recipe import validate_recipe
+
+    data = load_data(validate_recipe(taught_recipe(tmp_path, tiny_model, tiny_model)).data)
+    teacher = SentenceTransformer(str(tiny_model), device="cpu")
+    longest = max(len(t) for t in data.corpus.values())
+    tokens = teacher.preprocess([t for t in data.corpus.values() if len(t) == longest])["input_ids"].shape[1]
+    assert 8 < tokens < teacher.max_seq_length
+    assert longest_batch(Teacher("bi-encoder", tiny_model), 128, data) == tokens
+    assert longest_batch(Teacher("bi-encoder", tiny_model), 8, data) == 8
+    assert longest_batch(Teacher("bi-encoder", tiny_model), 128, None) == 128
+    queries = max(len(t) for t in data.queries.values())
+    query = teacher.preprocess([t for t in data.queries.values() if len(t) == queries])["input_ids"].shape[1]
+    assert longest_batch(Teacher("cross-encoder", tiny_model), 128, data) == min(128, query + tokens)

@@ -244,6 +244,15 @@ def estimate(shape: EncoderShape, method: str, setup: Setup) -> Estimate:
     )
 
 
+def encoding_bytes(shape: EncoderShape, batch_size: int, seq_length: int, attention: str = "math") -> int:
+    """Predicted peak bytes of encoding with ``shape``'s model in float32, without gradients: its weights, and
+    ``batch_size`` texts of ``seq_length`` tokens through one layer at a time. Autograd saves for a whole layer
+    more than an inference pass holds at once, so one layer's saves bound that pass from above (all-mpnet-base-v2,
+    256 tokens: 22.7 MiB a text counted, 16.0 measured; ``benchmarks/teacher_rss.py``)."""
+    one = shape.profile("full", Setup(batch_size, seq_length, dtype="float32", attention=attention))
+    return 4 * shape.parameters + batch_size * (one.total // one.layers)
+
+
 def largest_fit(shape: EncoderShape, method: str, setup: Setup, memory: int) -> int | None:
     """The largest batch (plain loss) or ``mini_batch_size`` (cached loss, at the setup's batch) whose
     estimate fits ``memory`` bytes; ``None`` when even 2 (plain) or 1 (cached) does not."""

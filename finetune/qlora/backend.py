@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -236,13 +234,13 @@ def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice, reference=None):
     """
     from unsloth import FastSentenceTransformer
 
-    from finetune.models import load_sentence_transformer, resolve_model
+    from finetune.models import load_sentence_transformer, resolve_model, saved_max_length
 
     path = resolve_model(recipe.model.name).path
     nf4 = choice.quantization == "nf4"
     model = FastSentenceTransformer.from_pretrained(
         model_name=str(path),
-        max_seq_length=recipe.model.max_seq_length or _saved_max_length(path),
+        max_seq_length=recipe.model.max_seq_length or saved_max_length(path) or 256,
         load_in_4bit=nf4,
         load_in_16bit=not nf4,  # unsloth's default; it refuses 4-bit and 16-bit together
         dtype=choice.compute_dtype,
@@ -271,13 +269,6 @@ def _build_unsloth(recipe: QLoRARecipe, choice: BackendChoice, reference=None):
     )
     set_head_trainable(model, recipe.lora.train_head)
     return model, targets
-
-
-def _saved_max_length(path: Path) -> int:
-    config = Path(path) / "sentence_bert_config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text()).get("max_seq_length") or 256)
-    return 256
 
 
 def parameter_counts(model) -> tuple[int, int]:

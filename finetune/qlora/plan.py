@@ -18,7 +18,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.memory.lengths import ColumnLengths
-from finetune.memory.plan import METHODS, EncoderShape, Estimate, GiB, Setup, estimate, largest_fit
+from finetune.memory.plan import METHODS, EncoderShape, Estimate, GiB, Setup, encoding_bytes, estimate, largest_fit
 from finetune.qlora.config import mini_batch_of, resolved_optimizer, resolved_precision
 
 AUTO_HEADROOM = 0.9  # mini_batch_size auto plans for 90% of the free memory: allocator fragmentation
@@ -44,13 +44,11 @@ def shape_of(model_config) -> tuple[EncoderShape, int]:
     """The recipe model's :class:`EncoderShape` (from its config only) and its saved max sequence length."""
     from transformers import AutoConfig
 
-    from finetune.models import resolve_model
+    from finetune.models import resolve_model, saved_max_length
 
     path = resolve_model(model_config.name, config_only=True).path
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_config.trust_remote_code)
-    saved = path / "sentence_bert_config.json"
-    max_len = json.loads(saved.read_text()).get("max_seq_length") if saved.is_file() else None
-    max_len = max_len or getattr(config, "max_position_embeddings", 512)
+    max_len = saved_max_length(path) or getattr(config, "max_position_embeddings", 512)
     return EncoderShape(config, embedding_dim(path, config), name=model_config.name), int(max_len)
 
 
@@ -72,7 +70,7 @@ def setup_of(recipe, device: str, max_len: int, lengths: ColumnLengths | None = 
     gpu = device == "cuda"
     negatives = negative_columns(recipe)
     optimizer, precision = resolved_optimizer(recipe.train, gpu), resolved_precision(recipe.train, gpu)
-    seq_length = min(recipe.model.max_seq_length or max_len, max_len)
+    seq_length = recipe.model.max_seq_length or max_len  # the recipe's length replaces the saved one in the run
     return Setup(
         batch_size=recipe.train.batch_size,
         seq_length=seq_length,
@@ -128,24 +126,39 @@ class RecipePlan:
     device: str = "cuda"
     process_bytes: int = 0  # the process's RSS when the plan was made (interpreter, libraries, data)
     corpus_bytes: int = 0  # the corpus embeddings a run holds (float32)
+    teacher_bytes: int = 0  # the teacher's encoding (weights + a batch), once before training; 0 without one
     auto_checkpointing: str = ""  # gradient_checkpointing auto: what it chose and why, as the run says it
+
+    def teacher_phase(self) -> int:
+        """The teacher's encoding beside the student's weights (0 without a teacher). It runs once, before
+        training, and its model is freed after: the run's peak is the larger of this and the training step."""
+        return self.estimate.weights + self.teacher_bytes if self.teacher_bytes else 0
+
+    def peak(self) -> int:
+        """Predicted peak of the training device (RAM on a CPU): the training step, or the teacher's encoding."""
+        return max(self.estimate.total, self.teacher_phase())
 
     def rss(self) -> dict:
         """Predicted peak RSS by part: the process as it stands, one float32 copy of the checkpoint (the
-        reference model, later the exported one), the corpus embeddings, and on a CPU the training step."""
+        reference model, later the exported one), the corpus embeddings, and on a CPU the larger of the
+        training step and the teacher's encoding (they never overlap)."""
+        cpu = self.device != "cuda"
         parts = {
             "process": self.process_bytes,
-            "checkpoint_fp32": 4 * self.shape.parameters if self.device != "cuda" else 0,
+            "checkpoint_fp32": 4 * self.shape.parameters if cpu else 0,
             "corpus_embeddings": self.corpus_bytes,
-            "training_step": self.estimate.total if self.device != "cuda" else 0,
+            "training_step": self.estimate.total if cpu else 0,
+            "teacher_encoding": self.teacher_phase() if cpu else 0,
         }
-        return {**parts, "total": sum(parts.values())}
+        held = parts["process"] + parts["checkpoint_fp32"] + parts["corpus_embeddings"]
+        return {**parts, "total": held + max(parts["training_step"], parts["teacher_encoding"])}
 
     def line(self) -> str:
         e, s = self.estimate, self.setup
         loss = f", cached loss mini-batch {s.mini_batch_size}" if s.cached else ""
         ckpt = ", checkpointing" if s.checkpointing else ""
         where = "GPU " if self.device == "cuda" else ""
+        teacher = f", teacher encoding {self.teacher_phase() / GiB:.2f} before training" if self.teacher_bytes else ""
         tokens = f"{s.seq_length} tokens"
         if s.column_lengths:
             tokens = f"{'/'.join(map(str, s.column_lengths))} tokens (each column's longest text)"
@@ -153,7 +166,7 @@ class RecipePlan:
             f"memory plan: {METHODS[self.method]}, batch {s.batch_size} x {s.columns} texts x {tokens}"
             f"{loss}{ckpt}: {where}peak {e.total / GiB:.2f} GiB predicted (weights {e.weights / GiB:.2f}, trained + "
             f"optimizer {e.trainable / GiB:.2f}, activations {e.activations / GiB:.2f}, "
-            f"loss {e.loss_buffers / GiB:.2f}); peak RSS {self.rss()['total'] / GiB:.2f} GiB"
+            f"loss {e.loss_buffers / GiB:.2f}){teacher}; peak RSS {self.rss()['total'] / GiB:.2f} GiB"
         )
 
     def can_checkpoint(self) -> bool:
@@ -162,7 +175,7 @@ class RecipePlan:
 
     def record(self, measured_peak_mb: float | None, measured_rss_mb: float | None = None) -> dict:
         """For metrics.json: the prediction, its inputs, and the measured peaks (GPU, RSS) beside it."""
-        predicted = self.estimate.total / 2**20
+        predicted = self.peak() / 2**20
         rss = self.rss()["total"] / 2**20
         return {
             "predicted": self.estimate.as_dict(),
@@ -180,18 +193,39 @@ class RecipePlan:
 
 
 def plan_recipe(
-    recipe, device: str, corpus_size: int = 0, lengths: ColumnLengths | None = None, process_bytes: int | None = None
+    recipe,
+    device: str,
+    data=None,
+    lengths: ColumnLengths | None = None,
+    process_bytes: int | None = None,
+    teacher=None,
 ) -> RecipePlan:
     """The estimate for ``recipe`` on ``device``; ``mini_batch_size: auto`` resolved from the free memory.
-    ``corpus_size`` documents' embeddings count towards the peak RSS; ``lengths``, the data's longest texts,
+    ``data``'s corpus embeddings count towards the peak RSS; ``lengths``, the data's longest texts,
     set each column's length (else every text is at the full length); ``process_bytes`` is the process's RSS
-    before the run loaded anything (else now). The run's random stream is left as it was: building the meta
-    model draws from it, and LoRA's initialisation comes after the plan."""
+    before the run loaded anything (else now); ``teacher`` (:class:`~finetune.qlora.teacher.Teacher`), found
+    by the run, adds its encoding (its lengths read from ``data``). The run's random stream is left as it was:
+    building the meta model draws from it, and LoRA's initialisation comes after the plan."""
     with torch.random.fork_rng(devices=[]):
-        return _plan_recipe(recipe, device, corpus_size, lengths, process_bytes)
+        return _plan_recipe(recipe, device, data, lengths, process_bytes, teacher)
 
 
-def _plan_recipe(recipe, device: str, corpus_size: int, lengths, process_bytes) -> RecipePlan:
+def teacher_bytes(recipe, teacher, device: str, data=None) -> int:
+    """The teacher's encoding of the training rows (0 without one): its float32 weights and one batch of
+    ``teacher.model.batch_size`` texts (pairs, for a cross-encoder) at the longest of ``data`` by its tokenizer
+    (:func:`~finetune.qlora.teacher.longest_batch`; its full length without data). The plan counts it even when
+    the teacher's cache will answer."""
+    if teacher is None:
+        return 0
+    from finetune.qlora.teacher import longest_batch
+
+    config = recipe.teacher.model
+    shape, max_len = shape_of(config.model_copy(update={"name": str(teacher.path)}))
+    length = longest_batch(teacher, config.max_seq_length or max_len, data)
+    return encoding_bytes(shape, config.batch_size, length, "fused" if device == "cuda" else "math")
+
+
+def _plan_recipe(recipe, device: str, data, lengths, process_bytes, teacher) -> RecipePlan:
     from finetune.timing import rss_bytes
 
     shape, max_len = shape_of(recipe.model)
@@ -209,7 +243,14 @@ def _plan_recipe(recipe, device: str, corpus_size: int, lengths, process_bytes) 
         setup = replace(setup, mini_batch_size=fits)
     process = rss_bytes() if process_bytes is None else process_bytes
     plan = RecipePlan(
-        shape, setup, method, estimate(shape, method, setup), device, process, 4 * corpus_size * shape.dim
+        shape,
+        setup,
+        method,
+        estimate(shape, method, setup),
+        device,
+        process,
+        4 * (len(data.corpus) if data is not None else 0) * shape.dim,
+        teacher_bytes(recipe, teacher, device, data),
     )
     if recipe.train.gradient_checkpointing == "auto":
         plan = _checkpointing_if_needed(plan, device)
@@ -231,9 +272,12 @@ def checkpointing_budget(device: str) -> tuple[int, str]:
 
 
 def _run_needs(plan: RecipePlan, device: str) -> int:
-    """What the run adds: the step (a GPU), or everything beyond the process as it stands (a CPU: the step
-    lives in RAM)."""
-    return plan.estimate.total if device == "cuda" else plan.rss()["total"] - plan.process_bytes
+    """What training adds: the step (a GPU), or everything beyond the process as it stands (a CPU: the step
+    lives in RAM). Not the teacher's encoding: it ends before training, and checkpointing cannot shrink it."""
+    if device == "cuda":
+        return plan.estimate.total
+    rss = plan.rss()
+    return rss["checkpoint_fp32"] + rss["corpus_embeddings"] + rss["training_step"]
 
 
 def _checkpointing_if_needed(plan: RecipePlan, device: str) -> RecipePlan:
@@ -259,17 +303,24 @@ def with_checkpointing(recipe, on: bool):
 
 
 def plan_run(
-    recipe, device: str, backend: str, echo=print, data=None, lengths: ColumnLengths | None = None, process_bytes=None
+    recipe,
+    device: str,
+    backend: str,
+    echo=print,
+    data=None,
+    lengths: ColumnLengths | None = None,
+    process_bytes=None,
+    teacher=None,
 ) -> tuple[RecipePlan | None, int | None, bool]:
     """For a run: the plan (printed), the cached loss's mini-batch (``auto`` resolved), and whether to
-    checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS, ``lengths`` and
-    ``process_bytes`` as :func:`plan_recipe` takes them. A model the meta-device count cannot run costs the
-    run its plan line, not the run; ``auto`` mini-batches then cannot be resolved and say so, ``auto``
-    checkpointing stays off."""
+    checkpoint (``auto`` resolved); ``data``'s corpus counts towards the peak RSS, ``lengths``,
+    ``process_bytes`` and ``teacher`` as :func:`plan_recipe` takes them. A model the meta-device count cannot
+    run costs the run its plan line, not the run; ``auto`` mini-batches then cannot be resolved and say so,
+    ``auto`` checkpointing stays off."""
     mini, auto = mini_batch_of(recipe), recipe.loss.cached and recipe.loss.mini_batch_size == "auto"
     checkpointing = recipe.train.gradient_checkpointing
     try:
-        plan = plan_recipe(recipe, device, len(data.corpus) if data is not None else 0, lengths, process_bytes)
+        plan = plan_recipe(recipe, device, data, lengths, process_bytes, teacher)
     except FinetuneError:
         raise
     except Exception as exc:  # any failure of the count on an unusual architecture

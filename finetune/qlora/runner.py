@@ -80,14 +80,14 @@ class QLoRARun:
         self.options, self._evaluators = options, {}
         if recipe.export.onnx and options.export:
             require_onnx()
-        check_teacher(recipe.teacher)  # a teacher it cannot use is refused before the corpus is encoded
+        teacher = check_teacher(recipe.teacher)  # a teacher it cannot use is refused before the corpus is encoded
         self.choice = select_backend(recipe, device)
         process = rss_bytes()  # before the checkpoint loads: the plan counts its float32 copy itself
         self.reference, resolved, self.prompts = load_sentence_transformer(recipe.model, device)
         negatives = negative_columns(recipe) > 0
         lengths = column_lengths(self.reference, self.prompts, data, splits.train, negatives)  # what a step pads to
         self.memory, self.mini_batch_size, ckpt = plan_run(
-            recipe, device, self.choice.backend, echo, data, lengths, process
+            recipe, device, self.choice.backend, echo, data, lengths, process, teacher
         )
         self.recipe = recipe = with_checkpointing(recipe, ckpt)  # auto resolved: what later steps read
         check_against_dimension(
@@ -109,7 +109,7 @@ class QLoRARun:
         check = AS_TRAINED_DOCUMENTS if cap == "all" else min(cap, AS_TRAINED_DOCUMENTS)
         self.test_candidates = self.base_corpus.candidates(splits.test, check, recipe.seed) if options.export else None
         self.negatives = self._negatives()
-        self.teacher = prepare_teacher(recipe, data, splits.train, self.negatives, device, echo)
+        self.teacher = prepare_teacher(recipe, data, splits.train, self.negatives, device, echo, teacher)
         self.extra = load_extra_sets(recipe.eval.also, recipe.splits, recipe.seed)
         check_can_choose_scale(recipe, splits, self.extra)
         self._say_what_runs(resolved)

@@ -27,6 +27,7 @@ import torch
 from finetune.atomic import save_tensors
 from finetune.cache import default_cache_dir
 from finetune.errors import FinetuneError
+from finetune.memory.lengths import SAMPLE
 from finetune.models import model_identity, resolve_model, saved_model_type
 from finetune.stages import stage
 
@@ -35,10 +36,12 @@ BI_ENCODER_TEMPERATURE = 0.05  # cosine scores: MNRL's scale 20, the student's o
 
 @dataclass(frozen=True)
 class Teacher:
-    """A teacher checkpoint: ``kind`` is ``bi-encoder`` or ``cross-encoder``."""
+    """A teacher checkpoint: ``kind`` is ``bi-encoder`` or ``cross-encoder``; a bi-encoder's ``similarity`` is the
+    ``similarity_fn_name`` it saved (sentence-transformers' cosine when it saved none)."""
 
     kind: str
     path: Path
+    similarity: str | None = None
 
 
 def find_teacher(config) -> Teacher:
@@ -67,7 +70,9 @@ def find_teacher(config) -> Teacher:
             )
         if model_type == "CrossEncoder" or architecture.endswith("ForSequenceClassification"):
             return Teacher("cross-encoder", path)
-    return Teacher("bi-encoder", path)
+    saved = path / "config_sentence_transformers.json"
+    similarity = json.loads(saved.read_text()).get("similarity_fn_name") if saved.is_file() else None
+    return Teacher("bi-encoder", path, similarity or "cosine")
 
 
 def check_teacher(config) -> Teacher | None:
@@ -82,7 +87,35 @@ def check_teacher(config) -> Teacher | None:
             "embeddings, and this teacher is a cross-encoder; use teacher.loss=kl_div or margin_mse",
             where="teacher.loss",
         )
+    if config.loss == "in_batch_kl" and teacher.similarity not in ("cosine", "dot"):
+        raise FinetuneError(
+            f"in_batch_kl takes a teacher that scores by cosine or dot product, and this one scores by "
+            f"{teacher.similarity}; use teacher.loss=kl_div",
+            where="teacher.loss",
+        )
     return teacher
+
+
+def longest_batch(teacher: Teacher, max_length: int, data=None) -> int:
+    """Tokens of the longest batch the teacher encodes, by its own tokenizer: the longest query or document of
+    ``data`` (a query and a document together for a cross-encoder), cut at ``max_length``; without ``data``,
+    ``max_length``. Every query and document counts, a bound on the training rows' (not yet mined)."""
+    if data is None:
+        return max_length
+    import heapq
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.path), local_files_only=True)
+
+    def longest(texts) -> int:  # the longest texts by characters, as longest_tokens does for the student
+        texts = heapq.nlargest(SAMPLE, texts, key=len)
+        return max(
+            (len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]), default=0
+        )
+
+    query, document = longest(data.queries.values()), longest(data.corpus.values())
+    return min(max_length, query + document if teacher.kind == "cross-encoder" else max(query, document))
 
 
 def temperature_of(config, teacher: Teacher) -> float:
@@ -108,15 +141,18 @@ class Distillation:
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # in_batch_kl: (queries, documents), normalised
 
 
-def prepare_teacher(recipe, data, train_ids: list[str], negatives, device: str, echo=print) -> Distillation | None:
-    """The recipe's teacher scored on the training rows (None without a ``teacher``), and one line saying so."""
+def prepare_teacher(
+    recipe, data, train_ids: list[str], negatives, device: str, echo=print, teacher: Teacher | None = None
+) -> Distillation | None:
+    """The recipe's teacher scored on the training rows (None without a ``teacher``), and one line saying so;
+    ``teacher`` is what :func:`check_teacher` found, else it is found again."""
     if recipe.teacher is None:
         return None
     if recipe.teacher.loss == "in_batch_kl":
-        labels, embeddings, record = teacher_embeddings(recipe, data, train_ids, negatives, device)
+        labels, embeddings, record = teacher_embeddings(recipe, data, train_ids, negatives, device, teacher)
         what = f"embeddings of {len(embeddings[0]):,} queries and {len(embeddings[1]):,} documents"
     else:
-        (labels, record), embeddings = teacher_labels(recipe, data, train_ids, negatives, device), None
+        (labels, record), embeddings = teacher_labels(recipe, data, train_ids, negatives, device, teacher), None
         what = f"scores of {record['rows']:,} rows x {labels.shape[1]} documents"
     cached = "from the cache" if record["cache"]["hit"] else "computed now and cached"
     echo(
@@ -126,13 +162,15 @@ def prepare_teacher(recipe, data, train_ids: list[str], negatives, device: str, 
     return Distillation(recipe.teacher, record["temperature"], labels, record, embeddings)
 
 
-def teacher_labels(recipe, data, train_ids: list[str], negatives, device: str) -> tuple[torch.Tensor, dict]:
+def teacher_labels(
+    recipe, data, train_ids: list[str], negatives, device: str, teacher: Teacher | None = None
+) -> tuple[torch.Tensor, dict]:
     """The teacher's scores, one row per training row (positive first), from the cache or computed now.
 
     Returns:
         ``(scores, record)``: a ``(rows, 1 + per_query)`` float tensor, and what ``metrics.json`` keeps of it.
     """
-    config, teacher = recipe.teacher, find_teacher(recipe.teacher)
+    config, teacher = recipe.teacher, teacher or check_teacher(recipe.teacher)
     rows = training_rows(data, train_ids, negatives)
     pairs = [(data.queries[q], data.corpus[d]) for q, docs in rows for d in docs]
     file = _cache_file(teacher, config.model, pairs, "scores")
@@ -141,14 +179,14 @@ def teacher_labels(recipe, data, train_ids: list[str], negatives, device: str) -
     return scores, _record(config, teacher, len(rows), (file, hit), scores)
 
 
-def teacher_embeddings(recipe, data, train_ids: list[str], negatives, device: str):
+def teacher_embeddings(recipe, data, train_ids: list[str], negatives, device: str, teacher: Teacher | None = None):
     """For ``in_batch_kl``: the teacher's embeddings of the training queries and documents, and each row's indices.
 
     Returns:
         ``(indices, (queries, documents), record)``: indices is a ``(rows, 2 + per_query)`` int64 tensor (query,
         positive, negatives) into the two embedding tables; a row's cosine scores are those of :func:`teacher_labels`.
     """
-    config, teacher = recipe.teacher, check_teacher(recipe.teacher)
+    config, teacher = recipe.teacher, teacher or check_teacher(recipe.teacher)
     rows = training_rows(data, train_ids, negatives)
     queries, documents = (
         sorted({data.queries[q] for q, _ in rows}),
@@ -230,14 +268,8 @@ def _score(teacher: Teacher, model_config, pairs: list[tuple[str, str]], device:
 
 def _tables(teacher: Teacher, model_config, queries: list[str], documents: list[str], device: str) -> dict:
     """in_batch_kl's tables: the teacher's embeddings, normalised when it scores by cosine, so a dot product is
-    its score (a score that is not a cosine or a dot product is refused)."""
+    its score (:func:`check_teacher` refused any other score before the run began)."""
     q, d, similarity = _embed(teacher, model_config, queries, documents, device)
-    if similarity not in ("cosine", "dot"):
-        raise FinetuneError(
-            f"in_batch_kl takes a teacher that scores by cosine or dot product, and this one scores by {similarity}; "
-            "use teacher.loss=kl_div",
-            where="teacher.loss",
-        )
     if similarity == "cosine":
         q, d = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
     return {"queries": q.contiguous(), "documents": d.contiguous()}

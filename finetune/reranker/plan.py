@@ -20,7 +20,7 @@ def setup_of(recipe, max_len: int) -> Setup:
     precision = resolved_precision(recipe.train, cuda=True)
     return Setup(
         batch_size=recipe.train.batch_size,
-        seq_length=min(recipe.model.max_seq_length or PAIR_LENGTH, max_len),
+        seq_length=recipe.model.max_seq_length or min(PAIR_LENGTH, max_len),  # as the reranker's model is cut
         columns=1,
         optimizer="adamw_torch",  # the reranker's trainer keeps transformers' default optimizer
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
