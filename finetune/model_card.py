@@ -214,8 +214,8 @@ def precision_table(record: dict) -> list[str]:
     lines = [
         "### Stored precision",
         "",
-        f"Test NDCG@10 with the vectors stored as int8, or as binary with the top {RESCORE} rescored by the float "
-        "query (sentence-transformers' `quantize_embeddings`).",
+        f"Test NDCG@10 with the vectors stored as int8 or binary (sentence-transformers' `quantize_embeddings`), "
+        f"the top {RESCORE} by the stored vectors rescored by the float query.",
         "",
         "| stored as | base | fine-tuned | Δ |",
         "|---|---:|---:|---:|",

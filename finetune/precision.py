@@ -4,9 +4,17 @@ Users store vectors as int8 or binary (Qdrant, Weaviate, pgvector, usearch). For
 models this scores the test split three ways, with sentence-transformers' ``quantize_embeddings``:
 
 - ``float32``: cosine over full-precision vectors (the evaluator's own figure, recomputed here as a check);
-- ``int8``: corpus and queries quantised to int8 with ranges calibrated on the corpus, scored by dot product;
+- ``int8``: corpus and queries quantised to int8 with ranges calibrated on the corpus; the top :data:`RESCORE` by
+  the codes' dot product, rescored with the float query against the values the document's codes stand for (the
+  int8 search of sentence-transformers' ``semantic_search_usearch``);
 - ``binary``: the sign bits, the top :data:`RESCORE` by Hamming distance, rescored with the float query against
   the document's bits (the rescoring of sentence-transformers' ``semantic_search_faiss``).
+
+Both rescore because the first stage alone is not what a stored vector can give: an int8 code is
+``(x - low) / step - 128`` in each dimension, so the codes' dot product weighs dimensions by ``1 / step^2``
+and adds a document-dependent term from the ranges' offsets. Fine-tuning that moves the embedding cloud off the
+origin (a distilled student, a query adapter) lost up to 0.04 NDCG@10 to that term alone, not to rounding
+(``benchmarks/precision_diagnose.py``).
 
 Queries are scored 256 at a time against 32,768 corpus rows at a time, so memory does not grow with the
 corpus beyond its embeddings.
@@ -28,7 +36,7 @@ import torch
 from finetune.stages import stage
 
 PRECISIONS = ("float32", "int8", "binary")
-RESCORE = 100  # binary: Hamming candidates rescored with the float query
+RESCORE = 100  # int8 and binary: first-stage candidates rescored with the float query
 CHUNK = 32_768  # corpus rows scored at once
 QUERIES = 256  # queries scored at once: a block's scores against a chunk stay at 64 MiB
 
@@ -59,16 +67,23 @@ def _ranker(d: torch.Tensor, precision: str):
         from sentence_transformers.util import quantize_embeddings
 
         ranges = np.vstack([d.min(0).values.numpy(), d.max(0).values.numpy()])  # calibrated on the corpus
-        as_int8 = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
-        return lambda q: top_rows(as_int8(q), d, 10, lambda a, b: a @ as_int8(b).T)
+        low, step = torch.from_numpy(ranges[0]).double(), torch.from_numpy((ranges[1] - ranges[0]) / 255).double()
+        codes = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
+        return _rescoring(d, codes, lambda c: (c + 128) * torch.where(step == 0, 1, step) + low)
     signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
+    return _rescoring(d, signs, lambda bits: bits)  # the float query against the bits
 
-    def binary(q: torch.Tensor) -> torch.Tensor:
-        candidates = top_rows(signs(q), d, min(RESCORE, len(d)), lambda a, b: a @ signs(b).T)
-        rescored = torch.einsum("qd,qkd->qk", q, signs(d[candidates]))  # the float query against the bits
+
+def _rescoring(d: torch.Tensor, store, value):
+    """``rank(queries)``: the top :data:`RESCORE` rows by the dot product of ``store(queries)`` and ``store(d)``,
+    then the top 10 of those by the float query against ``value(store(d))``, what a stored row stands for."""
+
+    def rank(q: torch.Tensor) -> torch.Tensor:
+        candidates = top_rows(store(q), d, min(RESCORE, len(d)), lambda a, b: a @ store(b).T)
+        rescored = torch.einsum("qd,qkd->qk", q, value(store(d[candidates])).to(q.dtype))
         return candidates.gather(1, _stable_topk(rescored, min(10, candidates.shape[1]), candidates))
 
-    return binary
+    return rank
 
 
 def deployment_precision(relevant: list[set[int]], rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -102,7 +117,8 @@ def relevant_rows(data, query_ids: list[str], doc_ids: list[str] | None = None) 
 def precision_line(record: dict) -> str:
     """One line under the run's table: NDCG@10 base -> tuned at each stored precision."""
     cells = [f"{p} {record['base'][p]:.4f} -> {record['tuned'][p]:.4f}" for p in PRECISIONS]
-    return f"stored precision, test NDCG@10 base -> tuned: {'; '.join(cells)} (binary: top {RESCORE} rescored)"
+    rescored = f"(int8 and binary: top {RESCORE} rescored)"
+    return f"stored precision, test NDCG@10 base -> tuned: {'; '.join(cells)} {rescored}"
 
 
 def top_rows(queries: torch.Tensor, corpus: torch.Tensor, k: int, score) -> torch.Tensor:
