@@ -305,3 +305,21 @@ def test_the_teachers_longest_batch_is_its_own_tokenizers(tiny_model, tmp_path):
     queries = max(len(t) for t in data.queries.values())
     query = teacher.preprocess([t for t in data.queries.values() if len(t) == queries])["input_ids"].shape[1]
     assert longest_batch(Teacher("cross-encoder", tiny_model), 128, data) == min(128, query + tokens)
+
+
+def test_the_plan_command_prints_the_teachers_encoding(tiny_model, tiny_model_wide, tmp_path, capsys):
+    """``python -m finetune plan`` on a taught recipe says what the teacher's encoding needs, by its batch."""
+    import re
+
+    raw = taught_recipe(tmp_path, tiny_model, tiny_model_wide)
+    peaks = []
+    for batch in (1, 4096):
+        raw["teacher"]["model"]["batch_size"] = batch
+        assert main(["plan", _write(tmp_path, raw)]) == 0
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("teacher ")]
+        assert len(lines) == 1 and "once before training" in lines[0], lines
+        peaks.append(float(re.search(r"peaks at ([0-9.]+) GiB", lines[0]).group(1)))
+    assert peaks[1] > peaks[0]
+    del raw["teacher"]
+    assert main(["plan", _write(tmp_path, raw)]) == 0
+    assert "teacher " not in capsys.readouterr().out

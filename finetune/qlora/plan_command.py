@@ -72,9 +72,26 @@ def plan_table(recipe, memory: int | None = None) -> str:
             else "loss.cached=true keeps one mini-batch's instead of the whole batch's"
         )
     )
+    lines += _teacher_lines(recipe, estimate(shape, ours, setup).weights)
     if memory:
         _check_fits(recipe, shape, setup, memory)
     return "\n".join(lines)
+
+
+def _teacher_lines(recipe, student_weights: int) -> list[str]:
+    """A ``teacher``'s encoding, which runs once before training beside the student's weights (none without one)."""
+    if recipe.teacher is None:
+        return []
+    from finetune.qlora.plan import teacher_bytes
+    from finetune.qlora.teacher import check_teacher
+
+    teacher = check_teacher(recipe.teacher)
+    need = student_weights + teacher_bytes(recipe, teacher, "cuda")
+    return [
+        f"teacher {recipe.teacher.model.name} ({teacher.kind}): its encoding of the training rows, once before "
+        f"training, peaks at {_gib(need)} GiB beside the student's weights (float32, a batch of "
+        f"{recipe.teacher.model.batch_size} at full length; lower teacher.model.batch_size to shrink it)"
+    ]
 
 
 def _check_fits(recipe, shape, setup, memory: int) -> None:
