@@ -156,11 +156,17 @@ def model_identity(path: Path) -> str:
     return "\n".join(parts)
 
 
+def saved_setting(path: Path, key: str):
+    """A value sentence-transformers saved in the folder's ``config_sentence_transformers.json`` (None where the
+    folder has no such file or the file no such key)."""
+    config = Path(path) / "config_sentence_transformers.json"
+    return json.loads(config.read_text(encoding="utf-8")).get(key) if config.is_file() else None
+
+
 def saved_model_type(path: Path) -> str | None:
     """The sentence-transformers class a folder was saved by (``"CrossEncoder"``; None where it does not say:
     a ``SentenceTransformer`` folder or a plain Hugging Face one)."""
-    config = Path(path) / "config_sentence_transformers.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    return saved_setting(path, "model_type")
 
 
 def saved_max_length(path: Path) -> int | None:

@@ -68,8 +68,9 @@ def _ranker(d: torch.Tensor, precision: str):
 
         ranges = np.vstack([d.min(0).values.numpy(), d.max(0).values.numpy()])  # calibrated on the corpus
         low, step = torch.from_numpy(ranges[0]).double(), torch.from_numpy((ranges[1] - ranges[0]) / 255).double()
+        step = torch.where(step == 0, 1, step)  # a constant dimension: quantize_embeddings divides by 1 there too
         codes = lambda x: torch.from_numpy(quantize_embeddings(x.numpy(), "int8", ranges=ranges)).double()  # noqa: E731
-        return _rescoring(d, codes, lambda c: (c + 128) * torch.where(step == 0, 1, step) + low)
+        return _rescoring(d, codes, lambda c: (c + 128) * step + low)
     signs = lambda x: (x > 0).float() * 2 - 1  # noqa: E731  (packed bits' Hamming order: dim - 2 x Hamming)
     return _rescoring(d, signs, lambda bits: bits)  # the float query against the bits
 

@@ -28,7 +28,7 @@ from finetune.atomic import save_tensors
 from finetune.cache import default_cache_dir
 from finetune.errors import FinetuneError
 from finetune.memory.lengths import SAMPLE
-from finetune.models import model_identity, resolve_model, saved_model_type
+from finetune.models import model_identity, resolve_model, saved_model_type, saved_setting
 from finetune.stages import stage
 
 BI_ENCODER_TEMPERATURE = 0.05  # cosine scores: MNRL's scale 20, the student's own temperature
@@ -70,9 +70,7 @@ def find_teacher(config) -> Teacher:
             )
         if model_type == "CrossEncoder" or architecture.endswith("ForSequenceClassification"):
             return Teacher("cross-encoder", path)
-    saved = path / "config_sentence_transformers.json"
-    similarity = json.loads(saved.read_text()).get("similarity_fn_name") if saved.is_file() else None
-    return Teacher("bi-encoder", path, similarity or "cosine")
+    return Teacher("bi-encoder", path, saved_setting(path, "similarity_fn_name") or "cosine")
 
 
 def check_teacher(config) -> Teacher | None:
